@@ -1,0 +1,256 @@
+"""The experiment config: one YAML file, validated by pydantic, with errors that name the key.
+
+An unknown key is an error naming it and the closest valid key; registry names (encoders, fusion,
+task) are checked against their registries, and their options against the factory's signature.
+Relative paths in a YAML file resolve against that file's folder, so a config works from any cwd.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mmfuse.errors import ConfigError, did_you_mean
+
+ModalityKind = Literal["text", "image", "audio"]
+
+
+class StrictModel(BaseModel):
+    """Rejects unknown keys with a 'did you mean' hint instead of pydantic's generic message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields)
+            for key in data:
+                if key not in known:
+                    raise ValueError(f"unknown key '{key}'{did_you_mean(str(key), known)}")
+        return data
+
+
+class TextPrep(StrictModel):
+    """Built-in word tokenizer settings; the vocabulary is fitted on the training split."""
+
+    max_length: int = Field(64, gt=0)
+    lowercase: bool = True
+    min_freq: int = Field(1, ge=1)
+    max_vocab: int = Field(30000, gt=2)
+
+
+class ImagePrep(StrictModel):
+    size: int = Field(32, gt=0, description="images are resized to size x size")
+    mode: Literal["rgb", "grayscale"] = "rgb"
+    mean: float = 0.5
+    std: float = Field(0.5, gt=0)
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.mode == "rgb" else 1
+
+
+class AudioPrep(StrictModel):
+    sample_rate: int = Field(16000, gt=0)
+    resample: bool = Field(True, description="resample other rates; False makes a rate mismatch an error")
+    n_mels: int = Field(40, gt=0)
+    n_fft: int = Field(400, gt=0)
+    hop_length: int = Field(160, gt=0)
+    f_min: float = Field(0.0, ge=0)
+    f_max: float | None = None
+    max_seconds: float = Field(1.0, gt=0, description="longer clips are cropped")
+    pad_mode: Literal["fixed", "longest"] = Field("fixed", description="pad to max_seconds or to the batch")
+
+    @property
+    def max_frames(self) -> int:
+        return int(self.max_seconds * self.sample_rate) // self.hop_length + 1
+
+
+class ModalitySpec(StrictModel):
+    kind: ModalityKind
+    column: str
+
+
+class SynthConfig(StrictModel):
+    """Use the embedded synthetic tri-modal data set (generated once, cached)."""
+
+    n_samples: int = Field(3000, ge=20)
+    seed: int = 0
+    missing_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    cache_dir: Path | None = None
+
+
+class DataConfig(StrictModel):
+    manifest: Path | None = Field(None, description="one manifest with a split column")
+    train: Path | None = None
+    val: Path | None = None
+    test: Path | None = None
+    synthetic: SynthConfig | None = None
+    split_column: str = "split"
+    id_column: str = "id"
+    target_column: str = "label"
+    modalities: dict[str, ModalitySpec] = Field(default_factory=dict)
+    text: TextPrep = Field(default_factory=TextPrep)
+    image: ImagePrep = Field(default_factory=ImagePrep)
+    audio: AudioPrep = Field(default_factory=AudioPrep)
+    on_error: Literal["raise", "skip"] = "raise"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="carved from train when no val split")
+    batch_size: int = Field(32, gt=0)
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        sources = [self.manifest is not None, self.train is not None, self.synthetic is not None]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one of 'manifest' (with a split column), 'train' (+ val/test) "
+                             "or 'synthetic'")
+        return self
+
+
+class ComponentConfig(BaseModel):
+    """A registry name plus its options; options are validated against the registered factory."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class FusionConfig(ComponentConfig):
+    name: str = "concat"
+    out_dim: int = Field(128, gt=0)
+
+
+class TaskConfig(ComponentConfig):
+    name: str = "classification"
+    head_hidden: int = Field(0, ge=0, description="hidden width of the MLP head; 0 = linear")
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class OptimConfig(StrictModel):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["none", "cosine"] = "none"
+    gradient_clip: float | None = Field(1.0, gt=0)
+
+
+class TrainerConfig(StrictModel):
+    max_epochs: int = Field(20, gt=0)
+    patience: int | None = Field(5, gt=0, description="early-stopping patience in epochs; null = off")
+    monitor: str | None = Field(None, description="validation metric to select the best model")
+    precision: Literal["32", "bf16"] = "32"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    modality_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="per-sample drop rate per modality")
+    output_dir: Path = Path("runs/experiment")
+    progress_bar: bool = True
+    verbose: bool = Field(False, description="show Lightning's info messages and warnings")
+    log_every_n_steps: int = Field(10, gt=0)
+
+
+class ExperimentConfig(StrictModel):
+    seed: int = 0
+    data: DataConfig
+    encoders: dict[str, ComponentConfig]
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @model_validator(mode="after")
+    def _modalities_match_encoders(self) -> ExperimentConfig:
+        if not self.encoders:
+            raise ValueError("'encoders' must name at least one modality")
+        for modality in self.encoders:
+            if modality not in self.data.modalities:
+                if modality not in ("text", "image", "audio"):
+                    raise ValueError(
+                        f"modality '{modality}' needs an entry in data.modalities (kind and column)"
+                    )
+                self.data.modalities[modality] = ModalitySpec(kind=modality, column=modality)  # type: ignore[arg-type]
+        for modality in list(self.data.modalities):
+            if modality not in self.encoders:
+                raise ValueError(f"data.modalities.{modality} has no encoder in 'encoders'")
+        return self
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted(self.encoders)
+
+
+def _format_error(exc: pydantic.ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config: " + "; ".join(lines)
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Builds an ExperimentConfig from plain data, checking registry names and their options."""
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+    check_components(config)
+    return config
+
+
+def check_components(config: ExperimentConfig) -> None:
+    """Registry names and options are checked here, after registration of all built-ins."""
+    from mmfuse.encoders import ENCODERS
+    from mmfuse.fusion import FUSIONS
+    from mmfuse.tasks import TASKS
+
+    for modality, enc in config.encoders.items():
+        ENCODERS.validate_options(enc.name, enc.options, where=f"encoders.{modality}")
+    FUSIONS.validate_options(config.fusion.name, config.fusion.options, where="fusion")
+    TASKS.validate_options(config.task.name, config.task.options, where="task")
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Applies one ``a.b.c=value`` override in place; the value is parsed as YAML (typed)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like key.path=value")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+_PATH_KEYS = ("manifest", "train", "val", "test")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Reads a YAML config, applies ``--set`` overrides and validates it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in _PATH_KEYS:
+            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                data[key] = str((path.parent / data[key]).resolve())
+    return validate_config(raw)

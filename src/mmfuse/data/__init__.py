@@ -1,0 +1,1 @@
+"""Data: manifests, per-modality preprocessing, datasets and collation, built-in data sets."""

@@ -1,0 +1,129 @@
+"""A map-style dataset over preprocessed samples, and the collate function that pads them.
+
+Samples are preprocessed once, when the dataset is built, so every epoch (and every model the
+demo or a benchmark trains on the same data) reads tensors instead of decoding files again. Bad
+samples raise a DataError naming the row, or with ``on_error='skip'`` are skipped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from mmfuse.data.manifest import Record
+from mmfuse.data.preprocess import ModalityInputs, Preprocessor
+from mmfuse.errors import DataError
+from mmfuse.tasks.base import Task
+from mmfuse.types import Batch
+
+
+@dataclass
+class Sample:
+    id: str
+    inputs: dict[str, ModalityInputs | None]
+    target: Tensor | None = None
+
+
+@dataclass
+class SkipReport:
+    """Samples left out under on_error='skip', each with the reason, so nothing vanishes silently."""
+
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.skipped)
+
+
+def build_sample(record: Record, preprocessor: Preprocessor, task: Task | None) -> Sample:
+    """Preprocesses one record; any problem becomes a DataError that names the row."""
+    try:
+        inputs = preprocessor.encode_record(record)
+    except DataError as exc:
+        raise DataError(f"{record.where}: {exc}") from None
+    if all(v is None for v in inputs.values()):
+        raise DataError(f"{record.where}: no modality present ({', '.join(preprocessor.modalities)} all empty)")
+    target = None
+    if task is not None:
+        try:
+            target = task.encode_target(record.target)
+        except ValueError as exc:
+            raise DataError(f"{record.where}: {exc}") from None
+    return Sample(record.id, inputs, target)
+
+
+class MultimodalDataset(Dataset[Sample]):
+    def __init__(self, records: list[Record], preprocessor: Preprocessor, task: Task | None,
+                 on_error: Literal["raise", "skip"] = "raise") -> None:
+        self.samples: list[Sample] = []
+        self.report = SkipReport()
+        for record in records:
+            try:
+                self.samples.append(build_sample(record, preprocessor, task))
+            except DataError as exc:
+                if on_error == "raise":
+                    raise
+                self.report.skipped.append(str(exc))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
+
+
+class Collator:
+    """Stacks samples into a ``Batch``: pads text to the longest, audio to a fixed or batch length.
+
+    An absent modality becomes zeros of the right shape with ``present=False``.
+    """
+
+    def __init__(self, preprocessor: Preprocessor, task: Task | None) -> None:
+        self.preprocessor = preprocessor
+        self.task = task
+
+    def __call__(self, samples: list[Sample]) -> Batch:
+        inputs, present = {}, {}
+        for modality in self.preprocessor.modalities:
+            values = [s.inputs.get(modality) for s in samples]
+            present[modality] = torch.tensor([v is not None for v in values], dtype=torch.bool)
+            inputs[modality] = self._collate_modality(self.preprocessor.kind(modality), values)
+        target = None
+        if self.task is not None and samples and samples[0].target is not None:
+            target = self.task.collate_targets([s.target for s in samples if s.target is not None])
+        return Batch(inputs=inputs, present=present, target=target, ids=[s.id for s in samples])
+
+    def _collate_modality(self, kind: str, values: list[ModalityInputs | None]) -> dict[str, Tensor]:
+        if kind == "text":
+            return self._collate_text(values)
+        if kind == "image":
+            prep = self.preprocessor.image
+            blank = torch.zeros(prep.channels, prep.size, prep.size)
+            return {"pixels": torch.stack([blank if v is None else v["pixels"] for v in values])}
+        return self._collate_audio(values)
+
+    @staticmethod
+    def _collate_text(values: list[ModalityInputs | None]) -> dict[str, Tensor]:
+        seqs = [torch.zeros(0, dtype=torch.long) if v is None else v["input_ids"] for v in values]
+        length = max(1, *(len(s) for s in seqs))
+        ids = torch.zeros(len(seqs), length, dtype=torch.long)
+        mask = torch.zeros(len(seqs), length, dtype=torch.bool)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = seq
+            mask[i, : len(seq)] = True
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _collate_audio(self, values: list[ModalityInputs | None]) -> dict[str, Tensor]:
+        prep = self.preprocessor.audio
+        mels = [torch.zeros(prep.n_mels, 0) if v is None else v["mel"] for v in values]
+        frames = prep.max_frames if prep.pad_mode == "fixed" else max(1, *(m.shape[1] for m in mels))
+        out = torch.stack([F.pad(m[:, :frames], (0, frames - min(frames, m.shape[1]))) for m in mels])
+        mask = torch.zeros(len(mels), frames, dtype=torch.bool)
+        for i, mel in enumerate(mels):
+            mask[i, : min(frames, mel.shape[1])] = True
+        return {"mel": out, "frame_mask": mask}

@@ -1,0 +1,149 @@
+"""Reading a manifest (JSONL, CSV, TSV or Parquet) into ``Record``s.
+
+One row is one sample: an id, any subset of the modality columns and (for training) a target.
+A null, NaN or empty field means "this sample lacks the modality", never an error. Relative paths
+resolve against the manifest's folder so a data set can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mmfuse.config import ModalitySpec
+from mmfuse.errors import DataError, did_you_mean
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".pq")
+
+
+@dataclass
+class Record:
+    """One manifest row. ``fields`` holds text or an absolute file path per modality, or None."""
+
+    source: Path
+    row: int
+    id: str
+    fields: dict[str, str | None]
+    target: Any = None
+    split: str | None = None
+
+    @property
+    def where(self) -> str:
+        """Names the row in errors: 'manifest.jsonl row 12 (id s00012)'."""
+        return f"{self.source.name} row {self.row} (id {self.id})"
+
+
+def is_empty(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {line_no}: expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """Raw rows of a manifest file, as dicts."""
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, list):
+                raise DataError(f"{path}: a .json manifest must be a list of objects")
+            return data
+        if suffix in (".csv", ".tsv"):
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=True)
+        elif suffix in (".parquet", ".pq"):
+            frame = pd.read_parquet(path)
+        else:
+            raise DataError(f"{path}: unsupported manifest type '{suffix}' (use {', '.join(SUPPORTED_SUFFIXES)})")
+    except DataError:
+        raise
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read manifest {path}: {exc}") from None
+    frame = frame.astype(object).where(frame.notna(), None)
+    return frame.to_dict(orient="records")  # type: ignore[return-value]
+
+
+def _check_columns(path: Path, rows: list[dict[str, Any]], required: list[str]) -> None:
+    columns: set[str] = set()
+    for row in rows:
+        columns.update(row)
+    for column in required:
+        if column not in columns:
+            raise DataError(
+                f"{path}: no column '{column}'{did_you_mean(column, columns)}; columns: {', '.join(sorted(columns))}"
+            )
+
+
+def _resolve(value: Any, kind: str, base: Path) -> str | None:
+    if is_empty(value):
+        return None
+    if kind == "text":
+        return str(value)
+    path = Path(str(value)).expanduser()
+    return str(path if path.is_absolute() else (base / path))
+
+
+def read_manifest(
+    path: Path,
+    modalities: dict[str, ModalitySpec],
+    id_column: str = "id",
+    target_column: str | None = "label",
+    split_column: str | None = None,
+) -> list[Record]:
+    """Reads and checks a manifest; ``target_column=None`` when targets are not needed (predict).
+
+    Only the columns of configured modalities are required to exist; a modality column that is
+    absent from the whole file is an error (a typo would otherwise silently drop a modality).
+    """
+    path = Path(path).resolve()
+    rows = read_table(path)
+    if not rows:
+        raise DataError(f"manifest {path} has no rows")
+    required = [spec.column for spec in modalities.values()]
+    if target_column:
+        required.append(target_column)
+    if split_column:
+        required.append(split_column)
+    _check_columns(path, rows, required)
+    records, seen = [], set()
+    for index, row in enumerate(rows, start=1):
+        sample_id = row.get(id_column)
+        sample_id = str(index - 1) if is_empty(sample_id) else str(sample_id)
+        if sample_id in seen:
+            raise DataError(f"{path.name} row {index}: duplicate id '{sample_id}'")
+        seen.add(sample_id)
+        records.append(Record(
+            source=path,
+            row=index,
+            id=sample_id,
+            fields={m: _resolve(row.get(spec.column), spec.kind, path.parent) for m, spec in modalities.items()},
+            target=row.get(target_column) if target_column else None,
+            split=None if not split_column or is_empty(row.get(split_column)) else str(row[split_column]).strip(),
+        ))
+    return records

@@ -1,0 +1,72 @@
+"""The encoder contract: inputs of one modality in, ``Features`` out.
+
+An encoder is built from an ``EncoderContext`` (what preprocessing decided: vocabulary size,
+image channels, mel bands) plus its own options, so the config only names what a user chooses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mmfuse.registry import Registry
+from mmfuse.types import Features
+
+
+@dataclass(frozen=True)
+class EncoderContext:
+    """Facts about the preprocessed input that an encoder needs to size its layers."""
+
+    kind: str
+    vocab_size: int = 0
+    max_length: int = 0
+    channels: int = 0
+    image_size: int = 0
+    n_mels: int = 0
+    max_frames: int = 0
+
+
+class Encoder(nn.Module):
+    """Base class: ``forward(inputs, present) -> Features`` with ``out_dim``-wide features.
+
+    ``kind`` names the modality kind the encoder consumes, so a config that puts an image encoder
+    on an audio column fails at build time with a clear message.
+    """
+
+    kind: str = ""
+    out_dim: int
+
+    def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:  # pragma: no cover
+        raise NotImplementedError("Encoder subclasses implement forward")
+
+
+ENCODERS: Registry[Encoder] = Registry("encoder", reserved=("context",))
+
+
+def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
+    """Mean over valid tokens; rows with no valid token give zeros (never NaN)."""
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def finish_features(tokens: Tensor, mask: Tensor, pooled: Tensor, present: Tensor) -> Features:
+    """Zeros absent rows so that nothing downstream can read values of a missing modality."""
+    keep = present.to(tokens.dtype)
+    return Features(
+        tokens=tokens * keep[:, None, None],
+        mask=mask & present[:, None],
+        pooled=pooled * keep[:, None],
+        present=present,
+    )
+
+
+def absent_features(batch_size: int, dim: int, device: torch.device, dtype: torch.dtype) -> Features:
+    """Features for a modality that no sample in the batch has (e.g. predict with text only)."""
+    return Features(
+        tokens=torch.zeros(batch_size, 1, dim, device=device, dtype=dtype),
+        mask=torch.zeros(batch_size, 1, dtype=torch.bool, device=device),
+        pooled=torch.zeros(batch_size, dim, device=device, dtype=dtype),
+        present=torch.zeros(batch_size, dtype=torch.bool, device=device),
+    )

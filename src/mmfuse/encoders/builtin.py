@@ -1,0 +1,180 @@
+"""Small encoders that train from scratch on a CPU in seconds.
+
+They exist so the whole pipeline runs without pretrained weights; they use GroupNorm/LayerNorm
+(per-sample statistics) so that absent samples in a batch never influence present ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor, nn
+
+from mmfuse.encoders.base import ENCODERS, Encoder, EncoderContext, finish_features, masked_mean
+from mmfuse.errors import ConfigError
+from mmfuse.types import Features
+
+
+def _require_kind(context: EncoderContext, kind: str, name: str) -> None:
+    if context.kind != kind:
+        raise ConfigError(f"encoder '{name}' reads {kind} but the modality is of kind '{context.kind}'")
+
+
+class TextTransformerEncoder(Encoder):
+    """Token embeddings + learned positions + a small pre-norm Transformer encoder.
+
+    input_ids (B, L) long, attention_mask (B, L) bool -> tokens (B, L, dim), pooled (B, dim).
+    """
+
+    kind = "text"
+
+    def __init__(self, vocab_size: int, max_length: int, dim: int, layers: int, heads: int,
+                 ff_mult: int, dropout: float) -> None:
+        super().__init__()
+        self.out_dim = dim
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.position = nn.Embedding(max_length, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim * ff_mult, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.embed(ids) + self.position(positions)[None]
+        # A row with no valid token would make attention softmax over nothing (NaN): let such rows
+        # attend to their first (padding) position; their output is zeroed by finish_features.
+        attend = mask.clone()
+        attend[:, 0] |= ~mask.any(dim=1)
+        x = self.norm(self.encoder(x, src_key_padding_mask=~attend))
+        return finish_features(x, mask, masked_mean(x, mask), present)
+
+
+class TextGRUEncoder(Encoder):
+    """Token embeddings + a bidirectional GRU; tokens are the per-step outputs projected to dim."""
+
+    kind = "text"
+
+    def __init__(self, vocab_size: int, dim: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        self.out_dim = dim
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.gru = nn.GRU(dim, dim, num_layers=layers, batch_first=True, bidirectional=True,
+                          dropout=dropout if layers > 1 else 0.0)
+        self.proj = nn.Linear(2 * dim, dim)
+
+    def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        lengths = mask.sum(dim=1).clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        output, _ = self.gru(packed)
+        unpacked, _ = nn.utils.rnn.pad_packed_sequence(output, batch_first=True, total_length=ids.shape[1])
+        x = self.proj(unpacked)
+        return finish_features(x, mask, masked_mean(x, mask), present)
+
+
+def _conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1),
+        nn.GroupNorm(min(8, out_ch), out_ch),
+        nn.GELU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class ImageCNNEncoder(Encoder):
+    """A few conv blocks; tokens are the cells of the final feature map.
+
+    pixels (B, C, H, W) -> tokens (B, H/2^n * W/2^n, dim), pooled (B, dim).
+    """
+
+    kind = "image"
+
+    def __init__(self, in_channels: int, dim: int, channels: tuple[int, ...]) -> None:
+        super().__init__()
+        self.out_dim = dim
+        widths = (in_channels, *channels)
+        self.body = nn.Sequential(*(_conv_block(a, b) for a, b in itertools.pairwise(widths)))
+        self.proj = nn.Linear(widths[-1], dim)
+
+    def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:
+        grid = self.body(inputs["pixels"])  # (B, C, h, w)
+        x = self.proj(grid.flatten(2).transpose(1, 2))
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return finish_features(x, mask, x.mean(dim=1), present)
+
+
+def _standardise(mel: Tensor, frame_mask: Tensor) -> Tensor:
+    """Per-clip zero mean, unit variance over the valid frames; padding frames become 0.
+
+    Log-mel levels depend on recording gain; standardising removes that nuisance and keeps the
+    first conv layer in a well-scaled regime whatever the microphone.
+    """
+    weights = frame_mask[:, None, :].to(mel.dtype)
+    count = (weights.sum(dim=(1, 2), keepdim=True) * mel.shape[1]).clamp(min=1.0)
+    mean = (mel * weights).sum(dim=(1, 2), keepdim=True) / count
+    var = (((mel - mean) * weights) ** 2).sum(dim=(1, 2), keepdim=True) / count
+    return (mel - mean) / (var + 1e-5).sqrt() * weights
+
+
+class AudioCNNEncoder(Encoder):
+    """Conv blocks over the log-mel image; frequency is averaged away, time steps become tokens.
+
+    mel (B, n_mels, F), frame_mask (B, F) -> tokens (B, F/2^n, dim), pooled (B, dim), padding
+    frames excluded from the pooled mean.
+    """
+
+    kind = "audio"
+
+    def __init__(self, dim: int, channels: tuple[int, ...]) -> None:
+        super().__init__()
+        self.out_dim = dim
+        widths = (1, *channels)
+        self.body = nn.Sequential(*(_conv_block(a, b) for a, b in itertools.pairwise(widths)))
+        self.downsample = 2 ** len(channels)
+        self.proj = nn.Linear(widths[-1], dim)
+
+    def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:
+        mel, frame_mask = inputs["mel"], inputs["frame_mask"]
+        mel = _standardise(mel, frame_mask)
+        grid = self.body(mel.unsqueeze(1))  # (B, C, n_mels', T')
+        x = self.proj(grid.mean(dim=2).transpose(1, 2))  # (B, T', dim)
+        steps = x.shape[1]
+        mask = nn.functional.adaptive_max_pool1d(frame_mask[:, None, :].float(), steps)[:, 0] > 0
+        return finish_features(x, mask, masked_mean(x, mask), present)
+
+
+@ENCODERS.register("text_transformer")
+def text_transformer(context: EncoderContext, dim: int = 64, layers: int = 2, heads: int = 4,
+                     ff_mult: int = 2, dropout: float = 0.1) -> Encoder:
+    _require_kind(context, "text", "text_transformer")
+    if dim % heads:
+        raise ConfigError(f"text_transformer: dim ({dim}) must be divisible by heads ({heads})")
+    return TextTransformerEncoder(context.vocab_size, context.max_length, dim, layers, heads, ff_mult, dropout)
+
+
+@ENCODERS.register("text_gru")
+def text_gru(context: EncoderContext, dim: int = 64, layers: int = 1, dropout: float = 0.1) -> Encoder:
+    _require_kind(context, "text", "text_gru")
+    return TextGRUEncoder(context.vocab_size, dim, layers, dropout)
+
+
+@ENCODERS.register("image_cnn")
+def image_cnn(context: EncoderContext, dim: int = 64, channels: tuple[int, ...] = (16, 32, 64)) -> Encoder:
+    _require_kind(context, "image", "image_cnn")
+    if not channels:
+        raise ConfigError("image_cnn: 'channels' needs at least one width")
+    return ImageCNNEncoder(context.channels, dim, tuple(channels))
+
+
+@ENCODERS.register("audio_cnn")
+def audio_cnn(context: EncoderContext, dim: int = 64, channels: tuple[int, ...] = (16, 32, 64)) -> Encoder:
+    _require_kind(context, "audio", "audio_cnn")
+    if not channels:
+        raise ConfigError("audio_cnn: 'channels' needs at least one width")
+    return AudioCNNEncoder(dim, tuple(channels))
+
+
+DEFAULT_ENCODERS = {"text": "text_transformer", "image": "image_cnn", "audio": "audio_cnn"}

@@ -1,0 +1,51 @@
+"""Metrics of a trained model on a dataset, outside any training loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mmfuse.data.dataset import Collator, MultimodalDataset
+from mmfuse.model import MultimodalModel
+
+
+def model_device(model: MultimodalModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def evaluate(model: MultimodalModel, dataset: MultimodalDataset, batch_size: int = 128) -> dict[str, float]:
+    """Task metrics (and mean loss) of ``model`` on ``dataset``; needs targets."""
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        collate_fn=Collator(model.preprocessor, model.task))
+    device = model_device(model)
+    metrics = model.task.metrics().to(device)
+    total_loss, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            batch = batch.to(device)
+            assert batch.target is not None, "evaluate needs targets"
+            outputs = model(batch)
+            total_loss += float(model.task.loss(outputs, batch.target)) * batch.size
+            count += batch.size
+            metrics.update(*model.task.metric_inputs(outputs, batch.target))
+    model.train(was_training)
+    results = {name: float(value) for name, value in metrics.compute().items()}
+    results["loss"] = total_loss / count
+    return results
+
+
+def predict(model: MultimodalModel, dataset: MultimodalDataset, batch_size: int = 128) -> list[dict[str, Any]]:
+    """Decoded predictions for every sample of ``dataset``, with ids."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=Collator(model.preprocessor, None))
+    device = model_device(model)
+    results = []
+    for batch in loader:
+        for sample_id, item in zip(batch.ids, model.predict(batch.to(device)), strict=True):
+            results.append({"id": sample_id, **item})
+    return results

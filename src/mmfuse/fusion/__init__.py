@@ -1,0 +1,6 @@
+"""Fusion methods behind one contract. Importing this registers every built-in method."""
+
+from mmfuse.fusion import late, simple
+from mmfuse.fusion.base import FUSIONS, Fusion, masked_modality_mean, stack_presence
+
+__all__ = ["FUSIONS", "Fusion", "late", "masked_modality_mean", "simple", "stack_presence"]

@@ -1,0 +1,158 @@
+"""``MultimodalModel`` = one encoder per modality + a fusion method + a task head.
+
+It is a plain ``nn.Module`` usable without Lightning, and it saves/loads like a Hugging Face
+model: ``save_pretrained(dir)`` writes ``config.json`` (architecture), ``preprocessing.json``
+(vocabularies, audio/image settings, label names) and ``model.safetensors`` (weights);
+``from_pretrained(dir)`` rebuilds it with bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mmfuse import __version__
+from mmfuse.config import ComponentConfig, ExperimentConfig, FusionConfig, TaskConfig
+from mmfuse.data.preprocess import Preprocessor
+from mmfuse.encoders import ENCODERS, Encoder, absent_features
+from mmfuse.errors import MMFuseError
+from mmfuse.fusion import FUSIONS, Fusion
+from mmfuse.fusion.base import mlp
+from mmfuse.tasks import TASKS, Task
+from mmfuse.types import Batch, Features
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+class ModelSpec(BaseModel):
+    """The architecture part of an experiment config: enough to rebuild the model."""
+
+    model_config = ConfigDict(extra="forbid")
+    encoders: dict[str, ComponentConfig]
+    fusion: FusionConfig
+    task: TaskConfig
+    target_column: str = "label"
+
+    @classmethod
+    def from_experiment(cls, config: ExperimentConfig) -> ModelSpec:
+        return cls(encoders=config.encoders, fusion=config.fusion, task=config.task,
+                   target_column=config.data.target_column)
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, spec: ModelSpec, preprocessor: Preprocessor, task: Task) -> None:
+        super().__init__()
+        self.spec = spec
+        self.preprocessor = preprocessor
+        self.task = task
+        self.modalities = sorted(spec.encoders)
+        self.encoders = nn.ModuleDict({
+            m: self._build_encoder(m, spec.encoders[m]) for m in self.modalities
+        })
+        dims = {m: self._encoder(m).out_dim for m in self.modalities}
+        decision_level = bool(getattr(FUSIONS.get(spec.fusion.name), "decision_level", False))
+        out_dim = task.num_outputs if decision_level else spec.fusion.out_dim
+        self.fusion: Fusion = FUSIONS.create(spec.fusion.name, dims=dims, out_dim=out_dim, **spec.fusion.options)
+        self.head: nn.Module = (
+            nn.Identity() if decision_level
+            else nn.Sequential(nn.GELU(), nn.Dropout(spec.task.head_dropout),
+                               mlp(out_dim, spec.task.head_hidden, task.num_outputs, spec.task.head_dropout))
+        )
+
+    def _build_encoder(self, modality: str, config: ComponentConfig) -> Encoder:
+        if modality not in self.preprocessor.modalities:
+            raise MMFuseError(f"encoder for '{modality}' but the data has no such modality")
+        return ENCODERS.create(config.name, context=self.preprocessor.context(modality), **config.options)
+
+    def _encoder(self, modality: str) -> Encoder:
+        encoder = self.encoders[modality]
+        assert isinstance(encoder, Encoder)
+        return encoder
+
+    @classmethod
+    def from_config(cls, config: ExperimentConfig, preprocessor: Preprocessor, task: Task) -> MultimodalModel:
+        return cls(ModelSpec.from_experiment(config), preprocessor, task)
+
+    def encode(self, batch: Batch) -> dict[str, Features]:
+        """Features per modality; modalities the batch lacks entirely become all-absent features."""
+        size = batch.size
+        device = next(self.parameters()).device
+        features = {}
+        for m in self.modalities:
+            encoder = self._encoder(m)
+            if m in batch.inputs and bool(batch.present[m].any()):
+                features[m] = encoder(batch.inputs[m], batch.present[m])
+            else:
+                features[m] = absent_features(size, encoder.out_dim, device, torch.float32)
+        return features
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Batch -> (B, task.num_outputs) raw outputs (logits or standardised values)."""
+        return self.head(self.fusion(self.encode(batch)))
+
+    def predict(self, batch: Batch) -> list[dict[str, Any]]:
+        """Decoded predictions, one dict per sample, with the modalities each one used."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            outputs = self(batch)
+        self.train(was_training)
+        decoded = self.task.decode(outputs)
+        for i, item in enumerate(decoded):
+            item["modalities"] = [m for m in self.modalities if m in batch.present and bool(batch.present[m][i])]
+        return decoded
+
+    # ---- saving -------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Writes the model folder atomically: a crash never leaves a half-written model."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        try:
+            config = {"mmfuse_version": __version__, **self.spec.model_dump(mode="json")}
+            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            prep = {"preprocessor": self.preprocessor.state(), "task": self.task.state()}
+            (staging / PREPROCESSING_FILE).write_text(json.dumps(prep, indent=2))
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+            if directory.exists():
+                backup = directory.with_name(f".{directory.name}.old")
+                shutil.rmtree(backup, ignore_errors=True)
+                os.replace(directory, backup)
+                os.replace(staging, directory)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> MultimodalModel:
+        directory = Path(directory)
+        for name in (CONFIG_FILE, PREPROCESSING_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise MMFuseError(f"{directory} is not an mmfuse model folder: {name} is missing")
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        config.pop("mmfuse_version", None)
+        spec = ModelSpec.model_validate(config)
+        prep = json.loads((directory / PREPROCESSING_FILE).read_text())
+        preprocessor = Preprocessor.from_state(prep["preprocessor"])
+        task = TASKS.create(spec.task.name, **spec.task.options)
+        task.load_state(prep["task"])
+        model = cls(spec, preprocessor, task)
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(map_location)))
+        model.eval()
+        return model

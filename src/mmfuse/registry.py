@@ -1,0 +1,90 @@
+"""One tiny generic registry: a name maps to a factory (timm's ``create_model`` pattern).
+
+Encoders, fusion methods and tasks each own a ``Registry``. Options given in a config are checked
+against the factory's signature before anything is built, so an unknown option or a wrong type is
+reported with the registry name and the closest valid option instead of a ``TypeError`` deep inside
+a constructor.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+import pydantic
+
+from mmfuse.errors import ConfigError, did_you_mean
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps registry names to factories of ``T``.
+
+    ``reserved`` are keyword arguments the library itself passes (e.g. ``dims`` and ``out_dim`` for
+    fusion); they are not user options and are skipped when validating a config's options.
+    """
+
+    def __init__(self, kind: str, reserved: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self.reserved = reserved
+        self._factories: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def decorator(factory: Callable[..., T]) -> Callable[..., T]:
+            if name in self._factories:
+                raise ValueError(f"{self.kind} '{name}' is already registered")
+            self._factories[name] = factory
+            return factory
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._factories)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factories
+
+    def get(self, name: str) -> Callable[..., T]:
+        if name not in self._factories:
+            raise ConfigError(
+                f"unknown {self.kind} '{name}'{did_you_mean(name, self._factories)}; "
+                f"valid choices: {', '.join(self.names())}"
+            )
+        return self._factories[name]
+
+    def create(self, name: str, **kwargs: Any) -> T:
+        return self.get(name)(**kwargs)
+
+    def validate_options(self, name: str, options: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """Checks ``options`` against the factory's signature; returns them coerced to their types.
+
+        ``where`` is the config path of the options (e.g. ``fusion``) so errors name the key.
+        """
+        factory = self.get(name)
+        signature = inspect.signature(factory)
+        fields: dict[str, Any] = {}
+        for param in signature.parameters.values():
+            if param.name in self.reserved or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            annotation = param.annotation if param.annotation is not inspect.Parameter.empty else Any
+            default = param.default if param.default is not inspect.Parameter.empty else ...
+            fields[param.name] = (annotation, default)
+        for key in options:
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown option '{where}.{key}' for {self.kind} '{name}'{did_you_mean(key, fields)}; "
+                    f"valid options: {', '.join(sorted(fields)) or '(none)'}"
+                )
+        model = pydantic.create_model(  # type: ignore[call-overload]
+            f"{name}_options", __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+            **fields,
+        )
+        try:
+            validated = model(**options)
+        except pydantic.ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"invalid option '{where}.{loc}' for {self.kind} '{name}': {err['msg']}") from None
+        return {key: getattr(validated, key) for key in options}

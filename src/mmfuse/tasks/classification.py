@@ -1,0 +1,172 @@
+"""Multi-class and multi-label classification."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+    MultilabelAccuracy,
+    MultilabelExactMatch,
+    MultilabelF1Score,
+    MultilabelPrecision,
+    MultilabelRecall,
+)
+
+from mmfuse.tasks.base import TASKS, Task
+
+
+def _label_text(raw: Any) -> str:
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+        raise ValueError("the target is empty")
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
+    return str(raw).strip()
+
+
+class ClassificationTask(Task):
+    """Single-label classification over fitted label names; softmax cross-entropy."""
+
+    name = "classification"
+
+    def __init__(self, labels: list[str] | None = None, label_smoothing: float = 0.0) -> None:
+        self.labels: list[str] = list(labels or [])
+        self.label_smoothing = label_smoothing
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.labels)
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        return "accuracy", "max"
+
+    def fit(self, targets: list[Any]) -> None:
+        if self.labels:
+            return
+        names = {_label_text(t) for t in targets}
+        # Integer-looking labels sort numerically so label 10 does not come before label 2.
+        self.labels = sorted(names, key=lambda s: (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s))
+        if len(self.labels) < 2:
+            raise ValueError(f"classification needs at least 2 labels in the training data, found {self.labels}")
+
+    def encode_target(self, raw: Any) -> Tensor:
+        label = _label_text(raw)
+        try:
+            return torch.tensor(self.labels.index(label))
+        except ValueError:
+            raise ValueError(f"label '{label}' is not one of the {len(self.labels)} training labels") from None
+
+    def loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(outputs.float(), target, label_smoothing=self.label_smoothing)
+
+    def metrics(self) -> MetricCollection:
+        n = self.num_outputs
+        return MetricCollection({
+            "accuracy": MulticlassAccuracy(n, average="micro"),
+            "macro_f1": MulticlassF1Score(n, average="macro"),
+            "precision": MulticlassPrecision(n, average="macro"),
+            "recall": MulticlassRecall(n, average="macro"),
+        })
+
+    def decode(self, outputs: Tensor) -> list[dict[str, Any]]:
+        probs = outputs.float().softmax(dim=-1).cpu()
+        return [
+            {"label": self.labels[int(row.argmax())],
+             "probabilities": {name: round(float(p), 6) for name, p in zip(self.labels, row, strict=True)}}
+            for row in probs
+        ]
+
+    def state(self) -> dict[str, Any]:
+        return {"labels": self.labels}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.labels = list(state["labels"])
+
+
+class MultilabelTask(Task):
+    """Any number of labels per sample, given as a list or a separator-joined string; sigmoid BCE."""
+
+    name = "multilabel"
+
+    def __init__(self, labels: list[str] | None = None, separator: str = "|", threshold: float = 0.5) -> None:
+        self.labels: list[str] = list(labels or [])
+        self.separator = separator
+        self.threshold = threshold
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.labels)
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        return "macro_f1", "max"
+
+    def _split(self, raw: Any) -> list[str]:
+        if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+            return []
+        items = list(raw) if isinstance(raw, list | tuple) else str(raw).split(self.separator)
+        return [str(i).strip() for i in items if str(i).strip()]
+
+    def fit(self, targets: list[Any]) -> None:
+        if self.labels:
+            return
+        self.labels = sorted({label for t in targets for label in self._split(t)})
+        if not self.labels:
+            raise ValueError("multilabel found no labels in the training data")
+
+    def encode_target(self, raw: Any) -> Tensor:
+        target = torch.zeros(len(self.labels))
+        for label in self._split(raw):
+            if label not in self.labels:
+                raise ValueError(f"label '{label}' is not one of the {len(self.labels)} training labels")
+            target[self.labels.index(label)] = 1.0
+        return target
+
+    def loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(outputs.float(), target)
+
+    def metrics(self) -> MetricCollection:
+        n = self.num_outputs
+        return MetricCollection({
+            "accuracy": MultilabelAccuracy(n, threshold=self.threshold, average="micro"),
+            "exact_match": MultilabelExactMatch(n, threshold=self.threshold),
+            "macro_f1": MultilabelF1Score(n, threshold=self.threshold, average="macro"),
+            "precision": MultilabelPrecision(n, threshold=self.threshold, average="macro"),
+            "recall": MultilabelRecall(n, threshold=self.threshold, average="macro"),
+        })
+
+    def metric_inputs(self, outputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        return outputs.float().sigmoid(), target.long()
+
+    def decode(self, outputs: Tensor) -> list[dict[str, Any]]:
+        probs = outputs.float().sigmoid().cpu()
+        return [
+            {"labels": [n for n, p in zip(self.labels, row, strict=True) if p >= self.threshold],
+             "probabilities": {n: round(float(p), 6) for n, p in zip(self.labels, row, strict=True)}}
+            for row in probs
+        ]
+
+    def state(self) -> dict[str, Any]:
+        return {"labels": self.labels}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.labels = list(state["labels"])
+
+
+@TASKS.register("classification")
+def classification(labels: list[str] | None = None, label_smoothing: float = 0.0) -> Task:
+    return ClassificationTask(labels=labels, label_smoothing=label_smoothing)
+
+
+@TASKS.register("multilabel")
+def multilabel(labels: list[str] | None = None, separator: str = "|", threshold: float = 0.5) -> Task:
+    return MultilabelTask(labels=labels, separator=separator, threshold=threshold)
