@@ -19,7 +19,7 @@ from mmfuse.data.synth import LABEL_FACTORS, generate_synthetic, synthetic_datas
 from mmfuse.errors import DataError
 
 MODALITIES = ("text", "image", "audio")
-KEYS = ["id", "split", "text", "image", "audio", "label", "shape", "pitch", "mood", "colour", "caption"]
+KEYS = ["id", "split", "text", "image", "audio", "label", "shape", "pitch", "mood", "colour", "caption", "tags", "frequency_hz"]
 CALM = {"calm", "quiet", "gentle", "peaceful", "soft", "still", "serene", "mellow"}
 STORMY = {"stormy", "loud", "fierce", "wild", "harsh", "angry", "violent", "furious"}
 
@@ -180,21 +180,21 @@ def test_synthetic_dataset_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert first == second
     assert len(calls) == 1
     assert first.parent.parent == tmp_path / "cache"
-    assert first.parent.name == "v1-n24-s5-m0.0"
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["v1-n24-s5-m0.0"]  # no temp left over
+    assert first.parent.name == "v2-n24-s5-m0.0"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["v2-n24-s5-m0.0"]  # no temp left over
     assert len(read_rows(first)) == 24
 
     other = synthetic_dataset(
         SynthConfig(n_samples=24, seed=5, missing_rate=0.25, cache_dir=tmp_path / "cache")
     )
-    assert other.parent.name == "v1-n24-s5-m0.25"
+    assert other.parent.name == "v2-n24-s5-m0.25"
     assert len(calls) == 2
 
 
 def test_synthetic_dataset_uses_env_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "env"))
     manifest = synthetic_dataset(SynthConfig(n_samples=20, seed=0))
-    assert manifest == tmp_path / "env" / "synth" / "v1-n20-s0-m0.0" / "manifest.jsonl"
+    assert manifest == tmp_path / "env" / "synth" / "v2-n20-s0-m0.0" / "manifest.jsonl"
     assert manifest.is_file()
 
 
@@ -217,7 +217,7 @@ def test_interrupted_generation_leaves_nothing_trusted(
 def test_concurrent_creator_wins_the_race(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """If another process renamed its copy into place first, ours is discarded and theirs is used."""
     config = SynthConfig(n_samples=20, cache_dir=tmp_path)
-    final = tmp_path / "v1-n20-s0-m0.0"
+    final = tmp_path / "v2-n20-s0-m0.0"
     real = synth.generate_synthetic
 
     def racing(out_dir: Path, *args: Any, **kwargs: Any) -> Path:
@@ -251,3 +251,12 @@ def test_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="empty folder"):
         generate_synthetic(tmp_path, n_samples=8)
     assert (tmp_path / "old.txt").read_text() == "keep me"
+
+
+def test_extra_targets_match_the_factors_and_the_audio(tmp_path: Path) -> None:
+    """tags (multi-label) and frequency_hz (regression) must describe the sample they sit on."""
+    rows = read_rows(generate_synthetic(tmp_path / "d", n_samples=40, seed=3))
+    for row in rows:
+        assert row["tags"].split("|") == [row["shape"], row["pitch"], row["mood"]]
+        low = row["pitch"] == "low"
+        assert (220 <= row["frequency_hz"] <= 440) if low else (880 <= row["frequency_hz"] <= 1760)

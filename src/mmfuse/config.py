@@ -212,9 +212,15 @@ def check_components(config: ExperimentConfig) -> None:
     from mmfuse.tasks import TASKS
 
     for modality, enc in config.encoders.items():
-        ENCODERS.validate_options(enc.name, enc.options, where=f"encoders.{modality}")
-    FUSIONS.validate_options(config.fusion.name, config.fusion.options, where="fusion")
-    TASKS.validate_options(config.task.name, config.task.options, where="task")
+        _store_options(enc, ENCODERS.validate_options(enc.name, enc.options, where=f"encoders.{modality}"))
+    _store_options(config.fusion, FUSIONS.validate_options(config.fusion.name, config.fusion.options, where="fusion"))
+    _store_options(config.task, TASKS.validate_options(config.task.name, config.task.options, where="task"))
+
+
+def _store_options(component: ComponentConfig, options: dict[str, Any]) -> None:
+    """Keeps the validated values (``dim: "16"`` -> 16), so factories get the types they declare."""
+    if component.model_extra is not None:
+        component.model_extra.update(options)
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:

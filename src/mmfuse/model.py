@@ -153,6 +153,7 @@ class MultimodalModel(nn.Module):
         task = TASKS.create(spec.task.name, **spec.task.options)
         task.load_state(prep["task"])
         model = cls(spec, preprocessor, task)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(map_location)))
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device="cpu"))
+        model.to(map_location)  # load_state_dict copies into the CPU-built parameters
         model.eval()
         return model

@@ -21,7 +21,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from mmfuse.config import ExperimentConfig, OptimConfig
@@ -119,15 +119,17 @@ def make_loader(dataset: MultimodalDataset, collator: Collator, batch_size: int,
 def drop_modalities(present: dict[str, Tensor], rate: float) -> dict[str, Tensor]:
     """Hides each present modality of each sample with probability ``rate`` (modality dropout).
 
-    A sample never loses all of its modalities: if every one would be dropped, it keeps the ones
-    it had. Teaches the model to predict from any subset it may meet at test time.
+    A sample never loses all of its modalities: if every one would be dropped, one of those it had,
+    chosen at random, stays. Teaches the model to predict from any subset it may meet at test time.
     """
     if rate <= 0:
         return present
     names = sorted(present)
     original = torch.stack([present[m] for m in names], dim=1)
     kept = original & (torch.rand(original.shape, device=original.device) >= rate)
-    kept = torch.where(kept.any(dim=1, keepdim=True), kept, original)
+    rescue_scores = torch.rand(original.shape, device=original.device).masked_fill(~original, -1.0)
+    rescued = nn.functional.one_hot(rescue_scores.argmax(dim=1), len(names)).bool() & original
+    kept = torch.where(kept.any(dim=1, keepdim=True), kept, rescued)
     return {m: kept[:, i] for i, m in enumerate(names)}
 
 

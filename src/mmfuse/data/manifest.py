@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from mmfuse.config import ModalitySpec
@@ -76,7 +77,7 @@ def read_table(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}: a .json manifest must be a list of objects")
             return data
         if suffix in (".csv", ".tsv"):
-            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=True)
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False, na_values=[""])
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         else:
@@ -86,7 +87,11 @@ def read_table(path: Path) -> list[dict[str, Any]]:
     except (ValueError, OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read manifest {path}: {exc}") from None
     frame = frame.astype(object).where(frame.notna(), None)
-    return frame.to_dict(orient="records")  # type: ignore[return-value]
+    # Parquet list columns arrive as numpy arrays; tasks expect the plain lists JSONL gives.
+    return [
+        {str(key): value.tolist() if isinstance(value, np.ndarray) else value for key, value in row.items()}
+        for row in frame.to_dict(orient="records")
+    ]
 
 
 def _check_columns(path: Path, rows: list[dict[str, Any]], required: list[str]) -> None:
@@ -143,7 +148,9 @@ def read_manifest(
             row=index,
             id=sample_id,
             fields={m: _resolve(row.get(spec.column), spec.kind, path.parent) for m, spec in modalities.items()},
-            target=row.get(target_column) if target_column else None,
+            # An empty label is 'no target' in every format (CSV already reads '' as NaN); kept as ''
+            # it would be fitted as a class of its own.
+            target=None if not target_column or is_empty(row.get(target_column)) else row[target_column],
             split=None if not split_column or is_empty(row.get(split_column)) else str(row[split_column]).strip(),
         ))
     return records

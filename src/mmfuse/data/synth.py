@@ -34,7 +34,7 @@ __all__ = ["LABEL_FACTORS", "generate_synthetic", "synthetic_dataset"]
 LABEL_FACTORS: tuple[str, ...] = ("shape", "pitch", "mood")
 
 # Bump when the generated content changes, so stale caches are never reused.
-_FORMAT_VERSION = "v1"
+_FORMAT_VERSION = "v2"
 MANIFEST_NAME = "manifest.jsonl"
 
 _SHAPES = ("circle", "square")
@@ -160,8 +160,10 @@ def _shape_mask(shape: int, cx: float, cy: float, extent: float) -> NDArray[np.b
 # ---------------------------------------------------------------------------------------- audio
 
 
-def _render_audio(pitches: NDArray[np.int64], rng: np.random.Generator) -> NDArray[np.float32]:
-    """(n, 16000) float32 clips: a harmonic tone burst at a random time, plus white noise.
+def _render_audio(
+    pitches: NDArray[np.int64], rng: np.random.Generator
+) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+    """(n, 16000) float32 clips (a harmonic tone burst at a random time, plus white noise) and f0s.
 
     The fundamental is the only label cue: the two pitch bands (220..440 and 880..1760 Hz) leave a
     gap of an octave between them, while loudness, timing, timbre and noise are random.
@@ -193,7 +195,7 @@ def _render_audio(pitches: NDArray[np.int64], rng: np.random.Generator) -> NDArr
             o = onset_frame[i]
             block[row, o : o + burst.shape[1]] += burst[row, : n_frames - o]
         clips[s] = block
-    return clips
+    return clips, f0
 
 
 def _tone_bursts(
@@ -292,7 +294,7 @@ def generate_synthetic(
     factors = _balanced_factors(n_samples, rng_factors)
     present = _presence_mask(n_samples, float(missing_rate), rng_mask)
     images, colours = _render_images(factors[:, 0], rng_image)
-    clips = _render_audio(factors[:, 1], rng_audio)
+    clips, f0 = _render_audio(factors[:, 1], rng_audio)
     texts = _render_texts(factors[:, 2], rng_text)
 
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -321,6 +323,9 @@ def generate_synthetic(
             "mood": mood,
             "colour": colours[i],
             "caption": f"{_article(colours[i])} {colours[i]} {shape} with a {pitch} tone in a {mood} mood",
+            # Extra targets so multi-label and regression run on the same embedded data.
+            "tags": f"{shape}|{pitch}|{mood}",
+            "frequency_hz": round(float(f0[i]), 2),
         }
         rows.append(json.dumps(row, ensure_ascii=False))
     manifest = out_dir / MANIFEST_NAME

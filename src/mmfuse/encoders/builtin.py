@@ -119,11 +119,47 @@ def _standardise(mel: Tensor, frame_mask: Tensor) -> Tensor:
     return (mel - mean) / (var + 1e-5).sqrt() * weights
 
 
+class _MaskedConvBlock(nn.Module):
+    """The audio conv block with time padding masked out: conv, GroupNorm, GELU, 2x2 max-pool.
+
+    GroupNorm statistics are taken over valid frames only and padding never wins a max-pool, so a
+    clip gives the same features however much padding its batch adds (``pad_mode: longest``).
+    x (B, C, F, T), mask (B, T) -> x (B, C', F // 2, ceil(T / 2)), mask (B, ceil(T / 2)).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1)
+        self.norm = nn.GroupNorm(min(8, out_ch), out_ch)
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        keep = mask[:, None, None, :]
+        x = self.conv(x)
+        batch, channels, freq, steps = x.shape
+        groups = self.norm.num_groups
+        grouped = x.reshape(batch, groups, -1, freq, steps)
+        weights = keep[:, None].to(x.dtype)
+        count = (weights.sum(dim=(2, 3, 4), keepdim=True) * grouped.shape[2] * freq).clamp(min=1.0)
+        mean = (grouped * weights).sum(dim=(2, 3, 4), keepdim=True) / count
+        var = (((grouped - mean) * weights) ** 2).sum(dim=(2, 3, 4), keepdim=True) / count
+        x = ((grouped - mean) / (var + self.norm.eps).sqrt()).reshape(batch, channels, freq, steps)
+        x = nn.functional.gelu(x * self.norm.weight[:, None, None] + self.norm.bias[:, None, None])
+        # Padding never wins the max; an odd last frame gets a window of its own (as if unpadded).
+        x = x.masked_fill(~keep, torch.finfo(x.dtype).min)
+        if steps % 2:
+            x = nn.functional.pad(x, (0, 1), value=torch.finfo(x.dtype).min)
+            mask = nn.functional.pad(mask, (0, 1), value=False)
+        x = nn.functional.max_pool2d(x, 2)
+        mask = mask.reshape(batch, -1, 2).any(dim=-1)
+        return x.masked_fill(~mask[:, None, None, :], 0.0), mask
+
+
 class AudioCNNEncoder(Encoder):
     """Conv blocks over the log-mel image; frequency is averaged away, time steps become tokens.
 
-    mel (B, n_mels, F), frame_mask (B, F) -> tokens (B, F/2^n, dim), pooled (B, dim), padding
-    frames excluded from the pooled mean.
+    mel (B, n_mels, F), frame_mask (B, F) -> tokens (B, ceil(F/2^n), dim), pooled (B, dim). Padding
+    frames are masked in every block (normalisation statistics, pooling) and excluded from the
+    pooled mean, so the amount of padding never changes a clip's features.
     """
 
     kind = "audio"
@@ -132,17 +168,15 @@ class AudioCNNEncoder(Encoder):
         super().__init__()
         self.out_dim = dim
         widths = (1, *channels)
-        self.body = nn.Sequential(*(_conv_block(a, b) for a, b in itertools.pairwise(widths)))
-        self.downsample = 2 ** len(channels)
+        self.body = nn.ModuleList(_MaskedConvBlock(a, b) for a, b in itertools.pairwise(widths))
         self.proj = nn.Linear(widths[-1], dim)
 
     def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:
-        mel, frame_mask = inputs["mel"], inputs["frame_mask"]
-        mel = _standardise(mel, frame_mask)
-        grid = self.body(mel.unsqueeze(1))  # (B, C, n_mels', T')
+        mel, mask = inputs["mel"], inputs["frame_mask"]
+        grid = _standardise(mel, mask).unsqueeze(1)  # (B, 1, n_mels, F)
+        for block in self.body:
+            grid, mask = block(grid, mask)  # (B, C, n_mels', T'), (B, T')
         x = self.proj(grid.mean(dim=2).transpose(1, 2))  # (B, T', dim)
-        steps = x.shape[1]
-        mask = nn.functional.adaptive_max_pool1d(frame_mask[:, None, :].float(), steps)[:, 0] > 0
         return finish_features(x, mask, masked_mean(x, mask), present)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ from torchmetrics.classification import (
 )
 
 from mmfuse.tasks.base import TASKS, Task
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def _label_text(raw: Any) -> str:
@@ -54,7 +57,8 @@ class ClassificationTask(Task):
             return
         names = {_label_text(t) for t in targets}
         # Integer-looking labels sort numerically so label 10 does not come before label 2.
-        self.labels = sorted(names, key=lambda s: (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s))
+        # Ties ("1", "01") are broken by the text, so the order never depends on set iteration order.
+        self.labels = sorted(names, key=lambda s: (0, int(s), s) if _INTEGER.fullmatch(s) else (1, 0, s))
         if len(self.labels) < 2:
             raise ValueError(f"classification needs at least 2 labels in the training data, found {self.labels}")
 

@@ -13,6 +13,13 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, 
 from mmfuse.tasks.base import TASKS, Task
 
 
+class _MeanPearson(PearsonCorrCoef):
+    """Pearson correlation averaged over the K targets: one scalar, as logging and reports need."""
+
+    def compute(self) -> Tensor:
+        return super().compute().mean()
+
+
 class RegressionTask(Task):
     """Predicts K numbers (a float, or a list of K floats per sample) with an MSE loss.
 
@@ -76,7 +83,7 @@ class RegressionTask(Task):
         return MetricCollection({
             "mae": MeanAbsoluteError(),
             "rmse": MeanSquaredError(squared=False),
-            "pearson": PearsonCorrCoef(num_outputs=self.num_targets),
+            "pearson": _MeanPearson(num_outputs=self.num_targets),
         })
 
     def metric_inputs(self, outputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,286 @@
+"""The experiment config: shipped configs and presets load; bad input gives errors naming the key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mmfuse.config import ExperimentConfig, load_config, validate_config
+from mmfuse.encoders import ENCODERS
+from mmfuse.errors import ConfigError, MMFuseError
+from mmfuse.fusion import FUSIONS
+from mmfuse.presets import preset_names, preset_path
+from mmfuse.tasks import TASKS
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml")) + sorted(CONFIG_DIR.glob("*.yml"))
+
+BASE: dict[str, Any] = {
+    "data": {"synthetic": {"n_samples": 40}},
+    "encoders": {
+        "text": {"name": "text_gru", "dim": 8},
+        "image": {"name": "image_cnn", "dim": 8, "channels": [4]},
+    },
+    "fusion": {"name": "concat", "out_dim": 16},
+    "trainer": {"max_epochs": 2},
+}
+
+
+def raw(**changes: Any) -> dict[str, Any]:
+    """A deep copy of BASE with top-level sections replaced."""
+    config = copy.deepcopy(BASE)
+    config.update(copy.deepcopy(changes))
+    return config
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def error_of(data: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_config(data)
+    message = str(info.value)
+    assert "\n" not in message, "errors are one line"
+    return message
+
+
+# ---- shipped configs and presets -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
+def test_shipped_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert isinstance(config, ExperimentConfig)
+    assert config.modalities == sorted(config.encoders)
+    assert set(config.data.modalities) == set(config.encoders)
+    assert config.fusion.name in FUSIONS and config.task.name in TASKS
+    for enc in config.encoders.values():
+        assert enc.name in ENCODERS
+
+
+def test_configs_folder_is_not_empty() -> None:
+    if not CONFIG_FILES:
+        pytest.skip(f"no example configs under {CONFIG_DIR} yet (another engineer is adding them)")
+    assert CONFIG_FILES
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_loads(name: str) -> None:
+    config = load_config(preset_path(name))
+    assert config.encoders and config.fusion.name in FUSIONS
+
+
+def test_presets_exist_and_unknown_preset_is_a_clear_error() -> None:
+    assert "demo" in preset_names()
+    with pytest.raises(ConfigError, match=r"unknown preset 'dmeo'.*did you mean 'demo'.*valid presets: "):
+        preset_path("dmeo")
+
+
+def test_config_file_not_found_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"mapping"):
+        load_config(listing)
+
+
+# ---- unknown keys, wrong types ---------------------------------------------------------------------
+
+
+def test_unknown_top_level_key_names_it_and_suggests() -> None:
+    message = error_of(raw(trainr={"max_epochs": 3}))
+    assert "'trainr'" in message and "did you mean 'trainer'" in message
+
+
+def test_unknown_nested_key_names_it_and_suggests() -> None:
+    data = raw()
+    data["trainer"]["max_epoch"] = 3
+    message = error_of(data)
+    assert "trainer" in message and "'max_epoch'" in message and "did you mean 'max_epochs'" in message
+    data = raw()
+    data["data"]["audio"] = {"n_mel": 20}
+    message = error_of(data)
+    assert "data.audio" in message and "'n_mel'" in message and "'n_mels'" in message
+
+
+def test_unknown_key_without_close_match_still_names_it() -> None:
+    message = error_of(raw(zzzzzz=1))
+    assert "'zzzzzz'" in message and "did you mean" not in message
+
+
+def test_wrong_type_names_the_key() -> None:
+    data = raw()
+    data["trainer"]["max_epochs"] = "many"
+    message = error_of(data)
+    assert "trainer.max_epochs" in message
+    data = raw()
+    data["data"]["batch_size"] = 0
+    assert "data.batch_size" in error_of(data)
+    data = raw()
+    data["data"]["image"] = {"mode": "cmyk"}
+    assert "data.image.mode" in error_of(data)
+
+
+def test_unknown_fusion_lists_valid_choices() -> None:
+    message = error_of(raw(fusion={"name": "concatt"}))
+    assert "'concatt'" in message and "did you mean 'concat'" in message
+    assert "valid choices: " + ", ".join(FUSIONS.names()) in message
+
+
+def test_unknown_encoder_and_task_list_valid_choices() -> None:
+    data = raw()
+    data["encoders"]["text"]["name"] = "text_lstm"
+    assert "valid choices: " + ", ".join(ENCODERS.names()) in error_of(data)
+    assert "valid choices: " + ", ".join(TASKS.names()) in error_of(raw(task={"name": "ranking"}))
+
+
+def test_unknown_encoder_option_names_it_and_lists_valid_options() -> None:
+    data = raw()
+    data["encoders"]["text"]["dimm"] = 8
+    message = error_of(data)
+    assert "'encoders.text.dimm'" in message and "text_gru" in message
+    assert "did you mean 'dim'" in message
+    assert "valid options: dim, dropout, layers" in message
+    message = error_of(raw(fusion={"name": "late", "proj_dim": 3}))
+    assert "'fusion.proj_dim'" in message and "valid options: " in message and "hidden" in message
+
+
+def test_wrong_option_type_names_the_option() -> None:
+    data = raw()
+    data["encoders"]["image"]["dim"] = "wide"
+    message = error_of(data)
+    assert "encoders.image.dim" in message and "image_cnn" in message
+    message = error_of(raw(task={"name": "classification", "label_smoothing": "lots"}))
+    assert "task.label_smoothing" in message
+
+
+def test_options_are_coerced_to_their_types() -> None:
+    config = validate_config(raw())
+    assert config.encoders["image"].name == "image_cnn"
+    assert config.encoders["image"].options == {"dim": 8, "channels": (4,)}
+    # The validated values are what the factories get: dim "16" becomes 16, hidden 64.0 becomes 64.
+    data = raw(fusion={"name": "concat", "hidden": 64.0, "out_dim": 16})
+    data["encoders"]["text"]["dim"] = "16"
+    config = validate_config(data)
+    assert config.encoders["text"].options["dim"] == 16 and isinstance(config.encoders["text"].options["dim"], int)
+    assert config.fusion.options["hidden"] == 64 and isinstance(config.fusion.options["hidden"], int)
+    FUSIONS.create("concat", dims={"a": 3}, out_dim=4, **config.fusion.options)
+    # ... and the config still serialises to plain JSON/YAML types.
+    assert config.model_dump(mode="json")["encoders"]["image"]["channels"] == [4]
+    coerced = ENCODERS.validate_options("image_cnn", {"channels": [4, 8], "dim": "16"}, where="encoders.image")
+    assert coerced == {"channels": (4, 8), "dim": 16}
+
+
+# ---- overrides and paths ---------------------------------------------------------------------------
+
+
+def test_set_overrides_are_typed(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "exp.yaml", raw())
+    config = load_config(path, ["trainer.max_epochs=3", "fusion.name=late", "optim.lr=0.05",
+                                "trainer.patience=null", "data.text.lowercase=false", "fusion.hidden=7"])
+    assert config.trainer.max_epochs == 3 and isinstance(config.trainer.max_epochs, int)
+    assert config.fusion.name == "late" and config.fusion.options["hidden"] == 7
+    assert config.optim.lr == 0.05
+    assert config.trainer.patience is None
+    assert config.data.text.lowercase is False
+    # New sections are created by an override.
+    assert load_config(path, ["task.head_hidden=5"]).task.head_hidden == 5
+    with pytest.raises(ConfigError, match=r"key.path=value"):
+        load_config(path, ["trainer.max_epochs"])
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs"):
+        load_config(path, ["trainer.max_epochs=many"])
+    with pytest.raises(ConfigError, match=r"'max_epochs' is not a section"):
+        load_config(path, ["trainer.max_epochs.x=1"])
+    with pytest.raises(ConfigError, match=r"did you mean 'max_epochs'"):
+        load_config(path, ["trainer.max_epoch=3"])
+
+
+def test_relative_data_paths_resolve_against_the_yaml_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    data = raw(data={"train": "../data/train.jsonl", "val": "val.jsonl", "test": str(tmp_path / "abs.jsonl")})
+    path = write_yaml(folder / "exp.yaml", data)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(Path("..") / "project" / "configs" / "exp.yaml")
+    assert config.data.train == (tmp_path / "project" / "data" / "train.jsonl").resolve()
+    assert config.data.val == (folder / "val.jsonl").resolve()
+    assert config.data.test == tmp_path / "abs.jsonl"
+    single = write_yaml(folder / "manifest.yaml", raw(data={"manifest": "m.csv"}))
+    assert load_config(single).data.manifest == (folder / "m.csv").resolve()
+    # An overridden path is resolved the same way.
+    assert load_config(path, ["data.val=other.jsonl"]).data.val == (folder / "other.jsonl").resolve()
+
+
+# ---- data sources and modalities ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source",
+    [{}, {"manifest": "m.jsonl", "synthetic": {}}, {"train": "t.jsonl", "manifest": "m.jsonl"},
+     {"val": "v.jsonl"}],
+    ids=["none", "manifest+synthetic", "train+manifest", "val-only"],
+)
+def test_exactly_one_data_source(source: dict[str, Any]) -> None:
+    message = error_of(raw(data=source))
+    assert "exactly one of 'manifest'" in message and "'synthetic'" in message
+
+
+def test_unknown_modality_name_needs_a_data_modalities_entry() -> None:
+    data = raw()
+    data["encoders"]["speech"] = {"name": "audio_cnn"}
+    message = error_of(data)
+    assert "modality 'speech' needs an entry in data.modalities" in message
+
+
+def test_data_modality_without_encoder_is_an_error() -> None:
+    data = raw()
+    data["data"]["modalities"] = {"audio": {"kind": "audio", "column": "wav"}}
+    assert "data.modalities.audio has no encoder" in error_of(data)
+
+
+def test_custom_modality_names() -> None:
+    data = raw(
+        data={
+            "train": "/tmp/train.jsonl",
+            "modalities": {"title": {"kind": "text", "column": "headline"}, "body": {"kind": "text", "column": "body"},
+                           "speech": {"kind": "audio", "column": "wav"}},
+        },
+        encoders={"title": {"name": "text_gru", "dim": 8}, "body": {"name": "text_transformer", "dim": 8,
+                                                                     "heads": 2},
+                  "speech": {"name": "audio_cnn"}},
+    )
+    config = validate_config(data)
+    assert config.modalities == ["body", "speech", "title"]
+    assert config.data.modalities["title"].kind == "text" and config.data.modalities["title"].column == "headline"
+    assert config.data.modalities["speech"].kind == "audio"
+    # A bad modality kind names the key.
+    data["data"]["modalities"]["title"]["kind"] = "video"
+    assert "data.modalities.title.kind" in error_of(data)
+
+
+def test_builtin_modality_names_get_default_specs() -> None:
+    config = validate_config(raw())
+    assert {m: (s.kind, s.column) for m, s in config.data.modalities.items()} == {
+        "image": ("image", "image"), "text": ("text", "text")
+    }
+
+
+def test_empty_encoders_is_an_error() -> None:
+    assert "at least one modality" in error_of(raw(encoders={}))
+
+
+def test_config_errors_are_mmfuse_errors() -> None:
+    assert issubclass(ConfigError, MMFuseError)

@@ -1,0 +1,292 @@
+"""Every registered encoder against the encoder contract (mmfuse.encoders.base).
+
+Parametrised over ``ENCODERS.names()``; each encoder is built on the context of the modality kind it
+accepts and fed inputs shaped as ``mmfuse.data.dataset.Collator`` builds them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from mmfuse.encoders import ENCODERS, Encoder, EncoderContext
+from mmfuse.errors import ConfigError
+
+NAMES = ENCODERS.names()
+VOCAB, MAX_LEN, CHANNELS, SIZE, N_MELS, MAX_FRAMES = 40, 16, 3, 16, 16, 40
+
+CONTEXTS = {
+    "text": EncoderContext(kind="text", vocab_size=VOCAB, max_length=MAX_LEN),
+    "image": EncoderContext(kind="image", channels=CHANNELS, image_size=SIZE),
+    "audio": EncoderContext(kind="audio", n_mels=N_MELS, max_frames=MAX_FRAMES),
+}
+PRESENT = torch.tensor([True, True, False, True, True])
+
+
+def kind_of(name: str) -> str:
+    """The one modality kind the encoder accepts; every other kind must be a ConfigError."""
+    accepted = []
+    for kind, context in CONTEXTS.items():
+        try:
+            ENCODERS.create(name, context=context)
+        except ConfigError:
+            continue
+        accepted.append(kind)
+    assert len(accepted) == 1, f"{name} accepts kinds {accepted}"
+    return accepted[0]
+
+
+KINDS = {name: kind_of(name) for name in NAMES}
+
+
+def build(name: str, seed: int = 0) -> Encoder:
+    torch.manual_seed(seed)
+    encoder = ENCODERS.create(name, context=CONTEXTS[KINDS[name]])
+    encoder.eval()
+    return encoder
+
+
+def text_inputs(lengths: list[int], width: int | None = None, seed: int = 0) -> dict[str, Tensor]:
+    """Collated text: ids padded with 0 to the longest (or ``width``), a bool attention mask."""
+    gen = torch.Generator().manual_seed(seed)
+    width = width or max(1, *lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, VOCAB, (n,), generator=gen)
+        mask[i, :n] = True
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def image_inputs(batch: int, seed: int = 0) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"pixels": torch.randn(batch, CHANNELS, SIZE, SIZE, generator=gen)}
+
+
+def audio_inputs(frames: list[int], width: int = MAX_FRAMES, seed: int = 0) -> dict[str, Tensor]:
+    """Collated audio: log-mel (B, n_mels, width) zero-padded, frame_mask (B, width)."""
+    gen = torch.Generator().manual_seed(seed)
+    mel = torch.zeros(len(frames), N_MELS, width)
+    mask = torch.zeros(len(frames), width, dtype=torch.bool)
+    for i, n in enumerate(frames):
+        mel[i, :, :n] = torch.randn(N_MELS, n, generator=gen) * 3 - 5
+        mask[i, :n] = True
+    return {"mel": mel, "frame_mask": mask}
+
+
+def inputs_for(kind: str, present: Tensor = PRESENT, seed: int = 0) -> dict[str, Tensor]:
+    """A batch as the collator makes it: absent rows are zeros (empty text, zero pixels/mel)."""
+    batch = len(present)
+    if kind == "text":
+        lengths = [0 if not p else 3 + (5 * i) % 11 for i, p in enumerate(present.tolist())]
+        return text_inputs(lengths, seed=seed)
+    if kind == "image":
+        out = image_inputs(batch, seed=seed)
+        out["pixels"][~present] = 0
+        return out
+    frames = [0 if not p else 17 + (7 * i) % 23 for i, p in enumerate(present.tolist())]
+    return audio_inputs(frames, seed=seed)
+
+
+def select(inputs: dict[str, Tensor], rows: slice | list[int]) -> dict[str, Tensor]:
+    return {k: v[rows] for k, v in inputs.items()}
+
+
+def test_builtins_are_registered() -> None:
+    assert {"text_transformer", "text_gru", "image_cnn", "audio_cnn"} <= set(NAMES)
+    assert KINDS["image_cnn"] == "image" and KINDS["audio_cnn"] == "audio"
+    assert KINDS["text_transformer"] == KINDS["text_gru"] == "text"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_feature_shapes(name: str) -> None:
+    encoder = build(name)
+    kind = KINDS[name]
+    assert encoder.kind == kind
+    f = encoder(inputs_for(kind), PRESENT)
+    batch, dim = len(PRESENT), encoder.out_dim
+    assert f.tokens.ndim == 3 and f.tokens.shape[0] == batch and f.tokens.shape[2] == dim
+    assert f.mask.shape == f.tokens.shape[:2] and f.mask.dtype == torch.bool
+    assert f.pooled.shape == (batch, dim)
+    assert f.present.shape == (batch,) and torch.equal(f.present, PRESENT)
+    assert f.dim == dim
+    for t in (f.tokens, f.pooled):
+        assert t.dtype == torch.float32 and torch.isfinite(t).all()
+    # Present rows have at least one valid token and non-trivial features.
+    assert f.mask[PRESENT].any(dim=1).all()
+    assert (f.pooled[PRESENT].abs().sum(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_absent_rows_are_zero_and_masked(name: str) -> None:
+    encoder = build(name)
+    kind = KINDS[name]
+    inputs = inputs_for(kind)
+    # Even if an absent row held real-looking values, none may leak out.
+    leaky = inputs_for(kind, present=torch.ones_like(PRESENT), seed=4)
+    for train in (False, True):
+        encoder.train(train)
+        for batch_inputs in (inputs, leaky):
+            f = encoder(batch_inputs, PRESENT)
+            absent = ~PRESENT
+            assert torch.equal(f.pooled[absent], torch.zeros_like(f.pooled[absent]))
+            assert torch.equal(f.tokens[absent], torch.zeros_like(f.tokens[absent]))
+            assert not f.mask[absent].any()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rows_do_not_depend_on_other_rows(name: str) -> None:
+    encoder = build(name)
+    kind = KINDS[name]
+    inputs = inputs_for(kind)
+    with torch.no_grad():
+        batched = encoder(inputs, PRESENT)
+        for row in torch.nonzero(PRESENT).flatten().tolist():
+            alone = encoder(select(inputs, [row]), PRESENT[[row]])
+            assert torch.allclose(alone.pooled[0], batched.pooled[row], atol=1e-5), f"row {row}"
+            steps = alone.tokens.shape[1]
+            assert torch.allclose(alone.tokens[0], batched.tokens[row, :steps], atol=1e-5)
+            assert torch.equal(alone.mask[0], batched.mask[row, :steps])
+        # Replacing the other rows with different data changes nothing for row 0.
+        other = inputs_for(kind, seed=9)
+        mixed = {k: torch.cat([v[:1], other[k][1:]]) for k, v in inputs.items()}
+        assert torch.allclose(encoder(mixed, PRESENT).pooled[0], batched.pooled[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_reach_every_parameter(name: str) -> None:
+    encoder = build(name)
+    encoder.train()
+    kind = KINDS[name]
+    f = encoder(inputs_for(kind), PRESENT)
+    gen = torch.Generator().manual_seed(1)
+    loss = (f.pooled * torch.randn(f.pooled.shape, generator=gen)).sum() + (
+        f.tokens * torch.randn(f.tokens.shape, generator=gen)
+    ).sum()
+    loss.backward()
+    for pname, param in encoder.named_parameters():
+        assert param.grad is not None, f"{name}: {pname} gets no gradient"
+        assert torch.isfinite(param.grad).all(), pname
+        assert param.grad.abs().sum() > 0, f"{name}: {pname} gets a zero gradient"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic_under_a_fixed_seed(name: str) -> None:
+    kind = KINDS[name]
+    inputs = inputs_for(kind)
+    with torch.no_grad():
+        a = build(name, seed=3)(inputs, PRESENT)
+        b = build(name, seed=3)(inputs, PRESENT)
+    assert torch.equal(a.pooled, b.pooled) and torch.equal(a.tokens, b.tokens)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_of_one_and_all_absent(name: str) -> None:
+    encoder = build(name)
+    kind = KINDS[name]
+    one = torch.tensor([True])
+    f = encoder(inputs_for(kind, present=one), one)
+    assert f.pooled.shape == (1, encoder.out_dim) and torch.isfinite(f.pooled).all()
+    none = torch.zeros(3, dtype=torch.bool)
+    f = encoder(inputs_for(kind, present=none), none)
+    assert torch.isfinite(f.tokens).all()
+    assert torch.equal(f.pooled, torch.zeros_like(f.pooled)) and not f.mask.any()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if KINDS[n] == "text"])
+def test_text_row_with_zero_tokens_is_finite(name: str) -> None:
+    encoder = build(name)
+    inputs = text_inputs([0, 4, 0])
+    present = torch.tensor([True, True, True])  # present but empty: must not produce NaN
+    for train in (False, True):
+        encoder.train(train)
+        f = encoder(inputs, present)
+        assert torch.isfinite(f.tokens).all() and torch.isfinite(f.pooled).all()
+        assert not f.mask[0].any() and not f.mask[2].any()
+    # A whole batch of empty rows too.
+    f = encoder(text_inputs([0, 0]), torch.tensor([True, True]))
+    assert torch.isfinite(f.pooled).all()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if KINDS[n] == "text"])
+def test_text_padding_does_not_change_pooled(name: str) -> None:
+    encoder = build(name)
+    lengths = [5, 9, 2]
+    present = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        tight = encoder(text_inputs(lengths), present)
+        wide_inputs = text_inputs(lengths, width=MAX_LEN)
+        wide = encoder(wide_inputs, present)
+        # Garbage ids in the padding positions (beyond the mask) must not matter either.
+        garbage = wide_inputs["input_ids"].clone()
+        garbage[~wide_inputs["attention_mask"]] = 7
+        noisy = encoder({"input_ids": garbage, "attention_mask": wide_inputs["attention_mask"]}, present)
+    assert torch.allclose(tight.pooled, wide.pooled, atol=1e-5)
+    assert torch.allclose(wide.pooled, noisy.pooled, atol=1e-5)
+    # Valid tokens are unchanged too.
+    for i, n in enumerate(lengths):
+        assert torch.allclose(tight.tokens[i, :n], noisy.tokens[i, :n], atol=1e-5)
+    # Sanity: the actual words do matter.
+    with torch.no_grad():
+        other = encoder(text_inputs(lengths, seed=5), present)
+    assert not torch.allclose(tight.pooled, other.pooled, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if KINDS[n] == "audio"])
+def test_audio_padding_values_do_not_change_pooled(name: str) -> None:
+    encoder = build(name)
+    frames = [16, 40, 24]
+    present = torch.ones(3, dtype=torch.bool)
+    inputs = audio_inputs(frames)
+    noisy_mel = inputs["mel"].clone()
+    pad = ~inputs["frame_mask"]
+    noisy_mel.masked_scatter_(pad[:, None, :].expand_as(noisy_mel), torch.randn(int(pad.sum()) * N_MELS) * 100)
+    with torch.no_grad():
+        clean = encoder(inputs, present)
+        noisy = encoder({"mel": noisy_mel, "frame_mask": inputs["frame_mask"]}, present)
+    assert torch.allclose(clean.pooled, noisy.pooled, atol=1e-5)
+    # A clip's gain (a constant log-mel offset) is standardised away.
+    with torch.no_grad():
+        louder = encoder({"mel": inputs["mel"] + 4.0 * inputs["frame_mask"][:, None, :],
+                          "frame_mask": inputs["frame_mask"]}, present)
+    assert torch.allclose(clean.pooled, louder.pooled, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if KINDS[n] == "audio"])
+def test_audio_padding_length_does_not_change_pooled(name: str) -> None:
+    """pad_mode 'longest' pads each batch to its longest clip: a clip must not see how much."""
+    encoder = build(name)
+    frames = [17, 23, 8]
+    present = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        tight = encoder(audio_inputs(frames, width=23), present)
+        wide = encoder(audio_inputs(frames, width=MAX_FRAMES), present)
+        assert torch.allclose(tight.pooled, wide.pooled, atol=1e-5)
+        steps = tight.tokens.shape[1]
+        assert torch.allclose(tight.tokens, wide.tokens[:, :steps], atol=1e-5)
+        assert torch.equal(tight.mask, wide.mask[:, :steps]) and not wide.mask[:, steps:].any()
+        # Each clip alone, padded to nothing but its own length, as in a batch of one.
+        batch = audio_inputs(frames, width=MAX_FRAMES)
+        for i, n in enumerate(frames):
+            alone = encoder({"mel": batch["mel"][i : i + 1, :, :n], "frame_mask": batch["frame_mask"][i : i + 1, :n]},
+                            present[:1])
+            assert torch.allclose(alone.pooled[0], wide.pooled[i], atol=1e-5), f"clip of {n} frames"
+
+
+@pytest.mark.parametrize(
+    ("name", "wrong"),
+    [("image_cnn", "text"), ("text_transformer", "audio"), ("text_gru", "image"), ("audio_cnn", "image")],
+)
+def test_wrong_kind_is_a_config_error(name: str, wrong: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name}.*'{wrong}'"):
+        ENCODERS.create(name, context=CONTEXTS[wrong])
+
+
+def test_bad_options_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match=r"divisible"):
+        ENCODERS.create("text_transformer", context=CONTEXTS["text"], dim=30, heads=4)
+    with pytest.raises(ConfigError, match=r"channels"):
+        ENCODERS.create("image_cnn", context=CONTEXTS["image"], channels=())
+    with pytest.raises(ConfigError, match=r"valid options"):
+        ENCODERS.validate_options("image_cnn", {"chanels": [8]}, where="encoders.image")
