@@ -19,7 +19,8 @@ from mmfuse.data.synth import LABEL_FACTORS, generate_synthetic, synthetic_datas
 from mmfuse.errors import DataError
 
 MODALITIES = ("text", "image", "audio")
-KEYS = ["id", "split", "text", "image", "audio", "label", "shape", "pitch", "mood", "colour", "caption", "tags", "frequency_hz"]
+KEYS = ["id", "split", "text", "image", "audio", "label", "shape", "pitch", "mood", "colour", "caption",
+        "tags", "frequency_hz"]
 CALM = {"calm", "quiet", "gentle", "peaceful", "soft", "still", "serene", "mellow"}
 STORMY = {"stormy", "loud", "fierce", "wild", "harsh", "angry", "violent", "furious"}
 

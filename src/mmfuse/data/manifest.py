@@ -77,7 +77,9 @@ def read_table(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}: a .json manifest must be a list of objects")
             return data
         if suffix in (".csv", ".tsv"):
-            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False, na_values=[""])
+            # Only an empty cell is missing: text such as "NA" or "null" is data, not absence.
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str,
+                                keep_default_na=False, na_values=[""])
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         else:

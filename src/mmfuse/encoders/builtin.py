@@ -136,22 +136,30 @@ class _MaskedConvBlock(nn.Module):
         keep = mask[:, None, None, :]
         x = self.conv(x)
         batch, channels, freq, steps = x.shape
-        groups = self.norm.num_groups
-        grouped = x.reshape(batch, groups, -1, freq, steps)
-        weights = keep[:, None].to(x.dtype)
-        count = (weights.sum(dim=(2, 3, 4), keepdim=True) * grouped.shape[2] * freq).clamp(min=1.0)
-        mean = (grouped * weights).sum(dim=(2, 3, 4), keepdim=True) / count
-        var = (((grouped - mean) * weights) ** 2).sum(dim=(2, 3, 4), keepdim=True) / count
-        x = ((grouped - mean) / (var + self.norm.eps).sqrt()).reshape(batch, channels, freq, steps)
-        x = nn.functional.gelu(x * self.norm.weight[:, None, None] + self.norm.bias[:, None, None])
-        # Padding never wins the max; an odd last frame gets a window of its own (as if unpadded).
-        x = x.masked_fill(~keep, torch.finfo(x.dtype).min)
+        padded = not bool(mask.all())
+        if padded:
+            # GroupNorm over the valid frames only, folded into one per-channel scale and shift.
+            # Statistics in float32 whatever the autocast dtype, as nn.GroupNorm does.
+            groups = self.norm.num_groups
+            x = x.float()
+            masked = x * keep
+            count = (mask.sum(dim=1, keepdim=True) * (channels // groups * freq)).clamp(min=1).float()
+            mean = masked.reshape(batch, groups, -1).sum(dim=-1) / count
+            var = ((masked * x).reshape(batch, groups, -1).sum(dim=-1) / count - mean.square()).clamp(min=0.0)
+            scale = (var + self.norm.eps).rsqrt().repeat_interleave(channels // groups, dim=1) * self.norm.weight
+            shift = self.norm.bias - mean.repeat_interleave(channels // groups, dim=1) * scale
+            x = nn.functional.gelu(torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None]))
+            # Padding never wins the max.
+            x = x.masked_fill(~keep, torch.finfo(x.dtype).min)
+        else:  # no padding in the batch: plain GroupNorm gives the same result, faster
+            x = nn.functional.gelu(self.norm(x))
+        # An odd last frame gets a pooling window of its own, as if the clip were unpadded.
         if steps % 2:
             x = nn.functional.pad(x, (0, 1), value=torch.finfo(x.dtype).min)
             mask = nn.functional.pad(mask, (0, 1), value=False)
         x = nn.functional.max_pool2d(x, 2)
         mask = mask.reshape(batch, -1, 2).any(dim=-1)
-        return x.masked_fill(~mask[:, None, None, :], 0.0), mask
+        return (x.masked_fill(~mask[:, None, None, :], 0.0) if padded else x), mask
 
 
 class AudioCNNEncoder(Encoder):
