@@ -1,0 +1,44 @@
+"""Project-level promises: the public API resolves, CI runs the README's commands, bf16 trains."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+import mmfuse
+from mmfuse.config import validate_config
+from mmfuse.training import fit, prepare_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_public_name_resolves() -> None:
+    for name in mmfuse.__all__:
+        assert getattr(mmfuse, name) is not None, name
+    assert mmfuse.list_fusions() == mmfuse.FUSIONS.names()
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^python3 -m venv .*$", readme, flags=re.MULTILINE)
+    assert len(commands) == 2, "the README's first screen gives two commands"
+    demo_command, test_command = commands
+    assert demo_command.endswith("mmfuse demo")
+    assert "pytest" in test_command and "ruff check" in test_command and "mypy" in test_command
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci_lines
+
+
+def test_bf16_mixed_precision_trains(synth_manifest: Path, tmp_path: Path) -> None:
+    config = validate_config({
+        "data": {"manifest": str(synth_manifest), "target_column": "shape", "batch_size": 32},
+        "encoders": {"image": {"name": "image_cnn", "dim": 16, "channels": [8]},
+                     "text": {"name": "text_transformer", "dim": 16, "heads": 2, "layers": 1}},
+        "trainer": {"max_epochs": 1, "patience": None, "precision": "bf16", "output_dir": str(tmp_path),
+                    "progress_bar": False},
+    })
+    result = fit(config, prepare_data(config), save=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.val_metrics.values())
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # mixed: weights stay fp32
