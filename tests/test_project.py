@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import mmfuse
@@ -42,3 +43,27 @@ def test_bf16_mixed_precision_trains(synth_manifest: Path, tmp_path: Path) -> No
     result = fit(config, prepare_data(config), save=False)
     assert all(torch.isfinite(torch.tensor(v)) for v in result.val_metrics.values())
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # mixed: weights stay fp32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_training_and_reload_on_gpu(synth_manifest: Path, tmp_path: Path) -> None:
+    from mmfuse.data.dataset import Collator
+    from mmfuse.model import MultimodalModel
+
+    config = validate_config({
+        "data": {"manifest": str(synth_manifest), "target_column": "shape", "batch_size": 32},
+        "encoders": {"image": {"name": "image_cnn", "dim": 16, "channels": [8, 16]},
+                     "audio": {"name": "audio_cnn", "dim": 16, "channels": [8]}},
+        "trainer": {"max_epochs": 8, "patience": None, "precision": "bf16", "accelerator": "gpu", "devices": 1,
+                    "output_dir": str(tmp_path), "progress_bar": False},
+    })
+    data = prepare_data(config)
+    result = fit(config, data)
+    assert result.val_metrics["accuracy"] >= 0.8  # shape is in the image; chance 0.5
+    on_gpu = MultimodalModel.from_pretrained(tmp_path / "model", map_location="cuda")
+    assert next(on_gpu.parameters()).device.type == "cuda"
+    batch = Collator(on_gpu.preprocessor, on_gpu.task)([data.datasets["test"][i] for i in range(16)])
+    with torch.no_grad():
+        cpu_out = result.model.eval()(batch)
+        gpu_out = on_gpu(batch.to("cuda")).cpu()
+    torch.testing.assert_close(gpu_out, cpu_out, atol=1e-3, rtol=1e-3)
