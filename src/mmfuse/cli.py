@@ -111,7 +111,8 @@ def _load_dataset(model_dir: Path, manifest: Path, split: str | None, on_error: 
     from mmfuse.model import MultimodalModel
 
     model = MultimodalModel.from_pretrained(model_dir)
-    records = read_manifest(manifest, model.preprocessor.modalities,
+    used = {m: spec for m, spec in model.preprocessor.modalities.items() if m in model.modalities}
+    records = read_manifest(manifest, used,
                             target_column=model.spec.target_column if with_targets else None,
                             split_column="split" if split else None)
     if split:
@@ -196,7 +197,7 @@ def predict(
         if value is not None and loaded.preprocessor.kind(m) != "text":
             value = str(Path(value).expanduser().resolve())
         fields[m] = value
-    record = Record(source=Path("command line"), row=1, id="input", fields=fields)
+    record = Record(source=Path("command line"), row=0, id="command line", fields=fields)
     sample = build_sample(record, loaded.preprocessor, None)
     batch = Collator(loaded.preprocessor, None)([sample])
     print(json.dumps(loaded.predict(batch)[0], indent=2))

@@ -8,6 +8,7 @@ a constructor.
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
@@ -26,10 +27,28 @@ class Registry(Generic[T]):
     fusion); they are not user options and are skipped when validating a config's options.
     """
 
-    def __init__(self, kind: str, reserved: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, reserved: tuple[str, ...] = (), entry_point_group: str | None = None) -> None:
         self.kind = kind
         self.reserved = reserved
+        self.entry_point_group = entry_point_group
         self._factories: dict[str, Callable[..., T]] = {}
+        self._plugins_loaded = entry_point_group is None
+
+    def _load_plugins(self) -> None:
+        """Imports third-party packages that declare an entry point in our group (once).
+
+        A plugin module registers its components with the same decorator as the built-ins, so a
+        user only installs the package; nothing needs importing by hand.
+        """
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for entry_point in importlib.metadata.entry_points(group=self.entry_point_group or ""):
+            try:
+                entry_point.load()
+            except Exception as exc:
+                raise ConfigError(f"{self.kind} plugin '{entry_point.name}' ({entry_point.value}) "
+                                  f"failed to load: {exc}") from exc
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
@@ -41,12 +60,15 @@ class Registry(Generic[T]):
         return decorator
 
     def names(self) -> list[str]:
+        self._load_plugins()
         return sorted(self._factories)
 
     def __contains__(self, name: object) -> bool:
+        self._load_plugins()
         return name in self._factories
 
     def get(self, name: str) -> Callable[..., T]:
+        self._load_plugins()
         if name not in self._factories:
             raise ConfigError(
                 f"unknown {self.kind} '{name}'{did_you_mean(name, self._factories)}; "

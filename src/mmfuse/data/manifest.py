@@ -35,7 +35,9 @@ class Record:
 
     @property
     def where(self) -> str:
-        """Names the row in errors: 'manifest.jsonl row 12 (id s00012)'."""
+        """Names the row in errors: 'manifest.jsonl row 12 (id s00012)'; row 0 = given directly."""
+        if self.row <= 0:
+            return f"input '{self.id}'"
         return f"{self.source.name} row {self.row} (id {self.id})"
 
 

@@ -42,7 +42,7 @@ class Encoder(nn.Module):
         raise NotImplementedError("Encoder subclasses implement forward")
 
 
-ENCODERS: Registry[Encoder] = Registry("encoder", reserved=("context",))
+ENCODERS: Registry[Encoder] = Registry("encoder", reserved=("context",), entry_point_group="mmfuse.encoders")
 
 
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:

@@ -39,7 +39,7 @@ class Fusion(nn.Module):
             raise ValueError(f"{type(self).__name__}: no features for modalities {missing}")
 
 
-FUSIONS: Registry[Fusion] = Registry("fusion", reserved=("dims", "out_dim"))
+FUSIONS: Registry[Fusion] = Registry("fusion", reserved=("dims", "out_dim"), entry_point_group="mmfuse.fusion")
 
 
 def stack_presence(features: dict[str, Features], modalities: list[str]) -> Tensor:

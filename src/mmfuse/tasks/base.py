@@ -61,4 +61,4 @@ class Task(ABC):
         return outputs.float(), target
 
 
-TASKS: Registry[Task] = Registry("task")
+TASKS: Registry[Task] = Registry("task", entry_point_group="mmfuse.tasks")
