@@ -116,7 +116,7 @@ def test_train_config_errors_name_the_key(synth_manifest: Path, tmp_path: Path) 
     assert result.exit_code == 1
     assert "max_epoch" in result.output and "did you mean 'max_epochs'" in result.output
     result = runner.invoke(app, ["train", "-c", str(config), "--set", "fusion.name=tensorfusion"])
-    assert result.exit_code == 1 and "valid choices: concat, late" in result.output
+    assert result.exit_code == 1 and "valid choices: attention, bottleneck, coattention, concat" in result.output
     result = runner.invoke(app, ["train", "-c", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 1 and "config file not found" in result.output
 

@@ -134,11 +134,28 @@ def evaluate(
     split: Annotated[str | None, typer.Option(help="Only rows whose 'split' column has this value.")] = None,
     on_error: Annotated[str, typer.Option(help="raise | skip bad samples")] = "raise",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON.")] = None,
+    robustness: Annotated[bool, typer.Option(
+        "--robustness", help="Also: metrics per subset of present modalities, modality importance "
+        "(ablation, Shapley) and accuracy vs. input corruption; writes CSVs and PNGs to --out.")] = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Robustness output folder (default: MODEL/../robustness).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the robustness corruptions.")] = 0,
+    levels: Annotated[int, typer.Option(help="Corruption levels, evenly from 0 to 1.")] = 11,
+    corruptions: Annotated[str | None, typer.Option(
+        help="Comma-separated corruptions (default: all that fit the model's modalities): gaussian_noise, "
+        "gaussian_blur, occlusion, white_noise, time_mask, typos, word_dropout.")] = None,
 ) -> None:
-    """Evaluate a saved model on a manifest."""
+    """Evaluate a saved model on a manifest; --robustness adds missing-modality and noise studies."""
     from mmfuse.evaluation import evaluate as run_evaluation
 
+    started = time.perf_counter()
     loaded, dataset = _load_dataset(model, data, split, on_error, with_targets=True)
+    names = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions is not None else None
+    if robustness:  # bad options fail before any work
+        from mmfuse.robustness import noise_levels, plan_corruptions
+
+        noise_levels(levels)
+        plan_corruptions(loaded, names)
     metrics = run_evaluation(loaded, dataset)
     console.print(_metrics_table(f"{data.name}: {len(dataset)} samples", metrics))
     if dataset.report.count:
@@ -147,6 +164,19 @@ def evaluate(
             console.print(f"  {reason}", highlight=False)
     if json_out:
         json_out.write_text(json.dumps(metrics, indent=2))
+    if robustness:
+        from mmfuse.robustness import evaluation_records, report_tables, run_robustness
+
+        folder = out or model.resolve().parent / "robustness"
+        with console.status("robustness: missing modalities, importance, corruptions..."):
+            records = evaluation_records(loaded, data, split)
+            report = run_robustness(loaded, records, out=folder, seed=seed, levels=levels, corruptions=names,
+                                    on_error="skip" if on_error == "skip" else "raise")
+        for table in report_tables(report):
+            console.print(table)
+        stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in report.seconds.items() if name != "total")
+        console.print(f"robustness files in [bold]{folder}[/]: {', '.join(p.name for p in report.files.values())}; "
+                      f"{time.perf_counter() - started:.1f} s in all ({stages})")
 
 
 @app.command()
@@ -244,6 +274,62 @@ def demo(
     console.print(f"results: {out / 'results.csv'}, {out / 'results.png'}; models: {out / 'runs'}/<method>/model")
     console.print(f"total {time.perf_counter() - started:.0f} s. Try: mmfuse predict -m {out}/runs/concat/model "
                   "--text 'the sea feels calm this evening' --image IMAGE.png")
+
+
+def _bench_table(runs: list[Any]) -> Table:
+    from mmfuse.bench import summarise
+
+    summary = summarise(runs)
+    metric = next(iter(runs[0].metrics))
+    hidden = sorted({k for row in summary for k in row.mean if k.startswith(f"{metric}_without_")})
+    table = Table(title=f"test {metric}, mean ± std over seeds")
+    for column in ("method", "dropout", "seeds", metric, *[h.replace(f"{metric}_without_", "no ") for h in hidden],
+                   "params", "train s", "peak MB"):
+        table.add_column(column.replace("_", " "), justify="left" if column == "method" else "right")
+    for row in summary:
+        table.add_row(row.method, f"{row.modality_dropout:g}", str(row.seeds),
+                      f"{row.mean[metric]:.3f} ± {row.std[metric]:.3f}",
+                      *[f"{row.mean[h]:.3f}" if h in row.mean else "" for h in hidden],
+                      f"{int(row.mean['params']):,}", f"{row.mean['train_seconds']:.1f}",
+                      f"{row.mean['peak_memory_mb']:.0f}")
+    return table
+
+
+@app.command()
+@friendly_errors
+def bench(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML (default: the demo preset).")]
+    = None,
+    methods: Annotated[str, typer.Option(help="'all' or comma-separated fusion names.")] = "all",
+    seeds: Annotated[int, typer.Option(help="Seeds per method (config seed, +1, ...).")] = 3,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("mmfuse-bench"),
+    modality_dropout: Annotated[str | None, typer.Option(
+        help="Comma-separated rates to compare, e.g. '0,0.3' (default: the config's).")] = None,
+    unimodal: Annotated[bool, typer.Option(help="Also train each modality alone.")] = True,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override the config.")] = None,
+) -> None:
+    """Train every fusion method (and each modality alone) on the same data and budget; tabulate."""
+    from mmfuse.bench import resolve_methods, run_bench
+    from mmfuse.config import load_config
+    from mmfuse.presets import preset_path
+
+    cfg = load_config(config or preset_path("demo"), list(set_ or []))
+    names = resolve_methods(methods)
+    try:
+        rates = [float(r) for r in modality_dropout.split(",")] if modality_dropout else None
+    except ValueError:
+        raise MMFuseError(f"--modality-dropout '{modality_dropout}' must be comma-separated numbers") from None
+    started = time.perf_counter()
+
+    def report(run: Any, done: int, total: int) -> None:
+        metric = next(iter(run.metrics))
+        console.print(f"[{done}/{total}] {run.method} (dropout {run.modality_dropout:g}, seed {run.seed}): "
+                      f"{metric} {run.metrics[metric]:.3f}, {run.train_seconds:.1f} s", highlight=False)
+
+    runs = run_bench(cfg, names, seeds, out, dropouts=rates, unimodal=unimodal, on_run=report)
+    console.print(_bench_table(runs))
+    console.print(f"{time.perf_counter() - started:.0f} s. Results: {out}/runs.csv, summary.csv, summary.md, "
+                  f"bench_*.png, config.yaml")
 
 
 @app.command("list")

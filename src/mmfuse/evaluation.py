@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -9,14 +10,27 @@ from torch.utils.data import DataLoader
 
 from mmfuse.data.dataset import Collator, MultimodalDataset
 from mmfuse.model import MultimodalModel
+from mmfuse.types import Batch
 
 
 def model_device(model: MultimodalModel) -> torch.device:
     return next(model.parameters()).device
 
 
-def evaluate(model: MultimodalModel, dataset: MultimodalDataset, batch_size: int = 128) -> dict[str, float]:
-    """Task metrics (and mean loss) of ``model`` on ``dataset``; needs targets."""
+def hide_modalities(batch: Batch, absent: Collection[str]) -> Batch:
+    """The same batch with the given modalities marked absent for every sample (test-time ablation)."""
+    if not absent:
+        return batch
+    present = {m: torch.zeros_like(p) if m in absent else p for m, p in batch.present.items()}
+    return Batch(batch.inputs, present, batch.target, batch.ids)
+
+
+def evaluate(model: MultimodalModel, dataset: MultimodalDataset, batch_size: int = 128,
+             absent: Collection[str] = ()) -> dict[str, float]:
+    """Task metrics (and mean loss) of ``model`` on ``dataset``; needs targets.
+
+    ``absent`` names modalities to hide from every sample, to measure accuracy when they are missing.
+    """
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
@@ -28,7 +42,7 @@ def evaluate(model: MultimodalModel, dataset: MultimodalDataset, batch_size: int
     model.eval()
     with torch.no_grad():
         for batch in loader:
-            batch = batch.to(device)
+            batch = hide_modalities(batch.to(device), absent)
             assert batch.target is not None, "evaluate needs targets"
             outputs = model(batch)
             total_loss += float(model.task.loss(outputs, batch.target)) * batch.size

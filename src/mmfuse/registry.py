@@ -85,7 +85,7 @@ class Registry(Generic[T]):
         ``where`` is the config path of the options (e.g. ``fusion``) so errors name the key.
         """
         factory = self.get(name)
-        signature = inspect.signature(factory)
+        signature = inspect.signature(factory, eval_str=True)
         fields: dict[str, Any] = {}
         for param in signature.parameters.values():
             if param.name in self.reserved or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):

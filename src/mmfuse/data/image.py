@@ -23,6 +23,15 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompressio
 
 def load_image(path: Path, prep: ImagePrep) -> torch.Tensor:
     """Decodes ``path`` into a (prep.channels, prep.size, prep.size) float32 tensor."""
+    return _to_tensor(decode_image(path, prep), prep)
+
+
+def decode_image(path: Path, prep: ImagePrep) -> Image.Image:
+    """The decoded, upright 8-bit RGB or L image at its own resolution, before resizing.
+
+    ``image_to_tensor`` of the result equals ``load_image(path)``; corruptions for robustness tests
+    work on this in-memory image so a file is decoded once, however many noise levels are tried.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file not found: {path}")
@@ -30,10 +39,9 @@ def load_image(path: Path, prep: ImagePrep) -> torch.Tensor:
         with Image.open(path) as img:
             img.load()  # decode now: Image.open only reads the header, so truncation shows up here
             upright = ImageOps.exif_transpose(img)
-            converted = _to_mode(upright, prep)
+            return _to_mode(upright, prep)
     except _DECODE_ERRORS as exc:
         raise DataError(f"cannot decode image {path}: {_reason(exc)}") from None
-    return _to_tensor(converted, prep)
 
 
 def image_to_tensor(image: Image.Image, prep: ImagePrep) -> torch.Tensor:

@@ -6,21 +6,26 @@ evaluation and ``mmfuse predict`` preprocess a sample in exactly the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from mmfuse.config import AudioPrep, ImagePrep, ModalitySpec, TextPrep
-from mmfuse.data.audio import load_audio
-from mmfuse.data.image import load_image
+from mmfuse.data.audio import load_waveform, log_mel, log_mel_batch
+from mmfuse.data.image import decode_image, image_to_tensor
 from mmfuse.data.manifest import Record
 from mmfuse.data.text import Tokenizer
 from mmfuse.encoders.base import EncoderContext
 from mmfuse.errors import DataError
 
 ModalityInputs = dict[str, Tensor]
+RawInput = str | Image.Image | np.ndarray
+"""A decoded field: text, a PIL image or a mono waveform (see ``Preprocessor.decode``)."""
 
 
 class Preprocessor:
@@ -51,15 +56,47 @@ class Preprocessor:
 
         Raises DataError naming the file for unreadable inputs.
         """
+        return self.encode_decoded(modality, self.decode(modality, value))
+
+    def decode(self, modality: str, value: str) -> RawInput:
+        """The first half of ``encode``: the raw input in memory, before features are computed.
+
+        text -> the string itself; image -> the upright RGB/L ``PIL.Image`` at its own size;
+        audio -> the mono float32 waveform at ``audio.sample_rate``, cropped to ``max_seconds``.
+        Robustness tests corrupt this raw input and finish with ``encode_decoded``, so a file is
+        read once however many corruptions are tried.
+        """
         kind = self.kind(modality)
         if kind == "text":
-            ids = self._tokenizer(modality).encode(value)
+            return value
+        if kind == "image":
+            return decode_image(Path(value), self.image)
+        if kind == "audio":
+            return load_waveform(Path(value), self.audio)
+        raise DataError(f"unknown modality kind '{kind}'")
+
+    def encode_decoded(self, modality: str, raw: RawInput) -> ModalityInputs | None:
+        """The second half of ``encode``: a decoded raw input (see ``decode``) -> input tensors."""
+        kind = self.kind(modality)
+        if kind == "text":
+            assert isinstance(raw, str), f"text modality '{modality}' expects a string"
+            ids = self._tokenizer(modality).encode(raw)
             return {"input_ids": torch.tensor(ids, dtype=torch.long)} if ids else None
         if kind == "image":
-            return {"pixels": load_image(Path(value), self.image)}
+            assert isinstance(raw, Image.Image), f"image modality '{modality}' expects a PIL image"
+            return {"pixels": image_to_tensor(raw, self.image)}
         if kind == "audio":
-            return {"mel": load_audio(Path(value), self.audio)}
+            assert isinstance(raw, np.ndarray), f"audio modality '{modality}' expects a waveform"
+            return {"mel": log_mel(raw, self.audio)}
         raise DataError(f"unknown modality kind '{kind}'")
+
+    def encode_decoded_many(self, modality: str, raws: Sequence[RawInput]) -> list[ModalityInputs | None]:
+        """``encode_decoded`` of many raw inputs; audio clips of equal length share one batched STFT."""
+        if self.kind(modality) != "audio":
+            return [self.encode_decoded(modality, raw) for raw in raws]
+        for raw in raws:
+            assert isinstance(raw, np.ndarray), f"audio modality '{modality}' expects waveforms"
+        return [{"mel": mel} for mel in log_mel_batch(raws, self.audio)]  # type: ignore[arg-type]
 
     def encode_record(self, record: Record) -> dict[str, ModalityInputs | None]:
         return {

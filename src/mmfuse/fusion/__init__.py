@@ -1,6 +1,7 @@
 """Fusion methods behind one contract. Importing this registers every built-in method."""
 
-from mmfuse.fusion import late, simple
+from mmfuse.fusion import attention, graph, late, simple, tensor
 from mmfuse.fusion.base import FUSIONS, Fusion, masked_modality_mean, stack_presence
 
-__all__ = ["FUSIONS", "Fusion", "late", "masked_modality_mean", "simple", "stack_presence"]
+__all__ = ["FUSIONS", "Fusion", "attention", "graph", "late", "masked_modality_mean", "simple", "stack_presence",
+           "tensor"]

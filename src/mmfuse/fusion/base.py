@@ -59,3 +59,12 @@ def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Module:
     if hidden <= 0:
         return nn.Linear(in_dim, out_dim)
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+def present_pooled(f: Features) -> Tensor:
+    """``f.pooled`` with absent rows replaced by zeros (via ``torch.where``, so NaN/inf cannot leak).
+
+    Cleaning the input before any layer also keeps the backward pass finite: a NaN row pushed
+    through a Linear would make the weight gradient NaN even if its output were discarded later.
+    """
+    return torch.where(f.present[:, None], f.pooled, torch.zeros((), dtype=f.pooled.dtype, device=f.pooled.device))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mmfuse.fusion.base import FUSIONS, Fusion, masked_modality_mean, mlp, stack_presence
+from mmfuse.fusion.base import FUSIONS, Fusion, masked_modality_mean, mlp, present_pooled, stack_presence
 from mmfuse.types import Features
 
 
@@ -27,6 +27,6 @@ class LateFusion(Fusion):
 
     def forward(self, features: dict[str, Features]) -> Tensor:
         self.check_inputs(features)
-        votes = torch.stack([self.heads[m](features[m].pooled) for m in self.modalities], dim=1)
+        votes = torch.stack([self.heads[m](present_pooled(features[m])) for m in self.modalities], dim=1)
         return masked_modality_mean(votes, stack_presence(features, self.modalities))
 
