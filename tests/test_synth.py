@@ -181,21 +181,21 @@ def test_synthetic_dataset_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert first == second
     assert len(calls) == 1
     assert first.parent.parent == tmp_path / "cache"
-    assert first.parent.name == "v2-n24-s5-m0.0"
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["v2-n24-s5-m0.0"]  # no temp left over
+    assert first.parent.name == "v3-n24-s5-m0.0"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["v3-n24-s5-m0.0"]  # no temp left over
     assert len(read_rows(first)) == 24
 
     other = synthetic_dataset(
         SynthConfig(n_samples=24, seed=5, missing_rate=0.25, cache_dir=tmp_path / "cache")
     )
-    assert other.parent.name == "v2-n24-s5-m0.25"
+    assert other.parent.name == "v3-n24-s5-m0.25"
     assert len(calls) == 2
 
 
 def test_synthetic_dataset_uses_env_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "env"))
     manifest = synthetic_dataset(SynthConfig(n_samples=20, seed=0))
-    assert manifest == tmp_path / "env" / "synth" / "v2-n20-s0-m0.0" / "manifest.jsonl"
+    assert manifest == tmp_path / "env" / "synth" / "v3-n20-s0-m0.0" / "manifest.jsonl"
     assert manifest.is_file()
 
 
@@ -218,7 +218,7 @@ def test_interrupted_generation_leaves_nothing_trusted(
 def test_concurrent_creator_wins_the_race(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """If another process renamed its copy into place first, ours is discarded and theirs is used."""
     config = SynthConfig(n_samples=20, cache_dir=tmp_path)
-    final = tmp_path / "v2-n20-s0-m0.0"
+    final = tmp_path / "v3-n20-s0-m0.0"
     real = synth.generate_synthetic
 
     def racing(out_dir: Path, *args: Any, **kwargs: Any) -> Path:

@@ -146,6 +146,7 @@ class TrainerConfig(StrictModel):
     max_epochs: int = Field(20, gt=0)
     patience: int | None = Field(5, gt=0, description="early-stopping patience in epochs; null = off")
     monitor: str | None = Field(None, description="validation metric to select the best model")
+    stop_at: float | None = Field(None, description="stop as soon as the monitored metric reaches this value")
     precision: Literal["32", "bf16"] = "32"
     accelerator: str = "auto"
     devices: int | str = "auto"

@@ -262,7 +262,10 @@ def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionMod
     callbacks: list[L.Callback] = [checkpoint]
     if config.trainer.patience:
         callbacks.append(EarlyStopping(monitor=checkpoint.monitor or "val_loss", mode=checkpoint.mode,
-                                       patience=config.trainer.patience))
+                                       patience=config.trainer.patience, stopping_threshold=config.trainer.stop_at))
+    elif config.trainer.stop_at is not None:
+        callbacks.append(EarlyStopping(monitor=checkpoint.monitor or "val_loss", mode=checkpoint.mode,
+                                       patience=config.trainer.max_epochs, stopping_threshold=config.trainer.stop_at))
     trainer_cfg = config.trainer
     trainer = L.Trainer(
         max_epochs=trainer_cfg.max_epochs,

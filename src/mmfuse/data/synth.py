@@ -34,7 +34,7 @@ __all__ = ["LABEL_FACTORS", "generate_synthetic", "synthetic_dataset"]
 LABEL_FACTORS: tuple[str, ...] = ("shape", "pitch", "mood")
 
 # Bump when the generated content changes, so stale caches are never reused.
-_FORMAT_VERSION = "v2"
+_FORMAT_VERSION = "v3"
 MANIFEST_NAME = "manifest.jsonl"
 
 _SHAPES = ("circle", "square")
@@ -130,7 +130,7 @@ def _render_images(
     n = len(shapes)
     colour_names = list(_PALETTE)
     colour_idx = rng.integers(0, len(colour_names), n)
-    radius = rng.uniform(6.0, 11.0, n)
+    radius = rng.uniform(9.0, 13.0, n)
     extent = np.where(shapes == 0, radius, radius * np.sqrt(np.pi) / 2)
     # Keep the whole shape inside the image: the centre stays `extent` away from every edge.
     free = (IMAGE_SIZE - 1) - 2 * extent

@@ -87,7 +87,7 @@ def _conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
 class ImageCNNEncoder(Encoder):
     """A few conv blocks; tokens are the cells of the final feature map.
 
-    pixels (B, C, H, W) -> tokens (B, H/2^n * W/2^n, dim), pooled (B, dim).
+    pixels (B, C, H, W) -> tokens (B, H/2^n * W/2^n, dim), pooled (B, dim) = max over the cells.
     """
 
     kind = "image"
@@ -103,7 +103,9 @@ class ImageCNNEncoder(Encoder):
         grid = self.body(inputs["pixels"])  # (B, C, h, w)
         x = self.proj(grid.flatten(2).transpose(1, 2))
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        return finish_features(x, mask, x.mean(dim=1), present)
+        # Max over cells, not mean: a local cue (a corner, an edge) anywhere in the image should
+        # count fully; averaging dilutes it and made training stall for some seeds (measured).
+        return finish_features(x, mask, x.amax(dim=1), present)
 
 
 def _standardise(mel: Tensor, frame_mask: Tensor) -> Tensor:
