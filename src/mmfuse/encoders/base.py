@@ -38,9 +38,6 @@ class Encoder(nn.Module):
     kind: str = ""
     out_dim: int
 
-    def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:  # pragma: no cover
-        raise NotImplementedError("Encoder subclasses implement forward")
-
 
 ENCODERS: Registry[Encoder] = Registry("encoder", reserved=("context",), entry_point_group="mmfuse.encoders")
 

@@ -30,9 +30,6 @@ class Fusion(nn.Module):
         self.dims = {m: dims[m] for m in self.modalities}
         self.out_dim = out_dim
 
-    def forward(self, features: dict[str, Features]) -> Tensor:  # pragma: no cover
-        raise NotImplementedError("Fusion subclasses implement forward")
-
     def check_inputs(self, features: dict[str, Features]) -> None:
         missing = [m for m in self.modalities if m not in features]
         if missing:
