@@ -10,6 +10,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmfuse.bench import planned_runs
 from mmfuse.config import ExperimentConfig, load_config
 from mmfuse.presets import preset_path
 from mmfuse.training import PreparedData, fit, prepare_data
@@ -26,20 +27,9 @@ class DemoRow:
 
 
 def demo_runs(config: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
-    """(method name, config) per run: every single modality alone, then each fusion method."""
-    runs = []
-    for modality in config.modalities:
-        # model_copy(update=...) skips validation on purpose: the data section keeps every modality
-        # (the datasets are shared), while this run's model reads only one of them.
-        solo = config.model_copy(deep=True, update={
-            "encoders": {modality: config.encoders[modality]},
-            "fusion": config.fusion.model_copy(update={"name": "concat"}),
-        })
-        runs.append((f"{modality} only", solo))
-    for method in ("concat", "late"):
-        runs.append((method, config.model_copy(deep=True, update={
-            "fusion": config.fusion.model_copy(update={"name": method})})))
-    return runs
+    """(method name, config) per run: every single modality alone, then concat and late fusion."""
+    plan = planned_runs(config, ["concat", "late"], [config.trainer.modality_dropout], unimodal=True)
+    return [(label, run_config) for label, _, run_config in plan]
 
 
 def run_demo(out_dir: Path, overrides: list[str] | None = None, progress: bool = False) -> list[DemoRow]:
