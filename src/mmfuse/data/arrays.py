@@ -115,7 +115,7 @@ def load_array(value: str | Path, ndims: tuple[int, ...] = (1, 2), dtype: type =
     if array.ndim not in ndims:
         expected = " or ".join(f"{n}-D" for n in ndims)
         raise DataError(f"{where}: expected a {expected} array, got shape {tuple(array.shape)}")
-    out = np.array(array, dtype=dtype, copy=True)
+    out: np.ndarray = np.array(array, dtype=dtype, copy=True)
     if check_finite and not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
         raise DataError(f"{where}: {bad} NaN/inf value(s)")
