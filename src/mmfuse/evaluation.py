@@ -43,11 +43,8 @@ def evaluate(model: MultimodalModel, dataset: MultimodalDataset, batch_size: int
     with torch.no_grad():
         for batch in loader:
             batch = hide_modalities(batch.to(device), absent)
-            assert batch.target is not None, "evaluate needs targets"
-            outputs = model(batch)
-            total_loss += float(model.task.loss(outputs, batch.target)) * batch.size
+            total_loss += float(model.task.eval_step(model, batch, metrics)) * batch.size
             count += batch.size
-            metrics.update(*model.task.metric_inputs(outputs, batch.target))
     model.train(was_training)
     results = {name: float(value) for name, value in metrics.compute().items()}
     results["loss"] = total_loss / count

@@ -24,10 +24,9 @@ from mmfuse import __version__
 from mmfuse.config import ComponentConfig, ExperimentConfig, FusionConfig, TaskConfig
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.encoders import ENCODERS, Encoder, absent_features
-from mmfuse.errors import MMFuseError
+from mmfuse.errors import ConfigError, MMFuseError
 from mmfuse.fusion import FUSIONS, Fusion
-from mmfuse.fusion.base import mlp
-from mmfuse.tasks import TASKS, Task
+from mmfuse.tasks import TASKS, HeadTask, Task
 from mmfuse.types import Batch, Features
 
 CONFIG_FILE = "config.json"
@@ -62,13 +61,16 @@ class MultimodalModel(nn.Module):
         })
         dims = {m: self._encoder(m).out_dim for m in self.modalities}
         decision_level = bool(getattr(FUSIONS.get(spec.fusion.name), "decision_level", False))
-        out_dim = task.num_outputs if decision_level else spec.fusion.out_dim
-        self.fusion: Fusion = FUSIONS.create(spec.fusion.name, dims=dims, out_dim=out_dim, **spec.fusion.options)
-        self.head: nn.Module = (
-            nn.Identity() if decision_level
-            else nn.Sequential(nn.GELU(), nn.Dropout(spec.task.head_dropout),
-                               mlp(out_dim, spec.task.head_hidden, task.num_outputs, spec.task.head_dropout))
+        if decision_level and not isinstance(task, HeadTask):
+            raise ConfigError(f"fusion '{spec.fusion.name}' outputs decisions, not features; task "
+                              f"'{task.name}' needs a feature-level fusion (e.g. concat)")
+        out_dim = task.num_outputs if decision_level and isinstance(task, HeadTask) else spec.fusion.out_dim
+        # Tasks that read per-modality features only (contrastive alignment) get no fusion at all.
+        self.fusion: Fusion | None = (
+            FUSIONS.create(spec.fusion.name, dims=dims, out_dim=out_dim, **spec.fusion.options)
+            if task.uses_fusion else None
         )
+        self.head: nn.Module = task.build_head(self)
 
     def _build_encoder(self, modality: str, config: ComponentConfig) -> Encoder:
         if modality not in self.preprocessor.modalities:
@@ -98,17 +100,16 @@ class MultimodalModel(nn.Module):
         return features
 
     def forward(self, batch: Batch) -> Tensor:
-        """Batch -> (B, task.num_outputs) raw outputs (logits or standardised values)."""
-        return self.head(self.fusion(self.encode(batch)))
+        """Batch -> the task's main output: (B, num_outputs) logits or values for a ``HeadTask``."""
+        return self.task.forward(self, batch)
 
     def predict(self, batch: Batch) -> list[dict[str, Any]]:
         """Decoded predictions, one dict per sample, with the modalities each one used."""
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            outputs = self(batch)
+            decoded = self.task.predict(self, batch)
         self.train(was_training)
-        decoded = self.task.decode(outputs)
         for i, item in enumerate(decoded):
             item["modalities"] = [m for m in self.modalities if m in batch.present and bool(batch.present[m][i])]
         return decoded

@@ -156,6 +156,7 @@ class CachedRunner:
         return self.collate(list(samples)).to(self.device)
 
     def _head(self, features: dict[str, Features]) -> Tensor:
+        assert self.model.fusion is not None, "robustness studies need a model with a fusion"
         return self.model.head(self.model.fusion(features)).float().cpu()
 
     def outputs(self, present: Collection[str]) -> Tensor:

@@ -91,7 +91,8 @@ class PreparedData:
 def prepare_data(config: ExperimentConfig) -> PreparedData:
     """Reads the manifests, fits vocabulary and labels on train, preprocesses every split once."""
     splits = load_records(config)
-    preprocessor = Preprocessor(config.data.modalities, config.data.text, config.data.image, config.data.audio)
+    preprocessor = Preprocessor(config.data.modalities, config.data.text, config.data.image, config.data.audio,
+                                features=config.data.features)
     preprocessor.fit(splits["train"])
     task = TASKS.create(config.task.name, **config.task.options)
     fit_targets = [r.target for r in splits["train"]]
@@ -147,18 +148,14 @@ class FusionModule(L.LightningModule):
         return batch.to(device)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        assert batch.target is not None
-        target = batch.target
-        batch = Batch(batch.inputs, drop_modalities(batch.present, self.modality_dropout), target, batch.ids)
-        loss = self.model.task.loss(self.model(batch), target)
+        batch = Batch(batch.inputs, drop_modalities(batch.present, self.modality_dropout), batch.target, batch.ids)
+        loss = self.model.task.step_loss(self.model, batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch.size)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        assert batch.target is not None
-        outputs = self.model(batch)
-        self.log("val_loss", self.model.task.loss(outputs, batch.target), prog_bar=True, batch_size=batch.size)
-        self.val_metrics.update(*self.model.task.metric_inputs(outputs, batch.target))
+        loss = self.model.task.eval_step(self.model, batch, self.val_metrics)
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch.size)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)

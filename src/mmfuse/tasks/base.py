@@ -1,28 +1,43 @@
 """The task contract: how raw manifest targets become tensors, the loss, metrics and predictions.
 
-A task has no parameters (the head lives in the model) but it has fitted state (label names,
-target normalisation) that is saved next to the weights so predictions decode the same way.
+Two levels:
+
+* ``Task`` is the general contract. A task builds its own head module on the model
+  (``build_head``), computes its training loss from the whole model and batch (``step_loss``),
+  evaluates a batch into torchmetrics (``eval_step``) and decodes predictions (``predict``). This is
+  what tasks need that are more than "fused vector -> logits": contrastive alignment reads the
+  per-modality features without fusion, an autoencoder takes its targets from the inputs, a
+  captioner runs a decoder with teacher forcing and searches at prediction time.
+* ``HeadTask`` is the common special case: an MLP head maps the fused vector to
+  ``num_outputs`` values and ``loss/decode`` work on that one (B, num_outputs) tensor.
+  Classification, multi-label and regression are HeadTasks.
+
+A task has fitted state (label names, target normalisation, a caption vocabulary) that is saved
+next to the weights so predictions decode the same way; its parameters live in the head module,
+which belongs to the model, so ``save_pretrained`` stores them with everything else.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from mmfuse.fusion.base import mlp
 from mmfuse.registry import Registry
+from mmfuse.types import Batch
+
+if TYPE_CHECKING:
+    from mmfuse.model import MultimodalModel
 
 
 class Task(ABC):
     name: str = ""
-
-    @property
-    @abstractmethod
-    def num_outputs(self) -> int:
-        """Width of the logits / predictions the model must produce."""
+    uses_fusion: ClassVar[bool] = True
+    """False for tasks that read the per-modality features only; the model then builds no fusion."""
 
     @property
     @abstractmethod
@@ -31,21 +46,14 @@ class Task(ABC):
 
     @abstractmethod
     def fit(self, targets: list[Any]) -> None:
-        """Learns label names / normalisation from the training targets."""
+        """Learns label names / normalisation / vocabularies from the training targets."""
 
     @abstractmethod
     def encode_target(self, raw: Any) -> Tensor:
         """One raw manifest value -> a target tensor; raises ValueError with a clear reason."""
 
     @abstractmethod
-    def loss(self, outputs: Tensor, target: Tensor) -> Tensor: ...
-
-    @abstractmethod
     def metrics(self) -> MetricCollection: ...
-
-    @abstractmethod
-    def decode(self, outputs: Tensor) -> list[dict[str, Any]]:
-        """Model outputs -> one JSON-ready prediction per sample."""
 
     @abstractmethod
     def state(self) -> dict[str, Any]: ...
@@ -53,12 +61,76 @@ class Task(ABC):
     @abstractmethod
     def load_state(self, state: dict[str, Any]) -> None: ...
 
+    @abstractmethod
+    def build_head(self, model: MultimodalModel) -> nn.Module:
+        """The task's own parameters, built after the encoders and fusion; stored as ``model.head``."""
+
+    @abstractmethod
+    def forward(self, model: MultimodalModel, batch: Batch) -> Tensor:
+        """``model(batch)``: the task's main output tensor (documented by each task)."""
+
+    @abstractmethod
+    def step_loss(self, model: MultimodalModel, batch: Batch) -> Tensor:
+        """The scalar training loss of one batch."""
+
+    @abstractmethod
+    def eval_step(self, model: MultimodalModel, batch: Batch, metrics: MetricCollection) -> Tensor:
+        """Validation / evaluation of one batch: updates ``metrics`` and returns the batch's loss."""
+
+    @abstractmethod
+    def predict(self, model: MultimodalModel, batch: Batch) -> list[dict[str, Any]]:
+        """One JSON-ready prediction per sample (called under ``torch.no_grad`` in eval mode)."""
+
     def collate_targets(self, targets: list[Tensor]) -> Tensor:
         return torch.stack(targets)
 
     def metric_inputs(self, outputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """What the torchmetrics collection is updated with (float32 for bf16 runs)."""
         return outputs.float(), target
+
+
+class HeadTask(Task):
+    """fused vector -> MLP head -> (B, num_outputs); the loss and decoding read only that tensor."""
+
+    @property
+    @abstractmethod
+    def num_outputs(self) -> int:
+        """Width of the logits / predictions the model must produce."""
+
+    @abstractmethod
+    def loss(self, outputs: Tensor, target: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def decode(self, outputs: Tensor) -> list[dict[str, Any]]:
+        """Model outputs -> one JSON-ready prediction per sample."""
+
+    def build_head(self, model: MultimodalModel) -> nn.Module:
+        # A decision-level fusion (late) already outputs num_outputs values per sample.
+        assert model.fusion is not None
+        if model.fusion.decision_level:
+            return nn.Identity()
+        cfg = model.spec.task
+        width = model.fusion.out_dim
+        return nn.Sequential(nn.GELU(), nn.Dropout(cfg.head_dropout),
+                             mlp(width, cfg.head_hidden, self.num_outputs, cfg.head_dropout))
+
+    def forward(self, model: MultimodalModel, batch: Batch) -> Tensor:
+        """(B, num_outputs) raw outputs (logits or standardised values)."""
+        assert model.fusion is not None
+        return model.head(model.fusion(model.encode(batch)))
+
+    def step_loss(self, model: MultimodalModel, batch: Batch) -> Tensor:
+        assert batch.target is not None, f"task '{self.name}' needs targets to train"
+        return self.loss(model(batch), batch.target)
+
+    def eval_step(self, model: MultimodalModel, batch: Batch, metrics: MetricCollection) -> Tensor:
+        assert batch.target is not None, f"task '{self.name}' needs targets to evaluate"
+        outputs = model(batch)
+        metrics.update(*self.metric_inputs(outputs, batch.target))
+        return self.loss(outputs, batch.target)
+
+    def predict(self, model: MultimodalModel, batch: Batch) -> list[dict[str, Any]]:
+        return self.decode(model(batch))
 
 
 TASKS: Registry[Task] = Registry("task", entry_point_group="mmfuse.tasks")

@@ -22,7 +22,7 @@ from torchmetrics.classification import (
     MultilabelRecall,
 )
 
-from mmfuse.tasks.base import TASKS, Task
+from mmfuse.tasks.base import TASKS, HeadTask, Task
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
@@ -35,7 +35,7 @@ def _label_text(raw: Any) -> str:
     return str(raw).strip()
 
 
-class ClassificationTask(Task):
+class ClassificationTask(HeadTask):
     """Single-label classification over fitted label names; softmax cross-entropy."""
 
     name = "classification"
@@ -96,7 +96,7 @@ class ClassificationTask(Task):
         self.labels = list(state["labels"])
 
 
-class MultilabelTask(Task):
+class MultilabelTask(HeadTask):
     """Any number of labels per sample, given as a list or a separator-joined string; sigmoid BCE."""
 
     name = "multilabel"

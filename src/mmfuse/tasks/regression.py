@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, PearsonCorrCoef
 
-from mmfuse.tasks.base import TASKS, Task
+from mmfuse.tasks.base import TASKS, HeadTask, Task
 
 
 class _MeanPearson(PearsonCorrCoef):
@@ -20,7 +20,7 @@ class _MeanPearson(PearsonCorrCoef):
         return super().compute().mean()
 
 
-class RegressionTask(Task):
+class RegressionTask(HeadTask):
     """Predicts K numbers (a float, or a list of K floats per sample) with an MSE loss.
 
     Targets are standardised with the training mean/std (so one learning rate suits any scale);
