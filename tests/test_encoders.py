@@ -15,11 +15,13 @@ from mmfuse.errors import ConfigError
 
 NAMES = ENCODERS.names()
 VOCAB, MAX_LEN, CHANNELS, SIZE, N_MELS, MAX_FRAMES = 40, 16, 3, 16, 16, 40
+FEATURE_DIM, FEATURE_STEPS = 11, 12
 
 CONTEXTS = {
     "text": EncoderContext(kind="text", vocab_size=VOCAB, max_length=MAX_LEN),
     "image": EncoderContext(kind="image", channels=CHANNELS, image_size=SIZE),
     "audio": EncoderContext(kind="audio", n_mels=N_MELS, max_frames=MAX_FRAMES),
+    "features": EncoderContext(kind="features", feature_dim=FEATURE_DIM, max_length=FEATURE_STEPS),
 }
 PRESENT = torch.tensor([True, True, False, True, True])
 
@@ -75,6 +77,19 @@ def audio_inputs(frames: list[int], width: int = MAX_FRAMES, seed: int = 0) -> d
     return {"mel": mel, "frame_mask": mask}
 
 
+def feature_inputs(steps: list[int], width: int | None = None, seed: int = 0) -> dict[str, Tensor]:
+    """Collated features: values (B, width, D) zero-padded to the longest, a bool step mask."""
+    gen = torch.Generator().manual_seed(seed)
+    width = width or max(1, *steps)
+    values = torch.zeros(len(steps), width, FEATURE_DIM)
+    mask = torch.zeros(len(steps), width, dtype=torch.bool)
+    for i, n in enumerate(steps):
+        # Dimensions on very different scales, as OpenFace/COVAREP features are.
+        values[i, :n] = torch.randn(n, FEATURE_DIM, generator=gen) * torch.logspace(-2, 2, FEATURE_DIM)
+        mask[i, :n] = True
+    return {"values": values, "mask": mask}
+
+
 def inputs_for(kind: str, present: Tensor = PRESENT, seed: int = 0) -> dict[str, Tensor]:
     """A batch as the collator makes it: absent rows are zeros (empty text, zero pixels/mel)."""
     batch = len(present)
@@ -85,6 +100,9 @@ def inputs_for(kind: str, present: Tensor = PRESENT, seed: int = 0) -> dict[str,
         out = image_inputs(batch, seed=seed)
         out["pixels"][~present] = 0
         return out
+    if kind == "features":
+        return feature_inputs([0 if not p else 1 + (5 * i) % FEATURE_STEPS for i, p in enumerate(present.tolist())],
+                              seed=seed)
     frames = [0 if not p else 17 + (7 * i) % 23 for i, p in enumerate(present.tolist())]
     return audio_inputs(frames, seed=seed)
 
@@ -276,7 +294,8 @@ def test_audio_padding_length_does_not_change_pooled(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "wrong"),
-    [("image_cnn", "text"), ("text_transformer", "audio"), ("text_gru", "image"), ("audio_cnn", "image")],
+    [("image_cnn", "text"), ("text_transformer", "audio"), ("text_gru", "image"), ("audio_cnn", "image"),
+     ("identity", "audio"), ("sequence", "text"), ("audio_cnn", "features")],
 )
 def test_wrong_kind_is_a_config_error(name: str, wrong: str) -> None:
     with pytest.raises(ConfigError, match=f"{name}.*'{wrong}'"):
@@ -290,3 +309,56 @@ def test_bad_options_are_config_errors() -> None:
         ENCODERS.create("image_cnn", context=CONTEXTS["image"], channels=())
     with pytest.raises(ConfigError, match=r"valid options"):
         ENCODERS.validate_options("image_cnn", {"chanels": [8]}, where="encoders.image")
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if KINDS[n] == "features"])
+def test_feature_padding_does_not_change_outputs(name: str) -> None:
+    """A sequence's features do not depend on how much its batch pads it, nor on padding values."""
+    encoder = build(name)
+    steps = [5, 12, 1]
+    present = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        tight_inputs = feature_inputs(steps)
+        tight = encoder(tight_inputs, present)
+        wide_inputs = feature_inputs(steps, width=FEATURE_STEPS)
+        wide_inputs["values"][~wide_inputs["mask"]] = 1e3
+        wide = encoder(wide_inputs, present)
+        alone = [encoder({"values": tight_inputs["values"][i : i + 1, :n], "mask": tight_inputs["mask"][i : i + 1, :n]},
+                         present[:1]) for i, n in enumerate(steps)]
+        other = encoder(feature_inputs(steps, seed=5), present)
+    assert torch.allclose(tight.pooled, wide.pooled, atol=1e-5)
+    for i, n in enumerate(steps):
+        assert torch.allclose(tight.tokens[i, :n], wide.tokens[i, :n], atol=1e-5)
+        assert torch.equal(wide.tokens[i, n:], torch.zeros_like(wide.tokens[i, n:]))  # padding steps are zeros
+        assert torch.allclose(alone[i].pooled[0], tight.pooled[i], atol=1e-5)
+    assert torch.equal(wide.mask, wide_inputs["mask"])
+    assert not torch.allclose(tight.pooled, other.pooled, atol=1e-3)  # the values do matter
+
+
+def test_identity_pooled_is_the_masked_mean_of_projected_steps() -> None:
+    torch.manual_seed(0)
+    encoder = ENCODERS.create("identity", context=CONTEXTS["features"], dim=5, norm=False)
+    inputs = feature_inputs([3, 1])
+    f = encoder(inputs, torch.ones(2, dtype=torch.bool))
+    proj = encoder.proj
+    assert isinstance(proj, torch.nn.Linear)
+    expected0 = (inputs["values"][0, :3] @ proj.weight.T + proj.bias).mean(dim=0)
+    assert torch.allclose(f.pooled[0], expected0, atol=1e-5)
+    assert torch.allclose(f.pooled[1], inputs["values"][1, 0] @ proj.weight.T + proj.bias, atol=1e-5)
+    # dim=0 and no norm: a true identity, pooled = mean of the raw values, no parameters.
+    raw = ENCODERS.create("identity", context=CONTEXTS["features"], dim=0, norm=False)
+    assert raw.out_dim == FEATURE_DIM and not list(raw.parameters())
+    g = raw(inputs, torch.ones(2, dtype=torch.bool))
+    assert torch.allclose(g.pooled[0], inputs["values"][0, :3].mean(dim=0))
+    assert torch.equal(g.tokens, inputs["values"])
+
+
+def test_feature_encoder_errors() -> None:
+    with pytest.raises(ConfigError, match=r"divisible"):
+        ENCODERS.create("sequence", context=CONTEXTS["features"], dim=30, heads=4)
+    with pytest.raises(ConfigError, match=r"feature width is unknown"):
+        ENCODERS.create("identity", context=EncoderContext(kind="features"))
+    seq = ENCODERS.create("sequence", context=CONTEXTS["features"], layers=0)
+    assert seq.out_dim == 64
+    with pytest.raises(ValueError, match=r"exceeds max_length 12"):
+        seq(feature_inputs([FEATURE_STEPS + 1]), torch.ones(1, dtype=torch.bool))

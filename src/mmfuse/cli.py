@@ -249,6 +249,21 @@ def data_synth(
     console.print(f"wrote {n_samples} samples to [bold]{manifest}[/] in {time.perf_counter() - started:.1f} s")
 
 
+@data_app.command("features-example")
+@friendly_errors
+def data_features_example(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    n_samples: Annotated[int, typer.Option("--n", help="Number of samples.")] = 300,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+) -> None:
+    """Write a small MOSI-shaped set of pre-extracted features (.npy per sample and per split)."""
+    from mmfuse.data.feature_example import generate_feature_example
+
+    manifest = generate_feature_example(out, n_samples=n_samples, seed=seed)
+    console.print(f"wrote {n_samples} samples to [bold]{manifest}[/]; "
+                  "train with: mmfuse train configs/features-example.yaml --set data.manifest=" + str(manifest))
+
+
 @app.command()
 @friendly_errors
 def demo(

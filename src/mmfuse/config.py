@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmfuse.errors import ConfigError, did_you_mean
 
-ModalityKind = Literal["text", "image", "audio"]
+ModalityKind = Literal["text", "image", "audio", "features"]
 
 
 class StrictModel(BaseModel):
@@ -71,6 +71,12 @@ class AudioPrep(StrictModel):
         return int(self.max_seconds * self.sample_rate) // self.hop_length + 1
 
 
+class FeaturesPrep(StrictModel):
+    """Pre-extracted feature arrays (T, D) or (D,); D is learned from the training split per modality."""
+
+    max_length: int = Field(512, gt=0, description="longer sequences keep their first max_length steps")
+
+
 class ModalitySpec(StrictModel):
     kind: ModalityKind
     column: str
@@ -98,6 +104,7 @@ class DataConfig(StrictModel):
     text: TextPrep = Field(default_factory=TextPrep)
     image: ImagePrep = Field(default_factory=ImagePrep)
     audio: AudioPrep = Field(default_factory=AudioPrep)
+    features: FeaturesPrep = Field(default_factory=FeaturesPrep)
     on_error: Literal["raise", "skip"] = "raise"
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="carved from train when no val split")
     batch_size: int = Field(32, gt=0)

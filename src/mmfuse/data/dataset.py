@@ -78,7 +78,8 @@ class MultimodalDataset(Dataset[Sample]):
 
 
 class Collator:
-    """Stacks samples into a ``Batch``: pads text to the longest, audio to a fixed or batch length.
+    """Stacks samples into a ``Batch``: pads text and feature sequences to the longest, audio to a
+    fixed or batch length.
 
     An absent modality becomes zeros of the right shape with ``present=False``.
     """
@@ -92,19 +93,21 @@ class Collator:
         for modality in self.preprocessor.modalities:
             values = [s.inputs.get(modality) for s in samples]
             present[modality] = torch.tensor([v is not None for v in values], dtype=torch.bool)
-            inputs[modality] = self._collate_modality(self.preprocessor.kind(modality), values)
+            inputs[modality] = self._collate_modality(modality, self.preprocessor.kind(modality), values)
         target = None
         if self.task is not None and samples and samples[0].target is not None:
             target = self.task.collate_targets([s.target for s in samples if s.target is not None])
         return Batch(inputs=inputs, present=present, target=target, ids=[s.id for s in samples])
 
-    def _collate_modality(self, kind: str, values: list[ModalityInputs | None]) -> dict[str, Tensor]:
+    def _collate_modality(self, modality: str, kind: str, values: list[ModalityInputs | None]) -> dict[str, Tensor]:
         if kind == "text":
             return self._collate_text(values)
         if kind == "image":
             prep = self.preprocessor.image
             blank = torch.zeros(prep.channels, prep.size, prep.size)
             return {"pixels": torch.stack([blank if v is None else v["pixels"] for v in values])}
+        if kind == "features":
+            return self._collate_features(values, self.preprocessor.feature_dims.get(modality, 0))
         return self._collate_audio(values)
 
     @staticmethod
@@ -117,6 +120,18 @@ class Collator:
             ids[i, : len(seq)] = seq
             mask[i, : len(seq)] = True
         return {"input_ids": ids, "attention_mask": mask}
+
+    @staticmethod
+    def _collate_features(values: list[ModalityInputs | None], dim: int) -> dict[str, Tensor]:
+        """Pads (T_i, D) feature sequences with zeros to the longest T; ``mask`` marks real steps."""
+        seqs = [torch.zeros(0, dim) if v is None else v["values"] for v in values]
+        length = max(1, *(len(s) for s in seqs))
+        out = torch.zeros(len(seqs), length, dim)
+        mask = torch.zeros(len(seqs), length, dtype=torch.bool)
+        for i, seq in enumerate(seqs):
+            out[i, : len(seq)] = seq
+            mask[i, : len(seq)] = True
+        return {"values": out, "mask": mask}
 
     def _collate_audio(self, values: list[ModalityInputs | None]) -> dict[str, Tensor]:
         prep = self.preprocessor.audio

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mmfuse.config import AudioPrep, ImagePrep, ModalitySpec, TextPrep
+from mmfuse.config import AudioPrep, FeaturesPrep, ImagePrep, ModalitySpec, TextPrep
+from mmfuse.data.arrays import load_array
 from mmfuse.data.audio import load_waveform, log_mel, log_mel_batch
 from mmfuse.data.image import decode_image, image_to_tensor
 from mmfuse.data.manifest import Record
@@ -25,7 +26,7 @@ from mmfuse.errors import DataError
 
 ModalityInputs = dict[str, Tensor]
 RawInput = str | Image.Image | np.ndarray
-"""A decoded field: text, a PIL image or a mono waveform (see ``Preprocessor.decode``)."""
+"""A decoded field: text, a PIL image, a mono waveform or a feature array (see ``Preprocessor.decode``)."""
 
 
 class Preprocessor:
@@ -36,33 +37,57 @@ class Preprocessor:
         image: ImagePrep,
         audio: AudioPrep,
         tokenizers: dict[str, Tokenizer] | None = None,
+        features: FeaturesPrep | None = None,
+        feature_dims: dict[str, int] | None = None,
     ) -> None:
         self.modalities = {m: modalities[m] for m in sorted(modalities)}
         self.text, self.image, self.audio = text, image, audio
+        self.features = features or FeaturesPrep()
         self.tokenizers = dict(tokenizers or {})
+        self.feature_dims = dict(feature_dims or {})
 
     def kind(self, modality: str) -> str:
         return self.modalities[modality].kind
 
     def fit(self, records: list[Record]) -> None:
-        """Fits a vocabulary per text modality on the training records."""
+        """Fits a vocabulary per text modality and the feature width D per features modality.
+
+        D comes from the first training sample that has the modality; every other sample (of any
+        split) must agree, which ``encode_decoded`` checks, naming the row.
+        """
         for modality, spec in self.modalities.items():
             if spec.kind == "text":
                 texts = [r.fields[modality] or "" for r in records]
                 self.tokenizers[modality] = Tokenizer.fit(texts, self.text)
+            elif spec.kind == "features":
+                first = next((r for r in records if r.fields.get(modality) is not None), None)
+                if first is None:
+                    raise DataError(f"no training sample has the features modality '{modality}'")
+                try:
+                    array = load_array(first.fields[modality])  # type: ignore[arg-type]
+                except DataError as exc:
+                    raise DataError(f"{first.where}: {exc}") from None
+                self.feature_dims[modality] = int(array.shape[-1])
 
     def encode(self, modality: str, value: str) -> ModalityInputs | None:
         """One present field -> input tensors; None when the field turns out to hold nothing.
 
         Raises DataError naming the file for unreadable inputs.
         """
-        return self.encode_decoded(modality, self.decode(modality, value))
+        raw = self.decode(modality, value)
+        if self.kind(modality) != "features":
+            return self.encode_decoded(modality, raw)
+        try:
+            return self.encode_decoded(modality, raw)
+        except DataError as exc:  # the array reader named the file; a width mismatch must too
+            raise DataError(f"{value}: {exc}") from None
 
     def decode(self, modality: str, value: str) -> RawInput:
         """The first half of ``encode``: the raw input in memory, before features are computed.
 
         text -> the string itself; image -> the upright RGB/L ``PIL.Image`` at its own size;
-        audio -> the mono float32 waveform at ``audio.sample_rate``, cropped to ``max_seconds``.
+        audio -> the mono float32 waveform at ``audio.sample_rate``, cropped to ``max_seconds``;
+        features -> the float32 array of shape (T, D) or (D,) (see ``mmfuse.data.arrays``).
         Robustness tests corrupt this raw input and finish with ``encode_decoded``, so a file is
         read once however many corruptions are tried.
         """
@@ -73,6 +98,8 @@ class Preprocessor:
             return decode_image(Path(value), self.image)
         if kind == "audio":
             return load_waveform(Path(value), self.audio)
+        if kind == "features":
+            return load_array(value)
         raise DataError(f"unknown modality kind '{kind}'")
 
     def encode_decoded(self, modality: str, raw: RawInput) -> ModalityInputs | None:
@@ -88,7 +115,24 @@ class Preprocessor:
         if kind == "audio":
             assert isinstance(raw, np.ndarray), f"audio modality '{modality}' expects a waveform"
             return {"mel": log_mel(raw, self.audio)}
+        if kind == "features":
+            assert isinstance(raw, np.ndarray), f"features modality '{modality}' expects an array"
+            return {"values": self._feature_values(modality, raw)}
         raise DataError(f"unknown modality kind '{kind}'")
+
+    def _feature_values(self, modality: str, array: np.ndarray) -> torch.Tensor:
+        """(T, D) or (D,) -> (min(T, max_length), D) float32; D must match the fitted width."""
+        if modality not in self.feature_dims:
+            raise DataError(f"the features modality '{modality}' has no fitted feature width")
+        if array.ndim not in (1, 2):
+            raise DataError(f"features must be (T, D) or (D,), got shape {tuple(array.shape)}")
+        values = array.reshape(1, -1) if array.ndim == 1 else array
+        if values.shape[1] != self.feature_dims[modality]:
+            raise DataError(f"feature width D={values.shape[1]} (shape {tuple(array.shape)}) but the training "
+                            f"data of '{modality}' has D={self.feature_dims[modality]}")
+        if values.shape[0] == 0:
+            raise DataError(f"empty feature sequence (shape {tuple(array.shape)})")
+        return torch.tensor(np.asarray(values[: self.features.max_length], dtype=np.float32))
 
     def encode_decoded_many(self, modality: str, raws: Sequence[RawInput]) -> list[ModalityInputs | None]:
         """``encode_decoded`` of many raw inputs; audio clips of equal length share one batched STFT."""
@@ -116,6 +160,11 @@ class Preprocessor:
                                   max_length=self.text.max_length)
         if kind == "image":
             return EncoderContext(kind=kind, channels=self.image.channels, image_size=self.image.size)
+        if kind == "features":
+            if modality not in self.feature_dims:
+                raise DataError(f"the features modality '{modality}' has no fitted feature width")
+            return EncoderContext(kind=kind, feature_dim=self.feature_dims[modality],
+                                  max_length=self.features.max_length)
         return EncoderContext(kind=kind, n_mels=self.audio.n_mels, max_frames=self.audio.max_frames)
 
     def state(self) -> dict[str, Any]:
@@ -124,7 +173,9 @@ class Preprocessor:
             "text": self.text.model_dump(),
             "image": self.image.model_dump(),
             "audio": self.audio.model_dump(mode="json"),
+            "features": self.features.model_dump(),
             "tokenizers": {m: t.to_dict() for m, t in self.tokenizers.items()},
+            "feature_dims": dict(self.feature_dims),
         }
 
     @classmethod
@@ -135,4 +186,7 @@ class Preprocessor:
             image=ImagePrep(**state["image"]),
             audio=AudioPrep(**state["audio"]),
             tokenizers={m: Tokenizer.from_dict(t) for m, t in state["tokenizers"].items()},
+            # Absent from models saved before the features modality existed.
+            features=FeaturesPrep(**state.get("features", {})),
+            feature_dims={m: int(d) for m, d in state.get("feature_dims", {}).items()},
         )

@@ -26,6 +26,7 @@ class EncoderContext:
     image_size: int = 0
     n_mels: int = 0
     max_frames: int = 0
+    feature_dim: int = 0
 
 
 class Encoder(nn.Module):
