@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from mmfuse.errors import ConfigError
-from mmfuse.tasks import TASKS, Task
+from mmfuse.tasks import TASKS, HeadTask, Task
 from mmfuse.tasks.classification import ClassificationTask, MultilabelTask
 from mmfuse.tasks.regression import RegressionTask
 
@@ -30,8 +30,12 @@ def test_registry_names() -> None:
     assert isinstance(TASKS.create("regression", num_targets=2), RegressionTask)
 
 
-@pytest.mark.parametrize("name", TASKS.names())
+HEAD_TASKS = [name for name in TASKS.names() if isinstance(TASKS.create(name), HeadTask)]
+
+
+@pytest.mark.parametrize("name", HEAD_TASKS)
 def test_every_task_round_trips_its_state(name: str) -> None:
+    """Tasks with one (B, num_outputs) output; the others test their state in their own files."""
     task = TASKS.create(name)
     examples = {"classification": ["b", "a", "c"], "multilabel": ["a|b", "c", []], "regression": [1.0, 3.0, 8.0]}
     task.fit(examples.get(name, examples["classification"]))

@@ -104,7 +104,8 @@ def train(
                   f"{result.train_seconds:.1f} s training)")
 
 
-def _load_dataset(model_dir: Path, manifest: Path, split: str | None, on_error: str, with_targets: bool) -> Any:
+def _load_dataset(model_dir: Path, manifest: Path, split: str | None, on_error: str, with_targets: bool,
+                  label_column: str | None = None) -> Any:
     from mmfuse.data.dataset import MultimodalDataset
     from mmfuse.data.manifest import read_manifest
     from mmfuse.errors import DataError
@@ -113,7 +114,7 @@ def _load_dataset(model_dir: Path, manifest: Path, split: str | None, on_error: 
     model = MultimodalModel.from_pretrained(model_dir)
     used = {m: spec for m, spec in model.preprocessor.modalities.items() if m in model.modalities}
     records = read_manifest(manifest, used,
-                            target_column=model.spec.target_column if with_targets else None,
+                            target_column=(label_column or model.spec.target_column) if with_targets else None,
                             split_column="split" if split else None)
     if split:
         records = [r for r in records if (r.split or "").lower() == split.lower()]
@@ -139,6 +140,9 @@ def evaluate(
         "(ablation, Shapley) and accuracy vs. input corruption; writes CSVs and PNGs to --out.")] = False,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Robustness output folder (default: MODEL/../robustness).")] = None,
+    label_column: Annotated[str | None, typer.Option(
+        help="Read targets from this column instead of the model's target column (e.g. the class "
+        "that defines relevance for contrastive class-level recall).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the robustness corruptions.")] = 0,
     levels: Annotated[int, typer.Option(help="Corruption levels, evenly from 0 to 1.")] = 11,
     corruptions: Annotated[str | None, typer.Option(
@@ -149,7 +153,7 @@ def evaluate(
     from mmfuse.evaluation import evaluate as run_evaluation
 
     started = time.perf_counter()
-    loaded, dataset = _load_dataset(model, data, split, on_error, with_targets=True)
+    loaded, dataset = _load_dataset(model, data, split, on_error, with_targets=True, label_column=label_column)
     names = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions is not None else None
     if robustness:  # bad options fail before any work
         from mmfuse.robustness import noise_levels, plan_corruptions
@@ -264,6 +268,73 @@ def data_features_example(
                   "train with: mmfuse train configs/features-example.yaml --set data.manifest=" + str(manifest))
 
 
+def _snr_range(value: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        from mmfuse.errors import DataError
+
+        raise DataError(f"--snr must be 'low,high' in dB (e.g. -8,2), got '{value}'") from None
+    return low, high
+
+
+@data_app.command("avmnist")
+@friendly_errors
+def data_avmnist(
+    mnist: Annotated[Path, typer.Option(help="MNIST folder (IDX files, .gz or not, or torchvision's MNIST/raw).")],
+    fsdd: Annotated[Path, typer.Option(help="FSDD repo folder, its recordings/ folder, or the upstream archive.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    pca_removed: Annotated[float, typer.Option(help="Fraction of MNIST PCA energy removed.")] = 0.75,
+    snr: Annotated[str, typer.Option(help="SNR range in dB of the noise added to the speech, 'low,high'.")] = "-8,2",
+    noise: Annotated[str, typer.Option(help="babble (other FSDD clips), white or none.")] = "babble",
+    babble_clips: Annotated[int, typer.Option(help="Clips summed into one babble noise.")] = 4,
+    limit: Annotated[int | None, typer.Option(help="Only the first N MNIST train (N/6 test) images.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Build AV-MNIST (CentralNet/MultiBench recipe): MultiBench's .npy layout + an mmfuse manifest."""
+    from mmfuse.data.avmnist import AudioAugment, AVMnistRecipe, build_avmnist
+
+    if noise not in ("babble", "white", "none"):
+        from mmfuse.errors import DataError
+
+        raise DataError(f"--noise must be babble, white or none, got '{noise}'")
+    recipe = AVMnistRecipe(seed=seed, pca_removed=pca_removed, limit=limit,
+                           augment=AudioAugment(noise=noise, snr_db=_snr_range(snr),  # type: ignore[arg-type]
+                                                babble_clips=babble_clips))
+    started = time.perf_counter()
+    manifest = build_avmnist(mnist, fsdd, out, recipe, overwrite=overwrite, log=console.print)
+    seconds = time.perf_counter() - started
+    console.print(f"wrote [bold]{manifest}[/] (+ MultiBench layout, SHA256SUMS) in {seconds:.1f} s")
+
+
+@data_app.command("avmnist-arith")
+@friendly_errors
+def data_avmnist_arith(
+    mnist: Annotated[Path, typer.Option(help="MNIST folder (IDX files, .gz or not, or torchvision's MNIST/raw).")],
+    fsdd: Annotated[Path, typer.Option(help="FSDD repo folder, its recordings/ folder, or the upstream archive.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    pca_removed: Annotated[float, typer.Option(help="Fraction of MNIST PCA energy removed.")] = 0.0,
+    snr: Annotated[str, typer.Option(help="SNR range in dB of the noise added to the speech, 'low,high'.")] = "10,30",
+    noise: Annotated[str, typer.Option(help="babble (other FSDD clips), white or none.")] = "white",
+    limit: Annotated[int | None, typer.Option(help="Only the first N MNIST train (N/6 test) images.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Build avmnist-arith: image digit a, spoken digit b, an operation phrase; label (a op b) mod 10."""
+    from mmfuse.data.avmnist import ArithRecipe, AudioAugment, build_avmnist_arith
+
+    if noise not in ("babble", "white", "none"):
+        from mmfuse.errors import DataError
+
+        raise DataError(f"--noise must be babble, white or none, got '{noise}'")
+    recipe = ArithRecipe(seed=seed, pca_removed=pca_removed, limit=limit,
+                         augment=AudioAugment(noise=noise, snr_db=_snr_range(snr)))  # type: ignore[arg-type]
+    started = time.perf_counter()
+    manifest = build_avmnist_arith(mnist, fsdd, out, recipe, overwrite=overwrite, log=console.print)
+    console.print(f"wrote [bold]{manifest}[/] (+ SHA256SUMS) in {time.perf_counter() - started:.1f} s")
+
+
 @app.command()
 @friendly_errors
 def demo(
@@ -345,6 +416,78 @@ def bench(
     console.print(_bench_table(runs))
     console.print(f"{time.perf_counter() - started:.0f} s. Results: {out}/runs.csv, summary.csv, summary.md, "
                   f"bench_*.png, config.yaml")
+
+
+@app.command()
+@friendly_errors
+def embed(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Saved contrastive model folder.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Manifest whose rows to embed.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors index.")],
+    split: Annotated[str | None, typer.Option(help="Only rows whose 'split' column has this value.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 256,
+) -> None:
+    """Embed every sample's modalities with a contrastive model into one index file (for retrieve)."""
+    from mmfuse.data.manifest import read_manifest
+    from mmfuse.errors import DataError
+    from mmfuse.model import MultimodalModel
+    from mmfuse.tasks.contrastive import contrastive_task, embed_records
+
+    started = time.perf_counter()
+    loaded = MultimodalModel.from_pretrained(model)
+    contrastive_task(loaded)
+    used = {m: spec for m, spec in loaded.preprocessor.modalities.items() if m in loaded.modalities}
+    records = read_manifest(data, used, target_column=None, split_column="split" if split else None)
+    if split:
+        records = [r for r in records if (r.split or "").lower() == split.lower()]
+    if not records:
+        raise DataError(f"{data}: no rows to embed" + (f" with split '{split}'" if split else ""))
+    index = embed_records(loaded, records, batch_size=batch_size, model_name=str(model.resolve()))
+    index.save(out)
+    counts = ", ".join(f"{m} {int(index.present[m].sum())}" for m in sorted(index.embeddings))
+    console.print(f"embedded {len(records)} samples ({counts}) into [bold]{out}[/] "
+                  f"in {time.perf_counter() - started:.1f} s")
+
+
+@app.command()
+@friendly_errors
+def retrieve(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Saved contrastive model folder.")],
+    index: Annotated[Path, typer.Option("--index", help="Index written by mmfuse embed.")],
+    target: Annotated[str, typer.Option(help="Modality of the items to return (e.g. image, audio, text).")],
+    query_text: Annotated[str | None, typer.Option(help="Query text.")] = None,
+    query_image: Annotated[Path | None, typer.Option(help="Query image file.")] = None,
+    query_audio: Annotated[Path | None, typer.Option(help="Query audio file.")] = None,
+    query: Annotated[str | None, typer.Option(help="MODALITY=VALUE query for any modality.")] = None,
+    k: Annotated[int, typer.Option("-k", help="Number of items to return.")] = 5,
+) -> None:
+    """Nearest items of --target modality to one query; prints JSON (id, score, the item's path/text)."""
+    from mmfuse.errors import DataError
+    from mmfuse.model import MultimodalModel
+    from mmfuse.retrieval import EmbeddingIndex
+    from mmfuse.tasks.contrastive import embed_query
+
+    given = [(m, str(v)) for m, v in (("text", query_text), ("image", query_image), ("audio", query_audio))
+             if v is not None]
+    if query is not None:
+        if "=" not in query:
+            raise DataError(f"--query '{query}' must look like MODALITY=VALUE")
+        given.append(tuple(query.split("=", 1)))  # type: ignore[arg-type]
+    if len(given) != 1:
+        raise DataError("give exactly one query: --query-text, --query-image, --query-audio or --query")
+    if k <= 0:
+        raise DataError(f"-k must be positive, got {k}")
+    loaded = MultimodalModel.from_pretrained(model)
+    found = EmbeddingIndex.load(index)
+    modality, value = given[0]
+    if modality not in loaded.modalities:
+        raise DataError(f"this model has no '{modality}' modality; it embeds {', '.join(loaded.modalities)}")
+    if target not in found.embeddings:
+        raise DataError(f"--target '{target}' is not in the index; it holds {', '.join(sorted(found.embeddings))}")
+    if loaded.preprocessor.kind(modality) not in ("text",):
+        value = str(Path(value).expanduser().resolve())
+    hits = found.search(embed_query(loaded, modality, value), target, k)
+    print(json.dumps({"query": {modality: value}, "target": target, "results": hits}, indent=2))
 
 
 @app.command("list")

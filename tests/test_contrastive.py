@@ -1,0 +1,236 @@
+"""Contrastive alignment and retrieval: InfoNCE, recall@K, chunked top-k, the index file, embed/retrieve CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from mmfuse.cli import app
+from mmfuse.errors import ConfigError, DataError
+from mmfuse.model import MultimodalModel
+from mmfuse.retrieval import EmbeddingIndex, chunked_topk, first_relevant_ranks, info_nce, retrieval_report
+from mmfuse.tasks import TASKS
+from mmfuse.tasks.contrastive import ContrastiveHead, parse_pairs
+
+runner = CliRunner()
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic-contrastive.yaml"
+
+
+def test_info_nce_equals_hand_computed_value() -> None:
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    scale = torch.tensor(2.0)
+    # logits = 2 * a b^T = [[1.2, 0], [1.6, 2]]; rows: CE with targets 0, 1; columns: the transpose.
+    row0 = -math.log(math.exp(1.2) / (math.exp(1.2) + 1.0))
+    row1 = -math.log(math.exp(2.0) / (math.exp(1.6) + math.exp(2.0)))
+    col0 = -math.log(math.exp(1.2) / (math.exp(1.2) + math.exp(1.6)))
+    col1 = -math.log(math.exp(2.0) / (1.0 + math.exp(2.0)))
+    expected = ((row0 + row1) / 2 + (col0 + col1) / 2) / 2
+    assert float(info_nce(a, b, scale)) == pytest.approx(expected, rel=1e-6)
+    # Symmetric in its two arguments.
+    assert float(info_nce(b, a, scale)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_recall_perfect_shuffled_and_class_level() -> None:
+    n = 20
+    emb = torch.eye(n)
+    present = torch.ones(n, dtype=torch.bool)
+    perfect = retrieval_report({"a": emb, "b": emb}, {"a": present, "b": present})
+    assert perfect["a_to_b_r1"] == perfect["b_to_a_r1"] == 1.0 and perfect["a_to_b_medr"] == 1.0
+    assert perfect["mean_recall"] == 1.0
+    # b's rows rolled by one: query i's best match is item i-1, its own item scores 0 like all others
+    # except one, so it ranks 2nd.
+    rolled = retrieval_report({"a": emb, "b": emb.roll(1, dims=0)}, {"a": present, "b": present})
+    assert rolled["a_to_b_r1"] == 0.0 and rolled["a_to_b_r5"] == 1.0 and rolled["a_to_b_medr"] == 2.0
+    # Class level: labels of period 2, and the roll by two keeps every label, so every query's
+    # top item is relevant although its own pair is not on top.
+    labels = torch.arange(n) % 2
+    by_class = retrieval_report({"a": emb, "b": emb.roll(2, dims=0)}, {"a": present, "b": present}, labels)
+    assert by_class["a_to_b_r1"] == 0.0 and by_class["a_to_b_class_r1"] == 1.0
+    # Only samples with both modalities count: hiding half of b leaves 10 queries, still perfect.
+    half = torch.arange(n) < 10
+    partial = retrieval_report({"a": emb, "b": emb}, {"a": present, "b": half})
+    assert partial["a_to_b_r1"] == 1.0
+
+
+def test_ranks_by_hand() -> None:
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    items = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    # Scores: q0 [0, 1, .6] own 0 -> rank 3; q1 [1, 0, .8] own 0 -> rank 3; q2 [.8, .6, 1] own 1 -> rank 1.
+    assert first_relevant_ranks(queries, items, None, None, chunk=2).tolist() == [3, 3, 1]
+    labels = torch.tensor([0, 1, 1])
+    # Class level: q0 (label 0) relevant item 0 scores 0 -> rank 3; q1 relevant items 1, 2 best .8 -> 2.
+    assert first_relevant_ranks(queries, items, labels, labels).tolist() == [3, 2, 1]
+
+
+def test_chunked_topk_matches_full_topk() -> None:
+    gen = torch.Generator().manual_seed(0)
+    items = torch.nn.functional.normalize(torch.randn(1000, 16, generator=gen), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(7, 16, generator=gen), dim=1)
+    scores, index = chunked_topk(queries, items, k=10, chunk=64)
+    full = (queries @ items.T).topk(10, dim=1)
+    assert torch.equal(index, full.indices)
+    assert torch.allclose(scores, full.values)
+    assert chunked_topk(queries, items[:3], k=10)[1].shape == (7, 3)
+    with pytest.raises(ValueError, match="positive"):
+        chunked_topk(queries, items, k=0)
+
+
+def test_parse_pairs() -> None:
+    mods = ["audio", "image", "text"]
+    assert parse_pairs("all", mods) == [("audio", "image"), ("audio", "text"), ("image", "text")]
+    assert parse_pairs("anchor:text", mods) == [("audio", "text"), ("image", "text")]
+    assert parse_pairs([["text", "image"], ["image", "text"]], mods) == [("image", "text")]
+    with pytest.raises(ConfigError, match="anchor 'video'"):
+        parse_pairs("anchor:video", mods)
+    with pytest.raises(ConfigError, match="'video' is not a modality"):
+        parse_pairs([["video", "text"]], mods)
+    with pytest.raises(ConfigError, match="two modalities"):
+        parse_pairs("all", ["text"])
+
+
+def test_temperature_is_learnable_and_clamped() -> None:
+    head = ContrastiveHead({"a": 4, "b": 4}, 8, 0, temperature=0.07, learn=True)
+    assert float(head.scale().detach()) == pytest.approx(1 / 0.07, rel=1e-5)
+    with torch.no_grad():
+        head.log_scale.fill_(10.0)
+    assert float(head.scale().detach()) == pytest.approx(100.0, rel=1e-5)
+    emb = head.embed("a", torch.randn(3, 4))
+    assert torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_index_round_trip_and_errors(tmp_path: Path) -> None:
+    emb = torch.nn.functional.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), dim=1)
+    index = EmbeddingIndex(ids=["a", "b", "ç", "d"], embeddings={"image": emb, "text": torch.zeros(4, 3)},
+                           present={"image": torch.tensor([True, True, False, True]),
+                                    "text": torch.zeros(4, dtype=torch.bool)},
+                           sources={"image": ["x.png", "y.png", "", "z.png"], "text": [""] * 4})
+    path = index.save(tmp_path / "idx.safetensors")
+    loaded = EmbeddingIndex.load(path)
+    assert loaded.ids == index.ids and loaded.sources == index.sources
+    assert torch.equal(loaded.embeddings["image"], emb) and torch.equal(loaded.present["image"], index.present["image"])
+    hits = loaded.search(emb[3], "image", k=2)
+    assert hits[0]["id"] == "d" and hits[0]["image"] == "z.png"
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5) and len(hits) == 2
+    assert all(h["id"] != "ç" for h in loaded.search(emb[2], "image", k=3))  # absent rows are never returned
+    with pytest.raises(DataError, match="no modality 'audio'"):
+        loaded.search(emb[0], "audio", k=1)
+    with pytest.raises(DataError, match="holds no 'text' items"):
+        loaded.search(emb[0], "text", k=1)
+    with pytest.raises(DataError, match="not found"):
+        EmbeddingIndex.load(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot read"):
+        EmbeddingIndex.load(tmp_path / "bad.safetensors")
+
+
+def tiny_config(tmp_path: Path, manifest: Path, epochs: int = 4) -> Path:
+    config = yaml.safe_load(CONFIG.read_text())
+    config["data"] = {"manifest": str(manifest), "modalities": {"text": {"kind": "text", "column": "caption"}},
+                      "target_column": "shape", "batch_size": 32, "text": {"max_length": 16},
+                      "audio": {"n_mels": 32, "n_fft": 512, "hop_length": 256}}
+    config["encoders"] = {"text": {"name": "text_gru", "dim": 32},
+                          "image": {"name": "image_cnn", "dim": 32, "channels": [8, 16]},
+                          "audio": {"name": "audio_cnn", "dim": 32, "channels": [8, 16]}}
+    config["task"]["dim"] = 32
+    config["optim"] = {"lr": 0.005}
+    config["trainer"] = {"max_epochs": epochs, "patience": None, "progress_bar": False}
+    path = tmp_path / "contrastive.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("contrastive")
+    result = runner.invoke(app, ["train", "-c", str(tiny_config(tmp, synth_manifest)), "--out", str(tmp / "run")])
+    assert result.exit_code == 0, result.output
+    assert "mean_recall" in result.output
+    return tmp / "run" / "model"
+
+
+def test_save_reload_gives_identical_embeddings(trained: Path, synth_manifest: Path, tmp_path: Path) -> None:
+    from mmfuse.data.manifest import read_manifest
+    from mmfuse.tasks.contrastive import embed_records
+
+    model = MultimodalModel.from_pretrained(trained)
+    assert model.fusion is None  # contrastive reads the per-modality features only
+    records = read_manifest(synth_manifest, model.preprocessor.modalities, target_column=None)[:20]
+    first = embed_records(model, records)
+    again = embed_records(MultimodalModel.from_pretrained(model.save_pretrained(tmp_path / "copy")), records)
+    for m in first.embeddings:
+        assert torch.equal(first.embeddings[m], again.embeddings[m])
+
+
+def test_trained_model_beats_chance_at_class_level(trained: Path, synth_manifest: Path, tmp_path: Path) -> None:
+    """Caption <-> image by shape (the factor both carry): chance R@1 is 0.5 (two balanced shapes)."""
+    out = tmp_path / "metrics.json"
+    result = runner.invoke(app, ["evaluate", "-m", str(trained), "--data", str(synth_manifest),
+                                 "--label-column", "shape", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    for key in ("image_to_text_r1", "text_to_image_r10", "audio_to_image_medr", "image_to_audio_class_r5"):
+        assert key in metrics and key in result.output
+    assert metrics["text_to_image_class_r1"] > 0.7
+
+
+def test_embed_and_retrieve_round_trip(trained: Path, synth_manifest: Path, tmp_path: Path) -> None:
+    index_path = tmp_path / "index.safetensors"
+    result = runner.invoke(app, ["embed", "-m", str(trained), "--data", str(synth_manifest), "--out", str(index_path)])
+    assert result.exit_code == 0, result.output
+    index = EmbeddingIndex.load(index_path)
+    assert len(index.ids) == 160 and set(index.embeddings) == {"audio", "image", "text"}
+    row = json.loads(synth_manifest.read_text().splitlines()[3])
+    result = runner.invoke(app, ["retrieve", "-m", str(trained), "--index", str(index_path),
+                                 "--query-text", row["caption"], "--target", "image", "-k", "5"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output)["results"]
+    assert len(hits) == 5 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    # The scores are the cosine similarities of the query with the indexed image embeddings.
+    from mmfuse.tasks.contrastive import embed_query
+
+    query = embed_query(MultimodalModel.from_pretrained(trained), "text", row["caption"])
+    best = int(torch.argmax(index.embeddings["image"] @ query))
+    assert hits[0]["id"] == index.ids[best] and hits[0]["image"].endswith(".png")
+    assert hits[0]["score"] == pytest.approx(float(index.embeddings["image"][best] @ query), abs=1e-5)
+    image = synth_manifest.parent / row["image"]
+    result = runner.invoke(app, ["retrieve", "-m", str(trained), "--index", str(index_path),
+                                 "--query-image", str(image), "--target", "text", "-k", "3"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["results"]) == 3
+
+
+def test_retrieve_errors(trained: Path, synth_manifest: Path, tmp_path: Path) -> None:
+    index_path = tmp_path / "index.safetensors"
+    assert runner.invoke(app, ["embed", "-m", str(trained), "--data", str(synth_manifest), "--out",
+                               str(index_path), "--split", "test"]).exit_code == 0
+    base = ["retrieve", "-m", str(trained), "--index", str(index_path)]
+    result = runner.invoke(app, [*base, "--query-text", "a red circle", "--target", "video"])
+    assert result.exit_code == 1 and "--target 'video' is not in the index" in result.output
+    result = runner.invoke(app, [*base, "--query", "video=x.mp4", "--target", "image"])
+    assert result.exit_code == 1 and "no 'video' modality" in result.output
+    result = runner.invoke(app, [*base, "--target", "image"])
+    assert result.exit_code == 1 and "exactly one query" in result.output
+    empty = EmbeddingIndex(ids=["a"], embeddings={"image": torch.zeros(1, 32)},
+                           present={"image": torch.zeros(1, dtype=torch.bool)}, sources={"image": [""]})
+    empty_path = empty.save(tmp_path / "empty.safetensors")
+    result = runner.invoke(app, ["retrieve", "-m", str(trained), "--index", str(empty_path),
+                                 "--query-text", "a red circle", "--target", "image"])
+    assert result.exit_code == 1 and "holds no 'image' items" in result.output
+    result = runner.invoke(app, ["embed", "-m", str(trained), "--data", str(synth_manifest), "--out",
+                                 str(tmp_path / "x.safetensors"), "--split", "nope"])
+    assert result.exit_code == 1 and "no rows to embed" in result.output
+
+
+def test_registered_and_needs_two_modalities() -> None:
+    assert "contrastive" in TASKS.names()
+    task = TASKS.create("contrastive", pairs="anchor:text")
+    task.fit(["a", "b", None])
+    assert task.encode_target("b").item() == 1 and task.encode_target(None).item() == -1
+    assert task.monitor == ("mean_recall", "max")
