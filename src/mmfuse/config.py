@@ -158,6 +158,8 @@ class TrainerConfig(StrictModel):
     accelerator: str = "auto"
     devices: int | str = "auto"
     modality_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="per-sample drop rate per modality")
+    unimodal_loss_weight: float = Field(
+        0.0, ge=0.0, description="weight of per-modality auxiliary head losses (keeps every encoder learning)")
     output_dir: Path = Path("runs/experiment")
     progress_bar: bool = True
     verbose: bool = Field(False, description="show Lightning's info messages and warnings")

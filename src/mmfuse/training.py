@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from mmfuse.auxiliary import UnimodalHeads
 from mmfuse.config import ExperimentConfig, OptimConfig
 from mmfuse.data.dataset import Collator, MultimodalDataset, SkipReport
 from mmfuse.data.manifest import Record, read_manifest
@@ -137,11 +138,14 @@ def drop_modalities(present: dict[str, Tensor], rate: float) -> dict[str, Tensor
 class FusionModule(L.LightningModule):
     """Trains a ``MultimodalModel``; logs loss and the task's metrics per split."""
 
-    def __init__(self, model: MultimodalModel, optim: OptimConfig, modality_dropout: float = 0.0) -> None:
+    def __init__(self, model: MultimodalModel, optim: OptimConfig, modality_dropout: float = 0.0,
+                 unimodal_loss_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.optim = optim
         self.modality_dropout = modality_dropout
+        self.unimodal_loss_weight = unimodal_loss_weight
+        self.unimodal_heads = UnimodalHeads(model) if unimodal_loss_weight > 0 else None
         self.val_metrics = model.task.metrics().clone(prefix="val_")
 
     def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
@@ -149,9 +153,21 @@ class FusionModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         batch = Batch(batch.inputs, drop_modalities(batch.present, self.modality_dropout), batch.target, batch.ids)
-        loss = self.model.task.step_loss(self.model, batch)
+        if self.unimodal_heads is None:
+            loss = self.model.task.step_loss(self.model, batch)
+        else:
+            loss = self._loss_with_unimodal_heads(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch.size)
         return loss
+
+    def _loss_with_unimodal_heads(self, batch: Batch) -> Tensor:
+        """The fused loss plus ``unimodal_loss_weight`` x the mean per-modality head loss (see auxiliary.py)."""
+        assert self.unimodal_heads is not None and batch.target is not None and self.model.fusion is not None
+        features = self.model.encode(batch)
+        fused = self.unimodal_heads.task.loss(self.model.head(self.model.fusion(features)), batch.target)
+        unimodal = self.unimodal_heads.loss(features, batch.target)
+        self.log("train_unimodal_loss", unimodal, batch_size=batch.size)
+        return fused + self.unimodal_loss_weight * unimodal
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss = self.model.task.eval_step(self.model, batch, self.val_metrics)
@@ -162,7 +178,9 @@ class FusionModule(L.LightningModule):
         self.val_metrics.reset()
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params: list[Any] = [p for p in self.model.parameters() if p.requires_grad]
+        if self.unimodal_heads is not None:
+            params += list(self.unimodal_heads.parameters())
         cfg = self.optim
         optimizer: torch.optim.Optimizer
         if cfg.name == "adamw":
@@ -218,7 +236,8 @@ def fit(config: ExperimentConfig, data: PreparedData, save: bool = True) -> Trai
     """Trains one model on already-prepared data (the demo and benchmarks reuse one PreparedData)."""
     L.seed_everything(config.seed, workers=True, verbose=False)
     model = MultimodalModel.from_config(config, data.preprocessor, data.task)
-    module = FusionModule(model, config.optim, config.trainer.modality_dropout)
+    module = FusionModule(model, config.optim, config.trainer.modality_dropout,
+                          config.trainer.unimodal_loss_weight)
     out = Path(config.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = _checkpoint_callback(config, data.task, out)
