@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -88,3 +89,27 @@ def test_bench_bad_arguments_are_clear(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "did you mean 'concat'" in result.output
     result = runner.invoke(app, ["bench", "--modality-dropout", "0,lots", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "must be comma-separated numbers" in result.output
+
+
+def test_missing_modality_scores_cover_every_proper_subset(synth_manifest: Path, tmp_path: Path) -> None:
+    from mmfuse.bench import missing_modality_scores
+    from mmfuse.config import validate_config
+    from mmfuse.evaluation import evaluate
+    from mmfuse.model import MultimodalModel
+    from mmfuse.training import prepare_data
+
+    config = validate_config({
+        "data": {"manifest": str(synth_manifest), "text": {"max_length": 8}},
+        "encoders": {"text": {"name": "text_gru", "dim": 8}, "image": {"name": "image_cnn", "dim": 8, "channels": [4]},
+                     "audio": {"name": "audio_cnn", "dim": 8, "channels": [4]}},
+        "trainer": {"output_dir": str(tmp_path)},
+    })
+    data = prepare_data(config)
+    torch.manual_seed(0)
+    model = MultimodalModel.from_config(config, data.preprocessor, data.task).eval()
+    scores = missing_modality_scores(model, data.datasets["val"], "accuracy")
+    assert set(scores) == {*(f"accuracy_without_{m}" for m in ("audio", "image", "text")),
+                           *(f"accuracy_only_{m}" for m in ("audio", "image", "text")), "accuracy_missing_mean"}
+    assert scores["accuracy_only_text"] == evaluate(model, data.datasets["val"], absent=["audio", "image"])["accuracy"]
+    six = [v for k, v in scores.items() if k != "accuracy_missing_mean"]
+    assert scores["accuracy_missing_mean"] == pytest.approx(sum(six) / 6)

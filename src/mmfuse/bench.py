@@ -3,13 +3,14 @@ budget, over several seeds, with the results a paper table needs.
 
 The data is preprocessed once and shared by every run. Each run records its task metrics on the
 test split (validation when there is none), the main metric with each single modality hidden at
-test time, its parameter count, training time and peak memory. ``runs.csv`` is rewritten after
+test time (without each modality, each alone, and their mean), its parameter count, training time and peak memory. ``runs.csv`` is rewritten after
 every run, so an interrupted benchmark keeps what it finished.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 import resource
@@ -24,9 +25,11 @@ import torch
 import yaml
 
 from mmfuse.config import ExperimentConfig, FusionConfig
+from mmfuse.data.dataset import MultimodalDataset
 from mmfuse.errors import ConfigError
 from mmfuse.evaluation import evaluate
 from mmfuse.fusion import FUSIONS
+from mmfuse.model import MultimodalModel
 from mmfuse.training import PreparedData, fit, prepare_data
 
 UNIMODAL_SUFFIX = " only"
@@ -131,6 +134,28 @@ class PeakMemory:
                 self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
+def missing_modality_scores(model: MultimodalModel, dataset: MultimodalDataset, metric: str) -> dict[str, float]:
+    """The main metric with modalities hidden at test time: without each one, with each one alone
+    (three or more modalities), and the mean over every such proper subset (``missing_mean``), the
+    one number that says how well a model copes with missing modalities.
+    """
+    modalities = list(model.modalities)
+    if len(modalities) < 2:
+        return {}
+    scores = {}
+    for modality in modalities:
+        scores[f"{metric}_without_{modality}"] = evaluate(model, dataset, absent=[modality])[metric]
+    if len(modalities) > 2:
+        for modality in modalities:
+            others = [m for m in modalities if m != modality]
+            scores[f"{metric}_only_{modality}"] = evaluate(model, dataset, absent=others)[metric]
+    subsets = [set(c) for k in range(1, len(modalities)) for c in itertools.combinations(modalities, k)]
+    subset_scores = [evaluate(model, dataset, absent=[m for m in modalities if m not in keep])[metric]
+                     for keep in subsets]
+    scores[f"{metric}_missing_mean"] = sum(subset_scores) / len(subset_scores)
+    return scores
+
+
 def run_one(label: str, rate: float, config: ExperimentConfig, seed: int, data: PreparedData,
             out_dir: Path) -> BenchRun:
     run_dir = out_dir / "runs" / f"{label.replace(' ', '_')}-d{rate:g}-s{seed}"
@@ -141,11 +166,7 @@ def run_one(label: str, rate: float, config: ExperimentConfig, seed: int, data: 
     split = "test" if len(data.datasets.get("test", [])) else "val"
     metrics = result.test_metrics if split == "test" and result.test_metrics else result.val_metrics
     main_metric, _ = data.task.monitor
-    missing = {}
-    if len(result.model.modalities) > 1:
-        for modality in result.model.modalities:
-            hidden = evaluate(result.model, data.datasets[split], absent=[modality])
-            missing[f"{main_metric}_without_{modality}"] = hidden[main_metric]
+    missing = missing_modality_scores(result.model, data.datasets[split], main_metric)
     return BenchRun(method=label, modalities="+".join(result.model.modalities), seed=seed, modality_dropout=rate,
                     metrics=metrics, missing=missing, params=result.params, train_seconds=result.train_seconds,
                     peak_memory_mb=memory.peak_mb)

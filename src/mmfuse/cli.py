@@ -368,9 +368,11 @@ def _bench_table(runs: list[Any]) -> Table:
     summary = summarise(runs)
     metric = next(iter(runs[0].metrics))
     hidden = sorted({k for row in summary for k in row.mean if k.startswith(f"{metric}_without_")})
+    if any(f"{metric}_missing_mean" in row.mean for row in summary):
+        hidden.append(f"{metric}_missing_mean")
     table = Table(title=f"test {metric}, mean ± std over seeds")
-    for column in ("method", "dropout", "seeds", metric, *[h.replace(f"{metric}_without_", "no ") for h in hidden],
-                   "params", "train s", "peak MB"):
+    names = [h.replace(f"{metric}_without_", "no ").replace(f"{metric}_missing_mean", "missing (mean)") for h in hidden]
+    for column in ("method", "dropout", "seeds", metric, *names, "params", "train s", "peak MB"):
         table.add_column(column.replace("_", " "), justify="left" if column == "method" else "right")
     for row in summary:
         table.add_row(row.method, f"{row.modality_dropout:g}", str(row.seeds),

@@ -109,6 +109,9 @@ class DataConfig(StrictModel):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="carved from train when no val split")
     batch_size: int = Field(32, gt=0)
     num_workers: int = Field(0, ge=0)
+    cache: bool = Field(False, description="store frozen encoders' outputs on disk and read them back")
+    cache_dir: Path | None = Field(None, description="feature cache folder (default $MMFUSE_CACHE/features "
+                                                     "or ~/.cache/mmfuse/features)")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -128,6 +131,16 @@ class ComponentConfig(BaseModel):
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class EncoderConfig(ComponentConfig):
+    """An encoder: registry name + options, and ``freeze`` (no parameter of it trains).
+
+    A frozen encoder also stays in eval mode (no dropout), so its outputs are a fixed function of
+    the input: what ``data.cache`` needs to store them once and reuse them.
+    """
+
+    freeze: bool = False
 
 
 class FusionConfig(ComponentConfig):
@@ -169,7 +182,7 @@ class TrainerConfig(StrictModel):
 class ExperimentConfig(StrictModel):
     seed: int = 0
     data: DataConfig
-    encoders: dict[str, ComponentConfig]
+    encoders: dict[str, EncoderConfig]
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -21,9 +21,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mmfuse import __version__
-from mmfuse.config import ComponentConfig, ExperimentConfig, FusionConfig, TaskConfig
+from mmfuse.config import ComponentConfig, EncoderConfig, ExperimentConfig, FusionConfig, TaskConfig
+from mmfuse.data.dataset import CACHED_MASK, CACHED_POOLED, CACHED_TOKENS
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.encoders import ENCODERS, Encoder, absent_features
+from mmfuse.encoders.base import finish_features
 from mmfuse.errors import ConfigError, MMFuseError
 from mmfuse.fusion import FUSIONS, Fusion
 from mmfuse.tasks import TASKS, HeadTask, Task
@@ -38,7 +40,7 @@ class ModelSpec(BaseModel):
     """The architecture part of an experiment config: enough to rebuild the model."""
 
     model_config = ConfigDict(extra="forbid")
-    encoders: dict[str, ComponentConfig]
+    encoders: dict[str, EncoderConfig]
     fusion: FusionConfig
     task: TaskConfig
     target_column: str = "label"
@@ -59,6 +61,9 @@ class MultimodalModel(nn.Module):
         self.encoders = nn.ModuleDict({
             m: self._build_encoder(m, spec.encoders[m]) for m in self.modalities
         })
+        for m in self.modalities:
+            if spec.encoders[m].freeze:
+                self._encoder(m).freeze()
         dims = {m: self._encoder(m).out_dim for m in self.modalities}
         decision_level = bool(getattr(FUSIONS.get(spec.fusion.name), "decision_level", False))
         if decision_level and not isinstance(task, HeadTask):
@@ -94,7 +99,12 @@ class MultimodalModel(nn.Module):
         for m in self.modalities:
             encoder = self._encoder(m)
             if m in batch.inputs and bool(batch.present[m].any()):
-                features[m] = encoder(batch.inputs[m], batch.present[m])
+                inputs = batch.inputs[m]
+                if CACHED_POOLED in inputs:  # outputs of a frozen encoder, read from the feature cache
+                    features[m] = finish_features(inputs[CACHED_TOKENS], inputs[CACHED_MASK], inputs[CACHED_POOLED],
+                                                  batch.present[m])
+                else:
+                    features[m] = encoder(inputs, batch.present[m])
             else:
                 features[m] = absent_features(size, encoder.out_dim, device, torch.float32)
         return features

@@ -7,6 +7,7 @@ best-checkpoint selection and early stopping -> test metrics -> ``save_pretraine
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -236,6 +237,12 @@ def fit(config: ExperimentConfig, data: PreparedData, save: bool = True) -> Trai
     """Trains one model on already-prepared data (the demo and benchmarks reuse one PreparedData)."""
     L.seed_everything(config.seed, workers=True, verbose=False)
     model = MultimodalModel.from_config(config, data.preprocessor, data.task)
+    if config.data.cache:  # frozen encoders' outputs from disk: the encoders never run while training
+        from mmfuse.data.feature_cache import cache_datasets
+
+        cached, _ = cache_datasets(model, data.datasets, config.data.cache_dir,
+                                   device=None if config.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
+        data = dataclasses.replace(data, datasets=cached)
     module = FusionModule(model, config.optim, config.trainer.modality_dropout,
                           config.trainer.unimodal_loss_weight)
     out = Path(config.trainer.output_dir)

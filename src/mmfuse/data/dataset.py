@@ -77,6 +77,11 @@ class MultimodalDataset(Dataset[Sample]):
         return self.samples[index]
 
 
+CACHED_TOKENS, CACHED_MASK, CACHED_POOLED = "cached_tokens", "cached_mask", "cached_pooled"
+"""Input names of a modality whose frozen encoder's outputs come from the feature cache: a sample
+holds tokens (T, D), mask (T,) and pooled (D,); the model then skips that encoder."""
+
+
 class Collator:
     """Stacks samples into a ``Batch``: pads text and feature sequences to the longest, audio to a
     fixed or batch length.
@@ -99,7 +104,13 @@ class Collator:
             target = self.task.collate_targets([s.target for s in samples if s.target is not None])
         return Batch(inputs=inputs, present=present, target=target, ids=[s.id for s in samples])
 
+    def collate_modality(self, modality: str, values: list[ModalityInputs | None]) -> dict[str, Tensor]:
+        """The collated inputs of one modality (what its encoder reads), e.g. to precompute features."""
+        return self._collate_modality(modality, self.preprocessor.kind(modality), values)
+
     def _collate_modality(self, modality: str, kind: str, values: list[ModalityInputs | None]) -> dict[str, Tensor]:
+        if any(v is not None and CACHED_POOLED in v for v in values):
+            return self._collate_cached(values)
         if kind == "text":
             return self._collate_text(values)
         if kind == "image":
@@ -109,6 +120,24 @@ class Collator:
         if kind == "features":
             return self._collate_features(values, self.preprocessor.feature_dims.get(modality, 0))
         return self._collate_audio(values)
+
+    @staticmethod
+    def _collate_cached(values: list[ModalityInputs | None]) -> dict[str, Tensor]:
+        """Cached encoder outputs (see ``mmfuse.data.feature_cache``): tokens zero-padded to the longest."""
+        first = next(v for v in values if v is not None)
+        dim, dtype = first[CACHED_POOLED].shape[-1], first[CACHED_POOLED].dtype
+        length = max(1, *(0 if v is None else len(v[CACHED_TOKENS]) for v in values))
+        tokens = torch.zeros(len(values), length, dim, dtype=dtype)
+        mask = torch.zeros(len(values), length, dtype=torch.bool)
+        pooled = torch.zeros(len(values), dim, dtype=dtype)
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            steps = len(v[CACHED_TOKENS])
+            tokens[i, :steps] = v[CACHED_TOKENS]
+            mask[i, :steps] = v[CACHED_MASK]
+            pooled[i] = v[CACHED_POOLED]
+        return {CACHED_TOKENS: tokens, CACHED_MASK: mask, CACHED_POOLED: pooled}
 
     @staticmethod
     def _collate_text(values: list[ModalityInputs | None]) -> dict[str, Tensor]:

@@ -38,6 +38,24 @@ class Encoder(nn.Module):
 
     kind: str = ""
     out_dim: int
+    _frozen_all: bool = False
+
+    def freeze(self) -> Encoder:
+        """Stops every parameter from training and keeps the module in eval mode from now on.
+
+        Eval mode too (no dropout, fixed BatchNorm statistics), so the encoder is a fixed function
+        of its input: the feature cache relies on that to store its outputs once (``data.cache``).
+        """
+        self.requires_grad_(False)
+        self._frozen_all = True
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> Encoder:
+        return super().train(mode and not self._frozen_all)
+
+    def trainable_parameter_names(self) -> list[str]:
+        """Names of the parameters that would train; empty for a frozen encoder."""
+        return [name for name, p in self.named_parameters() if p.requires_grad]
 
 
 ENCODERS: Registry[Encoder] = Registry("encoder", reserved=("context",), entry_point_group="mmfuse.encoders")

@@ -1,0 +1,192 @@
+"""The feature cache (mmfuse.data.feature_cache) and frozen encoders (``encoders.<m>.freeze``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mmfuse.config import validate_config
+from mmfuse.data import arrays
+from mmfuse.data.dataset import CACHED_POOLED, Collator
+from mmfuse.data.feature_cache import FeatureStore, cache_datasets, default_cache_dir
+from mmfuse.data.feature_example import generate_feature_example
+from mmfuse.errors import ConfigError
+from mmfuse.model import MultimodalModel
+from mmfuse.training import PreparedData, fit, prepare_data
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mmaps() -> None:
+    arrays.clear_cache()
+
+
+@pytest.fixture
+def features_data(tmp_path: Path) -> Path:
+    return generate_feature_example(tmp_path / "data", n_samples=60, seed=1)
+
+
+def features_config(manifest: Path, out: Path, cache_dir: Path, freeze: bool = True, **data: Any) -> dict[str, Any]:
+    return {
+        "seed": 0,
+        "data": {"manifest": str(manifest), "batch_size": 16, "cache": True, "cache_dir": str(cache_dir),
+                 "modalities": {"words": {"kind": "features", "column": "words"},
+                                "acoustic": {"kind": "features", "column": "acoustic"}}, **data},
+        "encoders": {"words": {"name": "sequence", "dim": 16, "heads": 2, "freeze": freeze},
+                     "acoustic": {"name": "identity", "dim": 16, "freeze": freeze}},
+        "fusion": {"name": "attention", "out_dim": 16},
+        "task": {"name": "sentiment"},
+        "trainer": {"max_epochs": 2, "patience": None, "output_dir": str(out), "progress_bar": False},
+    }
+
+
+def build(config: Any, data: PreparedData, seed: int = 0) -> MultimodalModel:
+    torch.manual_seed(seed)
+    return MultimodalModel.from_config(config, data.preprocessor, data.task)
+
+
+def test_cache_hit_gives_the_encoder_outputs(synth_missing_manifest: Path, tmp_path: Path) -> None:
+    """Built-in text/image/audio encoders, frozen, some samples missing modalities."""
+    raw = {
+        "seed": 0,
+        "data": {"manifest": str(synth_missing_manifest), "target_column": "label", "cache": True,
+                 "text": {"max_length": 12}, "audio": {"n_mels": 32, "n_fft": 512, "hop_length": 256}},
+        "encoders": {"text": {"name": "text_transformer", "dim": 16, "freeze": True},
+                     "image": {"name": "image_cnn", "dim": 16, "channels": [8], "freeze": True},
+                     "audio": {"name": "audio_cnn", "dim": 16, "channels": [8], "freeze": True}},
+        "fusion": {"name": "mult", "out_dim": 16},
+        "trainer": {"output_dir": str(tmp_path / "run")},
+    }
+    config = validate_config(raw)
+    data = prepare_data(config)
+    model = build(config, data).eval()
+    first, stats = cache_datasets(model, data.datasets, tmp_path / "cache")
+    present = {m: sum(s.inputs[m] is not None for d in data.datasets.values() for s in d.samples)
+               for m in ("audio", "image", "text")}
+    assert stats.computed == present and stats.hits == {m: 0 for m in present}
+    again, stats = cache_datasets(model, data.datasets, tmp_path / "cache")
+    assert stats.computed == {m: 0 for m in present} and stats.hits == present
+    collate = Collator(data.preprocessor, data.task)
+    rows = list(range(24))
+    raw_batch = collate([data.datasets["train"][i] for i in rows])
+    hit_batch = collate([again["train"][i] for i in rows])
+    miss_batch = collate([first["train"][i] for i in rows])
+    assert CACHED_POOLED in hit_batch.inputs["image"]
+    for m in present:
+        assert torch.equal(hit_batch.present[m], raw_batch.present[m])
+        assert torch.equal(hit_batch.inputs[m][CACHED_POOLED], miss_batch.inputs[m][CACHED_POOLED])  # bitwise
+    with torch.no_grad():
+        direct, cached = model.encode(raw_batch), model.encode(hit_batch)
+        for m in present:
+            torch.testing.assert_close(cached[m].pooled, direct[m].pooled, atol=1e-5, rtol=1e-5)
+            steps = cached[m].tokens.shape[1]
+            assert torch.equal(cached[m].mask, direct[m].mask[:, :steps])
+            assert not direct[m].mask[:, steps:].any()  # only trailing padding was left out
+            valid = cached[m].mask[..., None]
+            torch.testing.assert_close(cached[m].tokens * valid, direct[m].tokens[:, :steps] * valid,
+                                       atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(hit_batch), model(raw_batch), atol=1e-5, rtol=1e-5)
+
+
+def test_changed_file_or_weights_invalidate(features_data: Path, tmp_path: Path) -> None:
+    config = validate_config(features_config(features_data, tmp_path / "run", tmp_path / "cache"))
+    data = prepare_data(config)
+    model = build(config, data)
+    _, stats = cache_datasets(model, data.datasets, tmp_path / "cache")
+    assert stats.computed == {"acoustic": 60, "words": 60}
+    # Same encoder weights (the same seed builds the same encoders, whatever the fusion): all hits.
+    other_fusion = validate_config({**features_config(features_data, tmp_path / "run", tmp_path / "cache"),
+                                    "fusion": {"name": "concat", "out_dim": 8}})
+    _, stats = cache_datasets(build(other_fusion, data), data.datasets, tmp_path / "cache")
+    assert stats.computed == {"acoustic": 0, "words": 0}
+    # One file's bytes change: that sample alone is recomputed.
+    path = features_data.parent / "words" / "s00003.npy"
+    np.save(path, np.load(path) + 0.5)
+    changed = prepare_data(config)
+    _, stats = cache_datasets(model, changed.datasets, tmp_path / "cache")
+    assert stats.computed == {"acoustic": 0, "words": 1}
+    # Other weights (another seed, or an edited weight): every entry of that encoder is recomputed.
+    _, stats = cache_datasets(build(config, changed, seed=1), changed.datasets, tmp_path / "cache")
+    assert stats.computed == {"acoustic": 60, "words": 60}
+    with torch.no_grad():
+        model.encoders["acoustic"].proj.weight[0, 0] += 1.0  # type: ignore[index, union-attr]
+    _, stats = cache_datasets(model, changed.datasets, tmp_path / "cache")
+    assert stats.computed == {"acoustic": 60, "words": 0}
+    # Preprocessing settings are part of the key too.
+    cropped = validate_config(features_config(features_data, tmp_path / "run", tmp_path / "cache",
+                                              features={"max_length": 8}))
+    cropped_data = prepare_data(cropped)
+    _, stats = cache_datasets(build(cropped, cropped_data), cropped_data.datasets, tmp_path / "cache")
+    assert stats.computed == {"acoustic": 60, "words": 60}
+    assert not list((tmp_path / "cache").rglob("*.tmp")), "writes are atomic: no temp file is left behind"
+
+
+def test_trainable_encoder_with_cache_is_a_config_error(features_data: Path, tmp_path: Path) -> None:
+    raw = features_config(features_data, tmp_path / "run", tmp_path / "cache")
+    raw["encoders"]["words"]["freeze"] = False
+    config = validate_config(raw)
+    with pytest.raises(ConfigError, match=r"data\.cache needs frozen encoders, but encoders\.words \('sequence'\) "
+                                          r"has \d+ trainable parameter"):
+        fit(config, prepare_data(config), save=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_training_with_cache_matches_training_without(features_data: Path, tmp_path: Path) -> None:
+    """Same seed, same model: the cached run reads what the encoders would compute, so it learns the same."""
+    config = validate_config(features_config(features_data, tmp_path / "cached", tmp_path / "cache"))
+    data = prepare_data(config)
+    with_cache = fit(config, data, save=False)
+    plain = validate_config(features_config(features_data, tmp_path / "plain", tmp_path / "cache", cache=False))
+    without = fit(plain, data, save=False)
+    for name in ("mae", "pearson", "acc2"):
+        assert with_cache.val_metrics[name] == pytest.approx(without.val_metrics[name], abs=1e-3), name
+    # The frozen encoders did not change, and the saved model reads raw inputs again.
+    fresh = build(config, data)
+    for m in ("words", "acoustic"):
+        for (name, p), q in zip(with_cache.model.encoders[m].state_dict().items(),
+                                fresh.encoders[m].state_dict().values(), strict=True):
+            assert torch.equal(p, q), f"{m}.{name} changed although frozen"
+    batch = Collator(data.preprocessor, data.task)([data.datasets["val"][i] for i in range(8)])
+    with torch.no_grad():
+        torch.testing.assert_close(with_cache.model(batch), without.model(batch), atol=1e-3, rtol=1e-3)
+
+
+def test_frozen_encoder_stays_in_eval_mode_and_saves_freeze(features_data: Path, tmp_path: Path) -> None:
+    raw = features_config(features_data, tmp_path / "run", tmp_path / "cache", cache=False)
+    raw["encoders"]["words"]["dropout"] = 0.5
+    config = validate_config(raw)
+    data = prepare_data(config)
+    model = build(config, data).train()
+    words = model.encoders["words"]
+    assert not words.training and all(not m.training for m in words.modules())
+    assert words.trainable_parameter_names() == []  # type: ignore[operator]
+    assert model.fusion is not None and model.fusion.training
+    batch = Collator(data.preprocessor, data.task)([data.datasets["train"][i] for i in range(8)])
+    torch.testing.assert_close(model.encode(batch)["words"].pooled, model.encode(batch)["words"].pooled)
+    folder = model.save_pretrained(tmp_path / "saved")
+    reloaded = MultimodalModel.from_pretrained(folder)
+    assert reloaded.spec.encoders["words"].freeze and not any(
+        p.requires_grad for p in reloaded.encoders["words"].parameters())
+
+
+def test_damaged_pack_is_ignored_and_default_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "key"
+    folder.mkdir()
+    (folder / "broken.safetensors").write_bytes(b"not a pack")
+    store = FeatureStore(folder)
+    assert "anything" not in store
+    entry = {"cached_tokens": torch.ones(2, 3), "cached_mask": torch.tensor([True, False]),
+             "cached_pooled": torch.arange(3.0)}
+    store.write({"k1": entry}, {"modality": "m"})
+    loaded = FeatureStore(folder).load(["k1"])["k1"]
+    for name, value in entry.items():
+        assert torch.equal(loaded[name], value)
+    monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c" / "features"
+    monkeypatch.delenv("MMFUSE_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "mmfuse" / "features"
+    shutil.rmtree(folder)
