@@ -2,9 +2,10 @@
 budget, over several seeds, with the results a paper table needs.
 
 The data is preprocessed once and shared by every run. Each run records its task metrics on the
-test split (validation when there is none), the main metric with each single modality hidden at
-test time (without each modality, each alone, and their mean), its parameter count, training time and peak memory. ``runs.csv`` is rewritten after
-every run, so an interrupted benchmark keeps what it finished.
+test split (validation when there is none), the main metric with modalities hidden at test time
+(without each modality, each alone, and the mean over those subsets), its parameter count,
+training time and peak memory. ``runs.csv`` is rewritten after every run, so an interrupted
+benchmark keeps what it finished.
 """
 
 from __future__ import annotations
