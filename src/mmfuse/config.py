@@ -36,19 +36,44 @@ class StrictModel(BaseModel):
 
 
 class TextPrep(StrictModel):
-    """Built-in word tokenizer settings; the vocabulary is fitted on the training split."""
+    """Built-in word tokenizer settings; the vocabulary is fitted on the training split.
+
+    ``tokenizer`` names a pretrained tokenizer instead (a hub name, a local folder or
+    ``package:<module>``): pretrained text encoders must read the ids their own tokenizer makes.
+    Its files are saved inside the model folder, so a saved model never needs the original.
+    """
 
     max_length: int = Field(64, gt=0)
+    tokenizer: str | None = Field(None, description="pretrained tokenizer (hub name, folder, package:<module>)")
     lowercase: bool = True
     min_freq: int = Field(1, ge=1)
     max_vocab: int = Field(30000, gt=2)
 
 
 class ImagePrep(StrictModel):
+    """Resize to size x size, then (x / 255 - mean) / std; mean/std are one value or one per channel.
+
+    ``processor`` takes size, mean and std from a pretrained image processor (a hub name or a
+    folder with preprocessor_config.json) when the preprocessing is fitted; the resolved values are
+    what the saved model records.
+    """
+
     size: int = Field(32, gt=0, description="images are resized to size x size")
     mode: Literal["rgb", "grayscale"] = "rgb"
-    mean: float = 0.5
-    std: float = Field(0.5, gt=0)
+    mean: float | tuple[float, ...] = 0.5
+    std: float | tuple[float, ...] = 0.5
+    processor: str | None = Field(None, description="take size/mean/std from this image processor")
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> ImagePrep:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else (value,)
+            if len(values) not in (1, self.channels):
+                raise ValueError(f"{name} needs 1 or {self.channels} values for mode '{self.mode}', got {len(values)}")
+            if name == "std" and min(values) <= 0:
+                raise ValueError("std must be positive")
+        return self
 
     @property
     def channels(self) -> int:
@@ -65,6 +90,9 @@ class AudioPrep(StrictModel):
     f_max: float | None = None
     max_seconds: float = Field(1.0, gt=0, description="longer clips are cropped")
     pad_mode: Literal["fixed", "longest"] = Field("fixed", description="pad to max_seconds or to the batch")
+    features: Literal["log_mel", "waveform"] = Field(
+        "log_mel", description="log-mel spectrogram, or the raw waveform for encoders that read samples (wav2vec2)")
+    normalize_dbfs: float | None = Field(None, le=0, description="scale each clip to this RMS level (dBFS)")
 
     @property
     def max_frames(self) -> int:
@@ -157,6 +185,7 @@ class TaskConfig(ComponentConfig):
 class OptimConfig(StrictModel):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
+    encoder_lr: float | None = Field(None, gt=0, description="learning rate of the encoders; null = lr")
     weight_decay: float = Field(0.01, ge=0)
     scheduler: Literal["none", "cosine"] = "none"
     gradient_clip: float | None = Field(1.0, gt=0)

@@ -8,6 +8,7 @@ model: ``save_pretrained(dir)`` writes ``config.json`` (architecture), ``preproc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ from mmfuse.types import Batch, Features
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PREPROCESSING_FILE = "preprocessing.json"
+ENCODER_ASSETS_DIR = "encoders"
 
 
 class ModelSpec(BaseModel):
@@ -52,9 +54,12 @@ class ModelSpec(BaseModel):
 
 
 class MultimodalModel(nn.Module):
-    def __init__(self, spec: ModelSpec, preprocessor: Preprocessor, task: Task) -> None:
+    def __init__(self, spec: ModelSpec, preprocessor: Preprocessor, task: Task, assets: Path | None = None) -> None:
+        """``assets``: the folder of a saved model being restored (pretrained encoders rebuild their
+        architecture from its ``encoders/<modality>`` files instead of their original source)."""
         super().__init__()
         self.spec = spec
+        self._assets = assets
         self.preprocessor = preprocessor
         self.task = task
         self.modalities = sorted(spec.encoders)
@@ -80,7 +85,10 @@ class MultimodalModel(nn.Module):
     def _build_encoder(self, modality: str, config: ComponentConfig) -> Encoder:
         if modality not in self.preprocessor.modalities:
             raise MMFuseError(f"encoder for '{modality}' but the data has no such modality")
-        return ENCODERS.create(config.name, context=self.preprocessor.context(modality), **config.options)
+        context = self.preprocessor.context(modality)
+        if self._assets is not None:
+            context = dataclasses.replace(context, assets=str(self._assets / ENCODER_ASSETS_DIR / modality))
+        return ENCODERS.create(config.name, context=context, **config.options)
 
     def _encoder(self, modality: str) -> Encoder:
         encoder = self.encoders[modality]
@@ -138,6 +146,7 @@ class MultimodalModel(nn.Module):
             (staging / PREPROCESSING_FILE).write_text(json.dumps(prep, indent=2))
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+            self._save_assets(staging)
             if directory.exists():
                 backup = directory.with_name(f".{directory.name}.old")
                 shutil.rmtree(backup, ignore_errors=True)
@@ -150,6 +159,15 @@ class MultimodalModel(nn.Module):
             shutil.rmtree(staging, ignore_errors=True)
         return directory
 
+    def _save_assets(self, folder: Path) -> None:
+        """Pretrained tokenizers and encoder architectures (configs, processors), so that the folder
+        alone rebuilds the model: no hub name, package or original folder is needed to load it."""
+        self.preprocessor.save_assets(folder)
+        for m in self.modalities:
+            save_assets = getattr(self._encoder(m), "save_assets", None)
+            if callable(save_assets):
+                save_assets(folder / ENCODER_ASSETS_DIR / m)
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> MultimodalModel:
         directory = Path(directory)
@@ -160,10 +178,10 @@ class MultimodalModel(nn.Module):
         config.pop("mmfuse_version", None)
         spec = ModelSpec.model_validate(config)
         prep = json.loads((directory / PREPROCESSING_FILE).read_text())
-        preprocessor = Preprocessor.from_state(prep["preprocessor"])
+        preprocessor = Preprocessor.from_state(prep["preprocessor"], directory)
         task = TASKS.create(spec.task.name, **spec.task.options)
         task.load_state(prep["task"])
-        model = cls(spec, preprocessor, task)
+        model = cls(spec, preprocessor, task, assets=directory)
         model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device="cpu"))
         model.to(map_location)  # load_state_dict copies into the CPU-built parameters
         model.eval()

@@ -136,6 +136,21 @@ def drop_modalities(present: dict[str, Tensor], rate: float) -> dict[str, Tensor
     return {m: kept[:, i] for i, m in enumerate(names)}
 
 
+def parameter_groups(model: MultimodalModel, optim: OptimConfig) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: fusion + head at ``optim.lr``, encoders at ``optim.encoder_lr``.
+
+    Pretrained encoders usually want a learning rate 10-100x smaller than the freshly initialised
+    fusion and head; frozen parameters (requires_grad False) are left out of the optimizer entirely.
+    """
+    encoder_ids = {id(p) for p in model.encoders.parameters()}
+    encoders = [p for p in model.encoders.parameters() if p.requires_grad]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
+    groups = [{"params": rest, "lr": optim.lr, "name": "fusion_head"}]
+    if encoders:
+        groups.append({"params": encoders, "lr": optim.encoder_lr or optim.lr, "name": "encoders"})
+    return [g for g in groups if g["params"]]
+
+
 class FusionModule(L.LightningModule):
     """Trains a ``MultimodalModel``; logs loss and the task's metrics per split."""
 
@@ -179,9 +194,10 @@ class FusionModule(L.LightningModule):
         self.val_metrics.reset()
 
     def configure_optimizers(self) -> Any:
-        params: list[Any] = [p for p in self.model.parameters() if p.requires_grad]
+        params = parameter_groups(self.model, self.optim)
         if self.unimodal_heads is not None:
-            params += list(self.unimodal_heads.parameters())
+            params.append({"params": list(self.unimodal_heads.parameters()), "lr": self.optim.lr,
+                           "name": "unimodal_heads"})
         cfg = self.optim
         optimizer: torch.optim.Optimizer
         if cfg.name == "adamw":

@@ -164,6 +164,8 @@ class Collator:
 
     def _collate_audio(self, values: list[ModalityInputs | None]) -> dict[str, Tensor]:
         prep = self.preprocessor.audio
+        if prep.features == "waveform":
+            return self._collate_waveforms(values)
         mels = [torch.zeros(prep.n_mels, 0) if v is None else v["mel"] for v in values]
         frames = prep.max_frames if prep.pad_mode == "fixed" else max(1, *(m.shape[1] for m in mels))
         out = torch.stack([F.pad(m[:, :frames], (0, frames - min(frames, m.shape[1]))) for m in mels])
@@ -171,3 +173,17 @@ class Collator:
         for i, mel in enumerate(mels):
             mask[i, : min(frames, mel.shape[1])] = True
         return {"mel": out, "frame_mask": mask}
+
+    def _collate_waveforms(self, values: list[ModalityInputs | None]) -> dict[str, Tensor]:
+        """Raw samples (``audio.features: waveform``) zero-padded to max_seconds or the longest clip."""
+        prep = self.preprocessor.audio
+        waves = [torch.zeros(0) if v is None else v["waveform"] for v in values]
+        fixed = int(prep.max_seconds * prep.sample_rate)
+        length = fixed if prep.pad_mode == "fixed" else max(1, *(len(w) for w in waves))
+        out = torch.zeros(len(waves), length)
+        mask = torch.zeros(len(waves), length, dtype=torch.bool)
+        for i, wave in enumerate(waves):
+            n = min(length, len(wave))
+            out[i, :n] = wave[:n]
+            mask[i, :n] = True
+        return {"waveform": out, "sample_mask": mask}

@@ -20,12 +20,16 @@ from mmfuse.data.arrays import load_array
 from mmfuse.data.audio import load_waveform, log_mel, log_mel_batch
 from mmfuse.data.image import decode_image, image_to_tensor
 from mmfuse.data.manifest import Record
+from mmfuse.data.pretrained_prep import PretrainedTokenizer, image_prep_from_processor
 from mmfuse.data.text import Tokenizer
 from mmfuse.encoders.base import EncoderContext
 from mmfuse.errors import DataError
 
 ModalityInputs = dict[str, Tensor]
 RawInput = str | Image.Image | np.ndarray
+AnyTokenizer = Tokenizer | PretrainedTokenizer
+TOKENIZER_DIR = "tokenizers"
+"""Sub-folder of a saved model that holds one pretrained tokenizer folder per text modality."""
 """A decoded field: text, a PIL image, a mono waveform or a feature array (see ``Preprocessor.decode``)."""
 
 
@@ -36,7 +40,7 @@ class Preprocessor:
         text: TextPrep,
         image: ImagePrep,
         audio: AudioPrep,
-        tokenizers: dict[str, Tokenizer] | None = None,
+        tokenizers: dict[str, AnyTokenizer] | None = None,
         features: FeaturesPrep | None = None,
         feature_dims: dict[str, int] | None = None,
     ) -> None:
@@ -50,13 +54,18 @@ class Preprocessor:
         return self.modalities[modality].kind
 
     def fit(self, records: list[Record]) -> None:
+        # A pretrained image processor's size/mean/std become the image settings the model records.
+        if any(spec.kind == "image" for spec in self.modalities.values()):
+            self.image = image_prep_from_processor(self.image)
         """Fits a vocabulary per text modality and the feature width D per features modality.
 
         D comes from the first training sample that has the modality; every other sample (of any
         split) must agree, which ``encode_decoded`` checks, naming the row.
         """
         for modality, spec in self.modalities.items():
-            if spec.kind == "text":
+            if spec.kind == "text" and self.text.tokenizer:
+                self.tokenizers[modality] = PretrainedTokenizer.load(self.text.tokenizer, self.text.max_length)
+            elif spec.kind == "text":
                 texts = [r.fields[modality] or "" for r in records]
                 self.tokenizers[modality] = Tokenizer.fit(texts, self.text)
             elif spec.kind == "features":
@@ -114,7 +123,7 @@ class Preprocessor:
             return {"pixels": image_to_tensor(raw, self.image)}
         if kind == "audio":
             assert isinstance(raw, np.ndarray), f"audio modality '{modality}' expects a waveform"
-            return {"mel": log_mel(raw, self.audio)}
+            return self._audio_inputs(self._gain(raw))
         if kind == "features":
             assert isinstance(raw, np.ndarray), f"features modality '{modality}' expects an array"
             return {"values": self._feature_values(modality, raw)}
@@ -136,6 +145,8 @@ class Preprocessor:
 
     def encode_decoded_many(self, modality: str, raws: Sequence[RawInput]) -> list[ModalityInputs | None]:
         """``encode_decoded`` of many raw inputs; audio clips of equal length share one batched STFT."""
+        if self.audio.features != "log_mel" or self.audio.normalize_dbfs is not None:
+            return [self.encode_decoded(modality, raw) for raw in raws]
         if self.kind(modality) != "audio":
             return [self.encode_decoded(modality, raw) for raw in raws]
         for raw in raws:
@@ -148,7 +159,22 @@ class Preprocessor:
             for m in self.modalities
         }
 
-    def _tokenizer(self, modality: str) -> Tokenizer:
+    def _gain(self, waveform: np.ndarray) -> np.ndarray:
+        """Scales a clip to ``audio.normalize_dbfs`` RMS (silence stays silence); no-op when unset."""
+        if self.audio.normalize_dbfs is None:
+            return waveform
+        rms = float(np.sqrt(np.mean(np.square(waveform, dtype=np.float64))))
+        if rms <= 0:
+            return waveform
+        return (waveform * np.float32(10 ** (self.audio.normalize_dbfs / 20) / rms)).astype(np.float32)
+
+    def _audio_inputs(self, waveform: np.ndarray) -> ModalityInputs:
+        """log-mel (``mel``) or, for encoders that read samples, the waveform itself."""
+        if self.audio.features == "waveform":
+            return {"waveform": torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))}
+        return {"mel": log_mel(waveform, self.audio)}
+
+    def _tokenizer(self, modality: str) -> AnyTokenizer:
         if modality not in self.tokenizers:
             raise DataError(f"the text modality '{modality}' has no fitted vocabulary")
         return self.tokenizers[modality]
@@ -156,16 +182,27 @@ class Preprocessor:
     def context(self, modality: str) -> EncoderContext:
         kind = self.kind(modality)
         if kind == "text":
-            return EncoderContext(kind=kind, vocab_size=self._tokenizer(modality).vocab_size,
-                                  max_length=self.text.max_length)
+            tokenizer = self._tokenizer(modality)
+            return EncoderContext(kind=kind, vocab_size=tokenizer.vocab_size, max_length=self.text.max_length,
+                                  tokenizer=tokenizer.source if isinstance(tokenizer, PretrainedTokenizer) else "")
         if kind == "image":
-            return EncoderContext(kind=kind, channels=self.image.channels, image_size=self.image.size)
+            return EncoderContext(kind=kind, channels=self.image.channels, image_size=self.image.size,
+                                  image_mean=_per_channel(self.image.mean, self.image.channels),
+                                  image_std=_per_channel(self.image.std, self.image.channels))
         if kind == "features":
             if modality not in self.feature_dims:
                 raise DataError(f"the features modality '{modality}' has no fitted feature width")
             return EncoderContext(kind=kind, feature_dim=self.feature_dims[modality],
                                   max_length=self.features.max_length)
-        return EncoderContext(kind=kind, n_mels=self.audio.n_mels, max_frames=self.audio.max_frames)
+        return EncoderContext(kind=kind, n_mels=self.audio.n_mels, max_frames=self.audio.max_frames,
+                              audio_features=self.audio.features, sample_rate=self.audio.sample_rate,
+                              n_fft=self.audio.n_fft, hop_length=self.audio.hop_length)
+
+    def save_assets(self, folder: Path) -> None:
+        """Writes the pretrained tokenizers' files under ``folder/tokenizers/<modality>``."""
+        for modality, tokenizer in self.tokenizers.items():
+            if isinstance(tokenizer, PretrainedTokenizer):
+                tokenizer.save(folder / TOKENIZER_DIR / modality)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -179,14 +216,26 @@ class Preprocessor:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Preprocessor:
+    def from_state(cls, state: dict[str, Any], folder: Path | None = None) -> Preprocessor:
+        """Rebuilds a saved preprocessor; ``folder`` is the model folder holding tokenizer files."""
         return cls(
             modalities={m: ModalitySpec(**s) for m, s in state["modalities"].items()},
             text=TextPrep(**state["text"]),
             image=ImagePrep(**state["image"]),
             audio=AudioPrep(**state["audio"]),
-            tokenizers={m: Tokenizer.from_dict(t) for m, t in state["tokenizers"].items()},
+            tokenizers={m: _tokenizer_from_dict(m, t, folder) for m, t in state["tokenizers"].items()},
             # Absent from models saved before the features modality existed.
             features=FeaturesPrep(**state.get("features", {})),
             feature_dims={m: int(d) for m, d in state.get("feature_dims", {}).items()},
         )
+
+
+def _tokenizer_from_dict(modality: str, state: dict[str, Any], folder: Path | None) -> AnyTokenizer:
+    if PretrainedTokenizer.is_state(state):
+        return PretrainedTokenizer.from_dict(state, None if folder is None else folder / TOKENIZER_DIR / modality)
+    return Tokenizer.from_dict(state)
+
+
+def _per_channel(value: float | tuple[float, ...], channels: int) -> tuple[float, ...]:
+    values = value if isinstance(value, tuple) else (value,)
+    return tuple(float(v) for v in values) * (channels if len(values) == 1 else 1)

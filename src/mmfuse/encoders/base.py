@@ -26,6 +26,17 @@ class EncoderContext:
     image_size: int = 0
     n_mels: int = 0
     max_frames: int = 0
+    tokenizer: str = ""
+    """'' for the built-in word tokenizer, else the pretrained tokenizer's source (TextPrep.tokenizer)."""
+    image_mean: tuple[float, ...] = ()
+    image_std: tuple[float, ...] = ()
+    audio_features: str = "log_mel"
+    sample_rate: int = 0
+    n_fft: int = 0
+    hop_length: int = 0
+    assets: str = ""
+    """Set when a saved model is restored: the folder holding this encoder's saved architecture files
+    (pretrained encoders then build from it, and their weights come from model.safetensors)."""
     feature_dim: int = 0
 
 
