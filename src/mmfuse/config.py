@@ -140,6 +140,10 @@ class DataConfig(StrictModel):
     cache: bool = Field(False, description="store frozen encoders' outputs on disk and read them back")
     cache_dir: Path | None = Field(None, description="feature cache folder (default $MMFUSE_CACHE/features "
                                                      "or ~/.cache/mmfuse/features)")
+    in_memory: bool = Field(False, description="fast path: preprocessed splits as cached memory-mapped tensors, "
+                            "batches sliced from them (on the GPU when training there)")
+    in_memory_cache: Path | None = Field(None, description="cache folder of the in-memory tensors "
+                                         "(default $MMFUSE_CACHE/arrays or ~/.cache/mmfuse/arrays)")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from mmfuse.data.dataset import Collator, MultimodalDataset
+from mmfuse.data.memory import ArrayDataset, ArrayLoader
 from mmfuse.model import MultimodalModel
 from mmfuse.types import Batch
 
@@ -33,8 +34,10 @@ def evaluate(model: MultimodalModel, dataset: MultimodalDataset, batch_size: int
     """
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        collate_fn=Collator(model.preprocessor, model.task))
+    loader: Iterable[Batch] = (
+        ArrayLoader(dataset, batch_size, shuffle=False) if isinstance(dataset, ArrayDataset)
+        else DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        collate_fn=Collator(model.preprocessor, model.task)))
     device = model_device(model)
     metrics = model.task.metrics().to(device)
     total_loss, count = 0.0, 0

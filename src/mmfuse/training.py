@@ -29,6 +29,7 @@ from mmfuse.auxiliary import UnimodalHeads
 from mmfuse.config import ExperimentConfig, OptimConfig
 from mmfuse.data.dataset import Collator, MultimodalDataset, SkipReport
 from mmfuse.data.manifest import Record, read_manifest
+from mmfuse.data.memory import ArrayDataset, ArrayLoader, cached_arrays
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.errors import ConfigError, DataError
 from mmfuse.evaluation import evaluate
@@ -102,17 +103,25 @@ def prepare_data(config: ExperimentConfig) -> PreparedData:
         task.fit([t for t in fit_targets if t is not None] if config.data.on_error == "skip" else fit_targets)
     except ValueError as exc:
         raise DataError(f"training targets (column '{config.data.target_column}'): {exc}") from None
-    datasets = {
-        name: MultimodalDataset(records, preprocessor, task, on_error=config.data.on_error)
-        for name, records in splits.items()
-    }
+    datasets = {name: split_dataset(config, records, preprocessor, task) for name, records in splits.items()}
     if len(datasets["train"]) == 0:
         raise DataError("every training sample was skipped; see the errors above")
     return PreparedData(preprocessor, task, datasets)
 
 
+def split_dataset(config: ExperimentConfig, records: list[Record], preprocessor: Preprocessor,
+                  task: Task) -> MultimodalDataset:
+    """One split, preprocessed: per-sample (``MultimodalDataset``) or stacked tensors (``data.in_memory``)."""
+    if config.data.in_memory:
+        return cached_arrays(records, preprocessor, task, config.data.on_error, config.data.in_memory_cache)
+    return MultimodalDataset(records, preprocessor, task, on_error=config.data.on_error)
+
+
 def make_loader(dataset: MultimodalDataset, collator: Collator, batch_size: int, shuffle: bool,
-                num_workers: int) -> DataLoader[Any]:
+                num_workers: int) -> DataLoader[Any] | ArrayLoader:
+    """Batches of a split: slices of its tensors on the fast path, else a DataLoader over samples."""
+    if isinstance(dataset, ArrayDataset):
+        return ArrayLoader(dataset, batch_size, shuffle)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator,
                       num_workers=num_workers, persistent_workers=num_workers > 0)
 
@@ -321,6 +330,12 @@ def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionMod
     )
     collator = Collator(data.preprocessor, data.task)
     batch_size, workers = config.data.batch_size, config.data.num_workers
+    device = trainer.strategy.root_device
+    if device.type == "cuda":  # the fast path's tensors go to the GPU once, not batch by batch
+        for name in ("train", "val"):
+            dataset = data.datasets[name]
+            if isinstance(dataset, ArrayDataset):
+                dataset.to(device)
     started = time.perf_counter()
     trainer.fit(
         module,

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from mmfuse.config import AudioPrep, FeaturesPrep, ImagePrep, ModalitySpec, TextPrep
+from mmfuse.data.array_rows import is_array_reference, load_image_array, load_spectrogram_array, spectrogram_tensor
 from mmfuse.data.arrays import load_array
 from mmfuse.data.audio import load_waveform, log_mel, log_mel_batch
 from mmfuse.data.image import decode_image, image_to_tensor
@@ -104,8 +105,12 @@ class Preprocessor:
         if kind == "text":
             return value
         if kind == "image":
+            if is_array_reference(value):  # an array row (e.g. AV-MNIST's image/train_data.npy#12)
+                return load_image_array(value)
             return decode_image(Path(value), self.image)
         if kind == "audio":
+            if is_array_reference(value):  # a precomputed (n_mels, T) spectrogram
+                return load_spectrogram_array(value, self.audio)
             return load_waveform(Path(value), self.audio)
         if kind == "features":
             return load_array(value)
@@ -123,6 +128,8 @@ class Preprocessor:
             return {"pixels": image_to_tensor(raw, self.image)}
         if kind == "audio":
             assert isinstance(raw, np.ndarray), f"audio modality '{modality}' expects a waveform"
+            if raw.ndim == 2:  # a precomputed spectrogram (see ``mmfuse.data.array_rows``)
+                return {"mel": spectrogram_tensor(raw, self.audio)}
             return self._audio_inputs(self._gain(raw))
         if kind == "features":
             assert isinstance(raw, np.ndarray), f"features modality '{modality}' expects an array"
@@ -147,7 +154,7 @@ class Preprocessor:
         """``encode_decoded`` of many raw inputs; audio clips of equal length share one batched STFT."""
         if self.audio.features != "log_mel" or self.audio.normalize_dbfs is not None:
             return [self.encode_decoded(modality, raw) for raw in raws]
-        if self.kind(modality) != "audio":
+        if self.kind(modality) != "audio" or any(np.ndim(raw) == 2 for raw in raws):  # type: ignore[arg-type]
             return [self.encode_decoded(modality, raw) for raw in raws]
         for raw in raws:
             assert isinstance(raw, np.ndarray), f"audio modality '{modality}' expects waveforms"

@@ -7,6 +7,8 @@ They exist so the whole pipeline runs without pretrained weights; they use Group
 from __future__ import annotations
 
 import itertools
+import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -219,6 +221,86 @@ def audio_cnn(context: EncoderContext, dim: int = 64, channels: tuple[int, ...] 
     if not channels:
         raise ConfigError("audio_cnn: 'channels' needs at least one width")
     return AudioCNNEncoder(dim, tuple(channels))
+
+
+# ---- MultiBench's LeNet ---------------------------------------------------------------------------
+# MultiBench's LeNet, the encoder of its AV-MNIST recipes, for images and for spectrograms.
+#
+# ``LeNet(in_channels, channels, additional_layers)``: a 5x5 conv to ``channels`` then
+# ``additional_layers`` 3x3 convs doubling the width, each followed by BatchNorm, ReLU and a 2x2
+# max-pool, no bias in the convs. On 28x28 images LeNet(1, 6, 3) ends at 48 x 1 x 1 (48-d); on
+# 112x112 spectrograms LeNet(1, 6, 5) ends at 192 x 1 x 1 (192-d), the dims MultiBench's fusion
+# heads expect. The last feature map is max-pooled to one vector, which equals MultiBench's
+# ``squeeze`` when the map is 1x1 and keeps other input sizes working.
+#
+# The registered ``lenet`` encoder reads an image modality (pixels (B, C, H, W)) or an audio modality
+# (mel (B, n_mels, T) seen as a one-channel image, padding frames zeroed). ``norm='batch'`` is
+# MultiBench's choice; ``norm='group'`` uses per-sample statistics, so absent or padded samples in a
+# batch never influence the others (the rest of mmfuse's encoders do that).
+
+
+class LeNet(nn.Module):
+    """x (B, in_channels, H, W) -> (B, channels * 2**additional_layers)."""
+
+    def __init__(self, in_channels: int, channels: int, additional_layers: int,
+                 norm: Literal["batch", "group"] = "batch") -> None:
+        super().__init__()
+        widths = [channels * 2**i for i in range(additional_layers + 1)]
+        convs = [nn.Conv2d(in_channels, widths[0], kernel_size=5, padding=2, bias=False)]
+        convs += [nn.Conv2d(a, b, kernel_size=3, padding=1, bias=False) for a, b in itertools.pairwise(widths)]
+        self.convs = nn.ModuleList(convs)
+        self.norms = nn.ModuleList(
+            nn.BatchNorm2d(w) if norm == "batch" else nn.GroupNorm(math.gcd(4, w), w) for w in widths
+        )
+        self.out_dim = widths[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            x = nn.functional.max_pool2d(torch.relu(norm(conv(x))), 2)
+        return x.amax(dim=(2, 3))
+
+
+class LeNetEncoder(Encoder):
+    """pixels (B, C, H, W) or mel (B, n_mels, T) -> pooled (B, D), tokens (B, 1, D)."""
+
+    def __init__(self, kind: str, in_channels: int, channels: int, additional_layers: int,
+                 norm: Literal["batch", "group"], scale: float) -> None:
+        super().__init__()
+        self.kind = kind
+        self.scale = scale
+        self.net = LeNet(in_channels, channels, additional_layers, norm)
+        self.out_dim = self.net.out_dim
+
+    def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:
+        if self.kind == "image":
+            x = inputs["pixels"]
+        else:
+            x = (inputs["mel"] * inputs["frame_mask"][:, None, :].to(inputs["mel"].dtype)).unsqueeze(1)
+        pooled = self.net(x * self.scale if self.scale != 1.0 else x)
+        tokens = pooled[:, None, :]
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return finish_features(tokens, mask, pooled, present)
+
+
+@ENCODERS.register("lenet")
+def lenet(context: EncoderContext, channels: int = 6, layers: int | None = None,
+          norm: Literal["batch", "group"] = "batch", scale: float = 1.0) -> Encoder:
+    """MultiBench's LeNet; ``layers`` (additional 3x3 convs) defaults to 3 for images, 5 for audio.
+
+    ``scale`` multiplies the input first (e.g. 1/255 for the 0..255 AV-MNIST spectrograms, as
+    MultiBench's loader divides by 255).
+    """
+    if context.kind not in ("image", "audio"):
+        raise ConfigError(f"encoder 'lenet' reads image or audio but the modality is of kind '{context.kind}'")
+    if channels < 1:
+        raise ConfigError(f"lenet: channels must be >= 1, got {channels}")
+    if norm not in ("batch", "group"):
+        raise ConfigError(f"lenet: norm must be 'batch' or 'group', got '{norm}'")
+    depth = layers if layers is not None else (3 if context.kind == "image" else 5)
+    if depth < 0:
+        raise ConfigError(f"lenet: layers must be >= 0, got {depth}")
+    in_channels = context.channels if context.kind == "image" else 1
+    return LeNetEncoder(context.kind, in_channels, channels, depth, norm, scale)
 
 
 DEFAULT_ENCODERS = {"text": "text_transformer", "image": "image_cnn", "audio": "audio_cnn"}
