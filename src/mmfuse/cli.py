@@ -193,6 +193,9 @@ def predict(
     input_: Annotated[list[str] | None, typer.Option("--input", help="MODALITY=VALUE for any modality.")] = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Predict every row of a manifest.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSONL output for --data.")] = None,
+    impute: Annotated[str | None, typer.Option(
+        help="Autoencoder models: the modality to impute from the others (hidden from the model).")] = None,
+    beam: Annotated[int | None, typer.Option(help="Captioning models: beam size (1 = greedy).")] = None,
 ) -> None:
     """Predict from any subset of the trained modalities; prints JSON."""
     from mmfuse.data.dataset import Collator, build_sample
@@ -203,6 +206,7 @@ def predict(
 
     if data is not None:
         loaded, dataset = _load_dataset(model, data, None, "raise", with_targets=False)
+        _prediction_options(loaded, impute, beam)
         lines = [json.dumps(p) for p in predict_dataset(loaded, dataset)]
         if out:
             out.write_text("\n".join(lines) + "\n")
@@ -211,6 +215,7 @@ def predict(
             print("\n".join(lines))
         return
     loaded = MultimodalModel.from_pretrained(model)
+    _prediction_options(loaded, impute, beam)
     given: dict[str, str] = {}
     for name, value in (("text", text), ("image", image), ("audio", audio)):
         if value is not None:
@@ -222,6 +227,8 @@ def predict(
         given[name] = value
     if not given:
         raise DataError(f"give at least one input; this model reads {', '.join(loaded.modalities)}")
+    if impute is not None and impute in given:
+        raise DataError(f"--impute {impute}: do not give {impute} as an input; it is imputed from the others")
     for name in given:
         if name not in loaded.modalities:
             raise DataError(f"this model was not trained with '{name}'; it reads {', '.join(loaded.modalities)}")
@@ -235,6 +242,26 @@ def predict(
     sample = build_sample(record, loaded.preprocessor, None)
     batch = Collator(loaded.preprocessor, None)([sample])
     print(json.dumps(loaded.predict(batch)[0], indent=2))
+
+
+def _prediction_options(model: Any, impute: str | None, beam: int | None) -> None:
+    """Applies --impute (autoencoder) and --beam (captioning), refusing them for other tasks."""
+    from mmfuse.tasks.autoencoder import AutoencoderTask
+    from mmfuse.tasks.captioning import CaptioningTask
+
+    if impute is not None:
+        if not isinstance(model.task, AutoencoderTask):
+            raise MMFuseError(f"--impute needs a model trained with task 'autoencoder', not '{model.task.name}'")
+        if impute not in model.modalities:
+            raise MMFuseError(f"--impute {impute}: this model has no such modality; it reads "
+                              f"{', '.join(model.modalities)}")
+        model.task.impute = [impute]
+    if beam is not None:
+        if not isinstance(model.task, CaptioningTask):
+            raise MMFuseError(f"--beam needs a model trained with task 'captioning', not '{model.task.name}'")
+        if beam < 1:
+            raise MMFuseError(f"--beam must be >= 1, got {beam}")
+        model.task.beam_size = beam
 
 
 @data_app.command("synth")
@@ -266,73 +293,6 @@ def data_features_example(
     manifest = generate_feature_example(out, n_samples=n_samples, seed=seed)
     console.print(f"wrote {n_samples} samples to [bold]{manifest}[/]; "
                   "train with: mmfuse train configs/features-example.yaml --set data.manifest=" + str(manifest))
-
-
-def _snr_range(value: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in value.split(","))
-    except ValueError:
-        from mmfuse.errors import DataError
-
-        raise DataError(f"--snr must be 'low,high' in dB (e.g. -8,2), got '{value}'") from None
-    return low, high
-
-
-@data_app.command("avmnist")
-@friendly_errors
-def data_avmnist(
-    mnist: Annotated[Path, typer.Option(help="MNIST folder (IDX files, .gz or not, or torchvision's MNIST/raw).")],
-    fsdd: Annotated[Path, typer.Option(help="FSDD repo folder, its recordings/ folder, or the upstream archive.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-    pca_removed: Annotated[float, typer.Option(help="Fraction of MNIST PCA energy removed.")] = 0.75,
-    snr: Annotated[str, typer.Option(help="SNR range in dB of the noise added to the speech, 'low,high'.")] = "-8,2",
-    noise: Annotated[str, typer.Option(help="babble (other FSDD clips), white or none.")] = "babble",
-    babble_clips: Annotated[int, typer.Option(help="Clips summed into one babble noise.")] = 4,
-    limit: Annotated[int | None, typer.Option(help="Only the first N MNIST train (N/6 test) images.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
-) -> None:
-    """Build AV-MNIST (CentralNet/MultiBench recipe): MultiBench's .npy layout + an mmfuse manifest."""
-    from mmfuse.data.avmnist import AudioAugment, AVMnistRecipe, build_avmnist
-
-    if noise not in ("babble", "white", "none"):
-        from mmfuse.errors import DataError
-
-        raise DataError(f"--noise must be babble, white or none, got '{noise}'")
-    recipe = AVMnistRecipe(seed=seed, pca_removed=pca_removed, limit=limit,
-                           augment=AudioAugment(noise=noise, snr_db=_snr_range(snr),  # type: ignore[arg-type]
-                                                babble_clips=babble_clips))
-    started = time.perf_counter()
-    manifest = build_avmnist(mnist, fsdd, out, recipe, overwrite=overwrite, log=console.print)
-    seconds = time.perf_counter() - started
-    console.print(f"wrote [bold]{manifest}[/] (+ MultiBench layout, SHA256SUMS) in {seconds:.1f} s")
-
-
-@data_app.command("avmnist-arith")
-@friendly_errors
-def data_avmnist_arith(
-    mnist: Annotated[Path, typer.Option(help="MNIST folder (IDX files, .gz or not, or torchvision's MNIST/raw).")],
-    fsdd: Annotated[Path, typer.Option(help="FSDD repo folder, its recordings/ folder, or the upstream archive.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-    pca_removed: Annotated[float, typer.Option(help="Fraction of MNIST PCA energy removed.")] = 0.0,
-    snr: Annotated[str, typer.Option(help="SNR range in dB of the noise added to the speech, 'low,high'.")] = "10,30",
-    noise: Annotated[str, typer.Option(help="babble (other FSDD clips), white or none.")] = "white",
-    limit: Annotated[int | None, typer.Option(help="Only the first N MNIST train (N/6 test) images.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
-) -> None:
-    """Build avmnist-arith: image digit a, spoken digit b, an operation phrase; label (a op b) mod 10."""
-    from mmfuse.data.avmnist import ArithRecipe, AudioAugment, build_avmnist_arith
-
-    if noise not in ("babble", "white", "none"):
-        from mmfuse.errors import DataError
-
-        raise DataError(f"--noise must be babble, white or none, got '{noise}'")
-    recipe = ArithRecipe(seed=seed, pca_removed=pca_removed, limit=limit,
-                         augment=AudioAugment(noise=noise, snr_db=_snr_range(snr)))  # type: ignore[arg-type]
-    started = time.perf_counter()
-    manifest = build_avmnist_arith(mnist, fsdd, out, recipe, overwrite=overwrite, log=console.print)
-    console.print(f"wrote [bold]{manifest}[/] (+ SHA256SUMS) in {time.perf_counter() - started:.1f} s")
 
 
 def _snr_range(value: str) -> tuple[float, float]:
