@@ -234,3 +234,21 @@ def test_registered_and_needs_two_modalities() -> None:
     task.fit(["a", "b", None])
     assert task.encode_target("b").item() == 1 and task.encode_target(None).item() == -1
     assert task.monitor == ("mean_recall", "max")
+
+
+def test_info_nce_with_labels() -> None:
+    gen = torch.Generator().manual_seed(3)
+    a = torch.nn.functional.normalize(torch.randn(4, 3, generator=gen), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(4, 3, generator=gen), dim=1)
+    scale = torch.tensor(5.0)
+    # Distinct labels (or all unlabelled): the same as instance-level InfoNCE.
+    assert torch.allclose(info_nce(a, b, scale, torch.tensor([0, 1, 2, 3])), info_nce(a, b, scale))
+    assert torch.allclose(info_nce(a, b, scale, torch.tensor([-1, -1, -1, -1])), info_nce(a, b, scale))
+    # Labels [0, 0, 1, -1]: rows 0 and 1 have two positives each, by hand.
+    logits = scale * a @ b.T
+    targets = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    by_hand = sum(-(targets[i] * logits[i].log_softmax(0)).sum() - (targets[i] * logits.T[i].log_softmax(0)).sum()
+                  for i in range(4)) / 8
+    assert float(info_nce(a, b, scale, torch.tensor([0, 0, 1, -1]))) == pytest.approx(float(by_hand), rel=1e-5)
+    with pytest.raises(ConfigError, match="positives"):
+        TASKS.create("contrastive", positives="class")

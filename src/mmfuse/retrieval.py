@@ -32,15 +32,25 @@ from mmfuse.errors import DataError
 RECALL_AT = (1, 5, 10)
 
 
-def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor) -> Tensor:
+def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor, labels: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE (CLIP) loss of N aligned pairs: row i of ``a`` belongs with row i of ``b``.
 
     a, b: (N, D) L2-normalised; logit_scale: scalar, the inverse temperature (not its log).
     loss = (CE(s * a b^T, arange) + CE(s * b a^T, arange)) / 2.
+
+    With ``labels`` (N,), every item with the query's label is a positive (supervised contrastive):
+    the target distribution is uniform over them. Use it where pairs are only matched by class
+    (AV-MNIST pairs a random image of the spoken digit), so same-class items are not pushed apart
+    as false negatives. A label < 0 (unlabelled) has only its own pair as positive.
     """
     logits = logit_scale * a.float() @ b.float().T
-    labels = torch.arange(len(a), device=a.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    eye = torch.eye(len(a), dtype=torch.bool, device=a.device)
+    if labels is None:
+        targets = eye.float()
+    else:
+        same = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0) | eye
+        targets = same.float() / same.sum(dim=1, keepdim=True)  # symmetric, so it serves both directions
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
 def chunked_topk(queries: Tensor, items: Tensor, k: int, chunk: int = 65536) -> tuple[Tensor, Tensor]:

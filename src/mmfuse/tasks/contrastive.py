@@ -6,7 +6,8 @@ sample together and pushes the other samples of the batch away. ``pairs`` says w
 pairs are trained: ``all`` (every pair), ``anchor:<modality>`` (ImageBind: bind every other
 modality to the anchor only; pairs not involving the anchor align through it, emergently), or an
 explicit list ``[[a, b], ...]``. A pair uses only the samples that have both modalities, so
-missing modalities cost nothing but those samples' contribution to that pair.
+missing modalities cost nothing but those samples' contribution to that pair. ``positives:
+label`` makes every same-label item a positive (for data paired by class only, like AV-MNIST).
 
 The target column is optional and only used for evaluation: when it holds class labels, recall
 is also reported at class level (see ``mmfuse.retrieval``). ``model(batch)`` returns (B, M, D)
@@ -121,13 +122,16 @@ class ContrastiveTask(Task):
     uses_fusion = False
 
     def __init__(self, dim: int = 64, pairs: PairsOption = "all", temperature: float = 0.07,
-                 learn_temperature: bool = True, hidden: int = 0, labels: list[str] | None = None) -> None:
+                 learn_temperature: bool = True, hidden: int = 0, positives: str = "instance",
+                 labels: list[str] | None = None) -> None:
+        if positives not in ("instance", "label"):
+            raise ConfigError(f"task.positives must be 'instance' or 'label', got '{positives}'")
         if dim <= 0:
             raise ConfigError(f"task.dim must be positive, got {dim}")
         if not 0 < temperature <= 10:
             raise ConfigError(f"task.temperature must be in (0, 10], got {temperature}")
         self.dim, self.pairs_option, self.temperature = dim, pairs, temperature
-        self.learn_temperature, self.hidden = learn_temperature, hidden
+        self.learn_temperature, self.hidden, self.positives = learn_temperature, hidden, positives
         self.labels: list[str] = list(labels or [])
         self.pairs: list[tuple[str, str]] = []
         self.modalities: list[str] = []
@@ -182,27 +186,30 @@ class ContrastiveTask(Task):
         embeddings, _ = self.embed(model, batch)
         return torch.stack([embeddings[m] for m in self.modalities], dim=1)
 
-    def pair_loss(self, model: MultimodalModel, embeddings: dict[str, Tensor], present: dict[str, Tensor]) -> Tensor:
+    def pair_loss(self, model: MultimodalModel, embeddings: dict[str, Tensor], present: dict[str, Tensor],
+                  labels: Tensor | None) -> Tensor:
         """Mean InfoNCE over the configured pairs that have at least two samples with both modalities."""
         scale = self._head(model).scale()
+        use_labels = self.positives == "label" and labels is not None
         losses = []
         for a, b in self.pairs:
             both = present[a] & present[b]
             if int(both.sum()) >= 2:
-                losses.append(info_nce(embeddings[a][both], embeddings[b][both], scale))
+                losses.append(info_nce(embeddings[a][both], embeddings[b][both], scale,
+                                       labels[both] if use_labels and labels is not None else None))
         if not losses:  # keeps the graph connected: a zero loss with gradients of zero
             return scale * 0.0 + sum(e.sum() for e in embeddings.values()) * 0.0
         return torch.stack(losses).mean()
 
     def step_loss(self, model: MultimodalModel, batch: Batch) -> Tensor:
-        return self.pair_loss(model, *self.embed(model, batch))
+        return self.pair_loss(model, *self.embed(model, batch), batch.target)
 
     def eval_step(self, model: MultimodalModel, batch: Batch, metrics: MetricCollection) -> Tensor:
         embeddings, present = self.embed(model, batch)
         stacked = torch.stack([embeddings[m] for m in self.modalities], dim=1)
         labels = batch.target if batch.target is not None else torch.full((batch.size,), -1)
         metrics.update(stacked, torch.stack([present[m] for m in self.modalities], dim=1), labels.to(stacked.device))
-        return self.pair_loss(model, embeddings, present)
+        return self.pair_loss(model, embeddings, present, batch.target)
 
     def predict(self, model: MultimodalModel, batch: Batch) -> list[dict[str, Any]]:
         embeddings, present = self.embed(model, batch)
@@ -215,9 +222,10 @@ class ContrastiveTask(Task):
 
 @TASKS.register("contrastive")
 def contrastive(dim: int = 64, pairs: PairsOption = "all", temperature: float = 0.07,
-                learn_temperature: bool = True, hidden: int = 0) -> Task:
+                learn_temperature: bool = True, hidden: int = 0, positives: str = "instance") -> Task:
+    """``positives: label`` treats every same-label item as a positive (supervised contrastive)."""
     return ContrastiveTask(dim=dim, pairs=pairs, temperature=temperature, learn_temperature=learn_temperature,
-                           hidden=hidden)
+                           hidden=hidden, positives=positives)
 
 
 # ---- embedding a manifest / a query (``mmfuse embed`` and ``mmfuse retrieve``) --------------------
