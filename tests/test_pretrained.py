@@ -43,9 +43,19 @@ SR = 16000
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Folders of tiny random BERT (+tokenizer), ViT (+processor), ResNet and wav2vec2 (+extractor)."""
-    from transformers import (BertConfig, BertModel, BertTokenizer, ResNetConfig, ResNetModel, ViTConfig,
-                              ViTImageProcessor, ViTModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor,
-                              Wav2Vec2Model)
+    from transformers import (
+        BertConfig,
+        BertModel,
+        BertTokenizer,
+        ResNetConfig,
+        ResNetModel,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+        Wav2Vec2Config,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2Model,
+    )
 
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
@@ -206,7 +216,8 @@ def test_lightning_training_and_reload_without_the_original_folders(
     manifest = tmp_path / "manifest.jsonl"
     with manifest.open("w") as f:
         for i, r in enumerate(records):
-            f.write(json.dumps({"id": r.id, **r.fields, "label": r.target, "split": "train" if i < 6 else "val"}) + "\n")
+            row = {"id": r.id, **r.fields, "label": r.target, "split": "train" if i < 6 else "val"}
+            f.write(json.dumps(row) + "\n")
     raw = raw_config(copies, trainable="last_n", n_layers=1)
     raw["data"] = {**raw["data"], "manifest": str(manifest), "batch_size": 4}
     del raw["data"]["synthetic"]

@@ -95,6 +95,9 @@ def load_weights(backbone: Any, path: Path, key_map: KeyMap) -> None:
     classifier = str(backbone.pretrained_cfg.get("classifier") or "classifier")
     target = {k: v for k, v in backbone.state_dict().items() if not k.startswith(classifier + ".")}
     if key_map == "positional":
+        if path.suffix == ".safetensors" or (path / "model.safetensors").is_file():
+            raise ConfigError(f"encoders.image.weights: key_map positional needs a file that keeps tensor order "
+                              f"(.pth/.pt/.bin); safetensors sorts its keys: {path}")
         state = _positional(state, target, path)
     state = {k: v for k, v in state.items()
              if k in target or not (k.startswith(classifier + ".") or _is_head(k, state))}
@@ -147,7 +150,7 @@ def timm_image(context: EncoderContext, model: str, weights: str | None = None, 
         import timm
     except ImportError:
         raise ConfigError("encoder 'timm_image' needs timm: pip install -e '.[pretrained]'") from None
-    if model not in timm.list_models():
+    if not timm.is_model(model):
         raise ConfigError(f"encoders.image.model: '{model}' is not a timm architecture (see timm.list_models())")
     backbone: Any = timm.create_model(model, pretrained=False, num_classes=0, in_chans=context.channels)
     if weights and not context.assets:  # a restored model gets its weights from model.safetensors
