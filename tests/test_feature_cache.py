@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def test_changed_file_or_weights_invalidate(features_data: Path, tmp_path: Path)
     _, stats = cache_datasets(build(config, changed, seed=1), changed.datasets, tmp_path / "cache")
     assert stats.computed == {"acoustic": 60, "words": 60}
     with torch.no_grad():
-        model.encoders["acoustic"].proj.weight[0, 0] += 1.0  # type: ignore[index, union-attr]
+        model.encoders["acoustic"].proj.weight[0, 0] += 1.0  # type: ignore[index, union-attr, operator]
     _, stats = cache_datasets(model, changed.datasets, tmp_path / "cache")
     assert stats.computed == {"acoustic": 60, "words": 0}
     # Preprocessing settings are part of the key too.
@@ -190,3 +191,47 @@ def test_damaged_pack_is_ignored_and_default_dir(tmp_path: Path, monkeypatch: py
     monkeypatch.delenv("MMFUSE_CACHE")
     assert default_cache_dir() == Path.home() / ".cache" / "mmfuse" / "features"
     shutil.rmtree(folder)
+
+
+def test_pretrained_frozen_encoder_is_cached_and_last_n_is_refused(tmp_path: Path) -> None:
+    """A tiny random BERT (hf_text) saved to a folder: trainable=frozen caches, last_n is a ConfigError."""
+    transformers = pytest.importorskip("transformers")
+    words = ["a", "red", "blue", "square", "circle", "the", "loud", "tone"]
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(str(bert))
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32)).save_pretrained(str(bert))
+    rng = np.random.default_rng(0)
+    rows = [{"id": f"s{i}", "text": " ".join(rng.choice(words, size=int(rng.integers(1, 7)))),
+             "label": ["x", "y"][i % 2], "split": ["train", "train", "val", "test"][i % 4]} for i in range(24)]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def config(trainable: str) -> Any:
+        return validate_config({
+            "data": {"manifest": str(manifest), "cache": True, "cache_dir": str(tmp_path / "cache"),
+                     "text": {"max_length": 12, "tokenizer": str(bert)}},
+            "encoders": {"text": {"name": "hf_text", "model": str(bert), "trainable": trainable}},
+            "fusion": {"name": "concat", "out_dim": 8},
+            "trainer": {"max_epochs": 1, "patience": None, "output_dir": str(tmp_path / "run"),
+                        "progress_bar": False},
+        })
+
+    frozen = config("frozen")
+    data = prepare_data(frozen)
+    model = build(frozen, data).eval()
+    cached, stats = cache_datasets(model, data.datasets, tmp_path / "cache")
+    assert stats.computed["text"] > 0
+    collate = Collator(data.preprocessor, data.task)
+    with torch.no_grad():
+        direct = model(collate(data.datasets["train"].samples))
+        from_cache = model(collate(cached["train"].samples))
+    torch.testing.assert_close(from_cache, direct, atol=1e-5, rtol=1e-5)
+    fit(frozen, data, save=False)  # trains on the cache
+    last_n = config("last_n")
+    with pytest.raises(ConfigError, match=r"encoders\.text \('hf_text'\) has \d+ trainable parameter"):
+        fit(last_n, prepare_data(last_n), save=False)

@@ -48,7 +48,7 @@ def tiny(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
         np.save(tmp_path / "seq" / f"{name}.npy", value)
     vec = rng.normal(size=(3, 3)).astype(np.float32)
     np.save(tmp_path / "vec_train.npy", vec)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"id": "a", "seq": "seq/a.npy", "vec": "vec_train.npy#0", "label": 1.0},
         {"id": "b", "seq": "seq/b.npy", "vec": "vec_train.npy#2", "label": -2.0},
         {"id": "c", "seq": None, "vec": "vec_train.npy#1", "label": 0.0},
