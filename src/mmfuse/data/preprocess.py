@@ -28,10 +28,10 @@ from mmfuse.errors import DataError
 
 ModalityInputs = dict[str, Tensor]
 RawInput = str | Image.Image | np.ndarray
+"""A decoded field: text, a PIL image, a mono waveform or a feature array (see ``Preprocessor.decode``)."""
 AnyTokenizer = Tokenizer | PretrainedTokenizer
 TOKENIZER_DIR = "tokenizers"
 """Sub-folder of a saved model that holds one pretrained tokenizer folder per text modality."""
-"""A decoded field: text, a PIL image, a mono waveform or a feature array (see ``Preprocessor.decode``)."""
 
 
 class Preprocessor:
@@ -55,14 +55,14 @@ class Preprocessor:
         return self.modalities[modality].kind
 
     def fit(self, records: list[Record]) -> None:
-        # A pretrained image processor's size/mean/std become the image settings the model records.
-        if any(spec.kind == "image" for spec in self.modalities.values()):
-            self.image = image_prep_from_processor(self.image)
         """Fits a vocabulary per text modality and the feature width D per features modality.
 
         D comes from the first training sample that has the modality; every other sample (of any
         split) must agree, which ``encode_decoded`` checks, naming the row.
         """
+        # A pretrained image processor's size/mean/std become the image settings the model records.
+        if any(spec.kind == "image" for spec in self.modalities.values()):
+            self.image = image_prep_from_processor(self.image)
         for modality, spec in self.modalities.items():
             if spec.kind == "text" and self.text.tokenizer:
                 self.tokenizers[modality] = PretrainedTokenizer.load(self.text.tokenizer, self.text.max_length)
