@@ -252,3 +252,37 @@ def test_info_nce_with_labels() -> None:
     assert float(info_nce(a, b, scale, torch.tensor([0, 0, 1, -1]))) == pytest.approx(float(by_hand), rel=1e-5)
     with pytest.raises(ConfigError, match="positives"):
         TASKS.create("contrastive", positives="class")
+
+
+def test_faiss_approximate_search_matches_exact(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    from mmfuse.retrieval import search_faiss, write_faiss
+
+    gen = torch.Generator().manual_seed(4)
+    emb = torch.nn.functional.normalize(torch.randn(300, 8, generator=gen), dim=1)
+    present = torch.ones(300, dtype=torch.bool)
+    present[::7] = False
+    index = EmbeddingIndex(ids=[f"i{n}" for n in range(300)], embeddings={"image": emb}, present={"image": present},
+                           sources={"image": [f"{n}.png" for n in range(300)]})
+    path = index.save(tmp_path / "idx.safetensors")
+    assert [p.name for p in write_faiss(index, path)] == ["idx.safetensors.image.faiss"]
+    for q in (emb[1], emb[50], torch.nn.functional.normalize(torch.ones(8), dim=0)):
+        exact = index.search(q, "image", k=5)
+        approx = search_faiss(index, path, q, "image", k=5)
+        assert [h["id"] for h in approx] == [h["id"] for h in exact]  # 300 items: HNSW finds the true top 5
+        assert [h["score"] for h in approx] == pytest.approx([h["score"] for h in exact], abs=1e-5)
+    with pytest.raises(DataError, match="--faiss"):
+        search_faiss(index, tmp_path / "other.safetensors", emb[0], "image", k=1)
+
+
+def test_cli_embed_faiss_and_approximate_retrieve(trained: Path, synth_manifest: Path, tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    index_path = tmp_path / "index.safetensors"
+    result = runner.invoke(app, ["embed", "-m", str(trained), "--data", str(synth_manifest), "--out",
+                                 str(index_path), "--faiss"])
+    assert result.exit_code == 0, result.output
+    base = ["retrieve", "-m", str(trained), "--index", str(index_path), "--query-text", "a red circle",
+            "--target", "audio", "-k", "3"]
+    exact = json.loads(runner.invoke(app, base).output)["results"]
+    approx = json.loads(runner.invoke(app, [*base, "--approximate"]).output)["results"]
+    assert [h["id"] for h in approx] == [h["id"] for h in exact]

@@ -455,6 +455,8 @@ def embed(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors index.")],
     split: Annotated[str | None, typer.Option(help="Only rows whose 'split' column has this value.")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 256,
+    faiss: Annotated[bool, typer.Option(
+        "--faiss", help="Also build an approximate HNSW index per modality (needs mmfuse[faiss]).")] = False,
 ) -> None:
     """Embed every sample's modalities with a contrastive model into one index file (for retrieve)."""
     from mmfuse.data.manifest import read_manifest
@@ -473,6 +475,11 @@ def embed(
         raise DataError(f"{data}: no rows to embed" + (f" with split '{split}'" if split else ""))
     index = embed_records(loaded, records, batch_size=batch_size, model_name=str(model.resolve()))
     index.save(out)
+    if faiss:
+        from mmfuse.retrieval import write_faiss
+
+        written = write_faiss(index, out)
+        console.print(f"approximate indexes: {', '.join(p.name for p in written)}")
     counts = ", ".join(f"{m} {int(index.present[m].sum())}" for m in sorted(index.embeddings))
     console.print(f"embedded {len(records)} samples ({counts}) into [bold]{out}[/] "
                   f"in {time.perf_counter() - started:.1f} s")
@@ -489,6 +496,8 @@ def retrieve(
     query_audio: Annotated[Path | None, typer.Option(help="Query audio file.")] = None,
     query: Annotated[str | None, typer.Option(help="MODALITY=VALUE query for any modality.")] = None,
     k: Annotated[int, typer.Option("-k", help="Number of items to return.")] = 5,
+    approximate: Annotated[bool, typer.Option(
+        help="Search the HNSW index built by embed --faiss instead of the exact blockwise top-k.")] = False,
 ) -> None:
     """Nearest items of --target modality to one query; prints JSON (id, score, the item's path/text)."""
     from mmfuse.errors import DataError
@@ -515,7 +524,13 @@ def retrieve(
         raise DataError(f"--target '{target}' is not in the index; it holds {', '.join(sorted(found.embeddings))}")
     if loaded.preprocessor.kind(modality) not in ("text",):
         value = str(Path(value).expanduser().resolve())
-    hits = found.search(embed_query(loaded, modality, value), target, k)
+    query_embedding = embed_query(loaded, modality, value)
+    if approximate:
+        from mmfuse.retrieval import search_faiss
+
+        hits = search_faiss(found, index, query_embedding, target, k)
+    else:
+        hits = found.search(query_embedding, target, k)
     print(json.dumps({"query": {modality: value}, "target": target, "results": hits}, indent=2))
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.nn import functional as F
 
-from mmfuse.errors import DataError
+from mmfuse.errors import DataError, MMFuseError
 
 RECALL_AT = (1, 5, 10)
 
@@ -239,3 +239,67 @@ class EmbeddingIndex:
             {"id": self.ids[int(rows[j])], "score": round(float(s), 6), target: self.sources[target][int(rows[j])]}
             for s, j in zip(scores[0].tolist(), index[0].tolist(), strict=True)
         ]
+
+
+# ---- optional approximate search (faiss) ---------------------------------------------------------
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise MMFuseError("approximate search needs faiss: pip install 'mmfuse[faiss]'") from None
+    return faiss
+
+
+def faiss_path(index_path: str | Path, modality: str) -> Path:
+    """Where ``mmfuse embed --faiss`` puts the HNSW index of one modality, beside the index file."""
+    path = Path(index_path)
+    return path.with_name(f"{path.name}.{modality}.faiss")
+
+
+def write_faiss(index: EmbeddingIndex, index_path: str | Path, neighbours: int = 32) -> list[Path]:
+    """One HNSW (inner product) index per modality over its present rows, written atomically.
+
+    Rows are added in index order, so faiss row r is the r-th present item of that modality.
+    """
+    faiss = _faiss()
+    written = []
+    for m in sorted(index.embeddings):
+        rows = index.embeddings[m][index.present[m]].float().contiguous().numpy()
+        if len(rows) == 0:
+            continue
+        hnsw = faiss.IndexHNSWFlat(rows.shape[1], neighbours, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efSearch = max(64, neighbours * 2)
+        hnsw.add(rows)
+        target = faiss_path(index_path, m)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        os.close(fd)
+        try:
+            faiss.write_index(hnsw, tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        written.append(target)
+    return written
+
+
+def search_faiss(index: EmbeddingIndex, index_path: str | Path, query: Tensor, target: str,
+                 k: int) -> list[dict[str, Any]]:
+    """``EmbeddingIndex.search`` through the modality's HNSW index (approximate, sub-linear)."""
+    faiss = _faiss()
+    if target not in index.embeddings:
+        raise DataError(f"the index has no modality '{target}'; it holds {', '.join(sorted(index.embeddings))}")
+    path = faiss_path(index_path, target)
+    if not path.is_file():
+        raise DataError(f"{path} not found: run mmfuse embed with --faiss to build the approximate index")
+    hnsw = faiss.read_index(str(path))
+    rows = torch.nonzero(index.present[target]).flatten()
+    if hnsw.ntotal != len(rows):
+        raise DataError(f"{path} holds {hnsw.ntotal} items but the index has {len(rows)} '{target}' items: "
+                        "rebuild both with mmfuse embed --faiss")
+    scores, found = hnsw.search(query[None].float().numpy(), min(k, len(rows)))
+    return [
+        {"id": index.ids[int(rows[j])], "score": round(float(s), 6), target: index.sources[target][int(rows[j])]}
+        for s, j in zip(scores[0].tolist(), found[0].tolist(), strict=True) if j >= 0
+    ]
