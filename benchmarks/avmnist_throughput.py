@@ -39,7 +39,7 @@ def measure(folder: Path, method: str, in_memory: bool, epochs: int, device: str
         f"data.batch_size={batch_size}", f"trainer.max_epochs={epochs}", "trainer.patience=null",
         "trainer.progress_bar=false", f"trainer.output_dir={out / f'{method}-{in_memory}'}",
         f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "trainer.devices=1",
-        f"trainer.precision={'bf16' if device == 'cuda' else '32'}",
+        "trainer.precision=bf16" if device == "cuda" else "trainer.precision='32'",
     ]
     config = load_config(REPO / "configs" / RECIPES[method], overrides)
     started = time.perf_counter()

@@ -318,14 +318,14 @@ class AudioAugment:
     babble_clips: int = 4
     gain_db: tuple[float, float] = (-6.0, 6.0)
 
-    def render(self, clip: FSDDClip, pool: list[FSDDClip], rng: np.random.Generator) -> NDArray[np.float64]:
+    def render(self, clip: FSDDClip, others: list[FSDDClip], rng: np.random.Generator) -> NDArray[np.float64]:
+        """``others``: the babble pool, FSDD clips of the same split by other speakers than ``clip``'s."""
         canvas = np.zeros(CANVAS)
         span = _place(canvas, clip.samples, rng)
         speech_power = float(np.mean(canvas[span] ** 2)) + 1e-12
         if self.noise != "none":
             noise = np.zeros(CANVAS)
             if self.noise == "babble":
-                others = [c for c in pool if c.speaker != clip.speaker] or pool
                 for index in rng.integers(0, len(others), size=self.babble_clips):
                     _place(noise, others[int(index)].samples, rng)
             else:
@@ -434,6 +434,7 @@ def _write_audio(path: Path, digits: NDArray[np.int64], pool: list[FSDDClip], au
                  rng: np.random.Generator) -> list[str]:
     """Writes (N, 112, 112) spectrograms chunk by chunk to a .npy; returns the clip name per row."""
     by_digit: dict[int, list[FSDDClip]] = {d: [c for c in pool if c.digit == d] for d in range(10)}
+    babble = {s: [c for c in pool if c.speaker != s] or pool for s in sorted({c.speaker for c in pool})}
     path.parent.mkdir(parents=True, exist_ok=True)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(digits), N_BINS, N_FRAMES))
     names: list[str] = []
@@ -444,7 +445,7 @@ def _write_audio(path: Path, digits: NDArray[np.int64], pool: list[FSDDClip], au
             choices = by_digit[int(digit)]
             clip = choices[int(rng.integers(0, len(choices)))]
             names.append(f"{clip.digit}_{clip.speaker}_{clip.take}")
-            canvases[row] = augment.render(clip, pool, rng)
+            canvases[row] = augment.render(clip, babble[clip.speaker], rng)
         out[start:stop] = spectrogram(canvases.astype(np.float32))
     out.flush()
     del out
