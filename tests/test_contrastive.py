@@ -14,7 +14,14 @@ from typer.testing import CliRunner
 from mmfuse.cli import app
 from mmfuse.errors import ConfigError, DataError
 from mmfuse.model import MultimodalModel
-from mmfuse.retrieval import EmbeddingIndex, chunked_topk, first_relevant_ranks, info_nce, retrieval_report
+from mmfuse.retrieval import (
+    EmbeddingIndex,
+    chunked_topk,
+    first_relevant_ranks,
+    info_nce,
+    rank_metrics,
+    retrieval_report,
+)
 from mmfuse.tasks import TASKS
 from mmfuse.tasks.contrastive import ContrastiveHead, parse_pairs
 
@@ -44,10 +51,11 @@ def test_recall_perfect_shuffled_and_class_level() -> None:
     perfect = retrieval_report({"a": emb, "b": emb}, {"a": present, "b": present})
     assert perfect["a_to_b_r1"] == perfect["b_to_a_r1"] == 1.0 and perfect["a_to_b_medr"] == 1.0
     assert perfect["mean_recall"] == 1.0
-    # b's rows rolled by one: query i's best match is item i-1, its own item scores 0 like all others
-    # except one, so it ranks 2nd.
+    # b's rows rolled by one: query i's own item scores 0, one item scores 1 and 18 others tie at 0,
+    # so its rank is uniform over 2..20: R@5 = 4/19, R@10 = 9/19, expected rank 11.
     rolled = retrieval_report({"a": emb, "b": emb.roll(1, dims=0)}, {"a": present, "b": present})
-    assert rolled["a_to_b_r1"] == 0.0 and rolled["a_to_b_r5"] == 1.0 and rolled["a_to_b_medr"] == 2.0
+    assert rolled["a_to_b_r1"] == 0.0 and rolled["a_to_b_medr"] == pytest.approx(11.0)
+    assert rolled["a_to_b_r5"] == pytest.approx(4 / 19) and rolled["a_to_b_r10"] == pytest.approx(9 / 19)
     # Class level: labels of period 2, and the roll by two keeps every label, so every query's
     # top item is relevant although its own pair is not on top.
     labels = torch.arange(n) % 2
@@ -62,11 +70,26 @@ def test_recall_perfect_shuffled_and_class_level() -> None:
 def test_ranks_by_hand() -> None:
     queries = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     items = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
-    # Scores: q0 [0, 1, .6] own 0 -> rank 3; q1 [1, 0, .8] own 0 -> rank 3; q2 [.8, .6, 1] own 1 -> rank 1.
-    assert first_relevant_ranks(queries, items, None, None, chunk=2).tolist() == [3, 3, 1]
+    # Scores: q0 [0, 1, .6] own 0 -> 2 higher; q1 [1, 0, .8] own 0 -> 2 higher; q2 [.8, .6, 1] own 1 -> 0.
+    higher, ties = first_relevant_ranks(queries, items, None, None, chunk=2)
+    assert higher.tolist() == [2, 2, 0] and ties.tolist() == [0, 0, 0]
     labels = torch.tensor([0, 1, 1])
-    # Class level: q0 (label 0) relevant item 0 scores 0 -> rank 3; q1 relevant items 1, 2 best .8 -> 2.
-    assert first_relevant_ranks(queries, items, labels, labels).tolist() == [3, 2, 1]
+    # Class level: q0 (label 0) relevant item 0 scores 0 -> 2 higher; q1 relevant items 1, 2 best .8 -> 1.
+    assert first_relevant_ranks(queries, items, labels, labels)[0].tolist() == [2, 1, 0]
+
+
+def test_ties_are_broken_at_random_in_expectation() -> None:
+    """Duplicate items (the same caption twice) give equal scores: recall counts them in expectation."""
+    queries = torch.eye(3)
+    items = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # item 1 duplicates item 0
+    higher, ties = first_relevant_ranks(queries, items, None, None)
+    # q0: own item 0 ties with item 1; q1: own item (a copy of [1,0,0]) scores 0, items 0 and 1... see below.
+    assert higher.tolist() == [0, 0, 0] and ties.tolist() == [1, 2, 0]
+    metrics = rank_metrics(higher, ties, "x")
+    # P(rank <= 1): q0 1/2, q1 1/3 (three items score 0), q2 1.
+    assert metrics["x_r1"] == pytest.approx((1 / 2 + 1 / 3 + 1) / 3)
+    assert metrics["x_r5"] == 1.0
+    assert metrics["x_medr"] == pytest.approx(1.5)
 
 
 def test_chunked_topk_matches_full_topk() -> None:
@@ -233,6 +256,8 @@ def test_registered_and_needs_two_modalities() -> None:
     task = TASKS.create("contrastive", pairs="anchor:text")
     task.fit(["a", "b", None])
     assert task.encode_target("b").item() == 1 and task.encode_target(None).item() == -1
+    # An unseen label (another column at evaluation) gets its own index after the fitted ones.
+    assert task.encode_target("zebra").item() == 2 and task.encode_target("zebra").item() == 2
     assert task.monitor == ("mean_recall", "max")
 
 

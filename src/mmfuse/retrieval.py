@@ -81,34 +81,48 @@ def chunked_topk(queries: Tensor, items: Tensor, k: int, chunk: int = 65536) -> 
 
 
 def first_relevant_ranks(queries: Tensor, items: Tensor, relevant_label: Tensor | None,
-                         query_label: Tensor | None, chunk: int = 1024) -> Tensor:
-    """1-based rank of the first relevant item for every query.
+                         query_label: Tensor | None, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Where the first relevant item of every query lands: (items scoring higher, tied items).
 
     Instance level (labels None): query i's relevant item is item i (so Q == N). Class level:
-    item j is relevant to query i when ``relevant_label[j] == query_label[i]``. The rank counts
-    items scoring strictly higher than the best relevant one, plus one; a query with no relevant
-    item gets rank N + 1 (never retrieved). Computed ``chunk`` queries at a time.
+    item j is relevant to query i when ``relevant_label[j] == query_label[i]``. ``higher`` counts
+    items scoring strictly above the best relevant one; ``ties`` counts the other (irrelevant, or at
+    instance level any other) items with exactly its score. Ties are real here: identical inputs
+    (the same caption text twice) give identical embeddings, and counting them in the query's
+    favour would overstate instance-level recall. A query with no relevant item gets higher = N.
+    Computed ``chunk`` queries at a time, so memory is O(chunk * N).
     """
-    ranks = []
+    highers, ties = [], []
     for start in range(0, len(queries), chunk):
         q = queries[start:start + chunk].float()
         scores = q @ items.float().T  # (c, N)
         if query_label is None or relevant_label is None:
             rows = torch.arange(len(q), device=q.device)
             best = scores[rows, rows + start]
+            relevant = torch.zeros_like(scores, dtype=torch.bool)
+            relevant[rows, rows + start] = True
         else:
-            same = query_label[start:start + chunk, None] == relevant_label[None, :]
-            best = scores.masked_fill(~same, -math.inf).amax(dim=1)
-        rank = (scores > best[:, None]).sum(dim=1) + 1
-        ranks.append(torch.where(torch.isfinite(best), rank, torch.full_like(rank, len(items) + 1)))
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+            relevant = query_label[start:start + chunk, None] == relevant_label[None, :]
+            best = scores.masked_fill(~relevant, -math.inf).amax(dim=1)
+        higher = (scores > best[:, None]).sum(dim=1)
+        tie = ((scores == best[:, None]) & ~relevant).sum(dim=1)
+        found = torch.isfinite(best)
+        highers.append(torch.where(found, higher, torch.full_like(higher, len(items))))
+        ties.append(torch.where(found, tie, torch.zeros_like(tie)))
+    if not highers:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(highers), torch.cat(ties)
 
 
-def rank_metrics(ranks: Tensor, prefix: str) -> dict[str, float]:
-    """recall@1/5/10 (fraction of queries whose first relevant item is in the top K) and median rank."""
-    ranks = ranks.float()
-    out = {f"{prefix}_r{k}": float((ranks <= k).float().mean()) for k in RECALL_AT}
-    out[f"{prefix}_medr"] = float(ranks.median())
+def rank_metrics(higher: Tensor, ties: Tensor, prefix: str) -> dict[str, float]:
+    """recall@1/5/10 and median rank, with ties broken at random (in expectation).
+
+    The first relevant item's rank is uniform over 1 + higher ... 1 + higher + ties, so
+    P(rank <= K) = clamp((K - higher) / (ties + 1), 0, 1) and the expected rank is 1 + higher + ties / 2.
+    """
+    higher, ties = higher.double(), ties.double()
+    out = {f"{prefix}_r{k}": float(((k - higher) / (ties + 1)).clamp(0, 1).mean()) for k in RECALL_AT}
+    out[f"{prefix}_medr"] = float((1 + higher + ties / 2).median())
     return out
 
 
@@ -130,8 +144,7 @@ def retrieval_report(embeddings: dict[str, Tensor], present: dict[str, Tensor],
             continue
         for q, t in ((a, b), (b, a)):
             qe, te = embeddings[q][both], embeddings[t][both]
-            ranks = first_relevant_ranks(qe, te, None, None)
-            metrics = rank_metrics(ranks, f"{q}_to_{t}")
+            metrics = rank_metrics(*first_relevant_ranks(qe, te, None, None), f"{q}_to_{t}")
             report.update(metrics)
             means.extend(metrics[f"{q}_to_{t}_r{k}"] for k in RECALL_AT)
             if labels is not None:
@@ -139,7 +152,7 @@ def retrieval_report(embeddings: dict[str, Tensor], present: dict[str, Tensor],
                 known = lab >= 0
                 if int(known.sum()) >= 2:
                     ranks = first_relevant_ranks(qe[known], te[known], lab[known], lab[known])
-                    report.update(rank_metrics(ranks, f"{q}_to_{t}_class"))
+                    report.update(rank_metrics(*ranks, f"{q}_to_{t}_class"))
     report["mean_recall"] = sum(means) / len(means) if means else 0.0
     return report
 

@@ -133,6 +133,7 @@ class ContrastiveTask(Task):
         self.dim, self.pairs_option, self.temperature = dim, pairs, temperature
         self.learn_temperature, self.hidden, self.positives = learn_temperature, hidden, positives
         self.labels: list[str] = list(labels or [])
+        self._index = {label: i for i, label in enumerate(self.labels)}
         self.pairs: list[tuple[str, str]] = []
         self.modalities: list[str] = []
 
@@ -144,13 +145,21 @@ class ContrastiveTask(Task):
         """Label names for class-level recall; no labels at all is fine (instance level only)."""
         if not self.labels:
             self.labels = sorted({_label_text(t) for t in targets if t is not None and str(t).strip()})
+        self._index = {label: i for i, label in enumerate(self.labels)}
 
     def encode_target(self, raw: Any) -> Tensor:
-        """Class index, or -1 for an unlabelled sample / a label unseen in training."""
-        try:
-            return torch.tensor(self.labels.index(_label_text(raw)))
-        except ValueError:
+        """Class index, or -1 for an unlabelled sample.
+
+        Labels only decide which items count as relevant to each other, so a label unseen in
+        training (or a whole other column, ``mmfuse evaluate --label-column``) gets a new index
+        after the fitted ones instead of an error.
+        """
+        if raw is None or not str(raw).strip() or (isinstance(raw, float) and math.isnan(raw)):
             return torch.tensor(-1)
+        label = _label_text(raw)
+        if label not in self._index:
+            self._index[label] = len(self._index)
+        return torch.tensor(self._index[label])
 
     def metrics(self) -> MetricCollection:
         return MetricCollection({"mean_recall": RetrievalMetric(self.modalities)})
@@ -160,6 +169,7 @@ class ContrastiveTask(Task):
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.labels = list(state["labels"])
+        self._index = {label: i for i, label in enumerate(self.labels)}
 
     def build_head(self, model: MultimodalModel) -> nn.Module:
         self.modalities = list(model.modalities)
