@@ -235,3 +235,27 @@ def test_pretrained_frozen_encoder_is_cached_and_last_n_is_refused(tmp_path: Pat
     last_n = config("last_n")
     with pytest.raises(ConfigError, match=r"encoders\.text \('hf_text'\) has \d+ trainable parameter"):
         fit(last_n, prepare_data(last_n), save=False)
+
+
+def test_bench_runs_read_the_cache_and_never_run_an_encoder(features_data: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmfuse.bench import run_bench
+    from mmfuse.encoders.features import FeatureIdentityEncoder, FeatureSequenceEncoder
+
+    raw = features_config(features_data, tmp_path / "run", tmp_path / "cache")
+    raw["trainer"]["max_epochs"] = 1
+    config = validate_config(raw)
+    first = run_bench(config, ["concat"], seeds=1, out_dir=tmp_path / "bench1", unimodal=False)
+    packs = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(packs) == 2  # one per encoder
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("an encoder ran although its outputs are cached")
+
+    monkeypatch.setattr(FeatureIdentityEncoder, "forward", refuse)
+    monkeypatch.setattr(FeatureSequenceEncoder, "forward", refuse)
+    second = run_bench(config, ["lmf", "concat"], seeds=1, out_dir=tmp_path / "bench2", unimodal=False)
+    assert sorted((tmp_path / "cache").rglob("*.safetensors")) == packs  # nothing recomputed
+    assert [r.method for r in second] == ["lmf", "concat"]
+    assert second[1].metrics == pytest.approx(first[0].metrics)  # same run, from the cache both times
+    assert any(key.endswith("_missing_mean") for key in second[0].missing)

@@ -167,7 +167,12 @@ def run_one(label: str, rate: float, config: ExperimentConfig, seed: int, data: 
     split = "test" if len(data.datasets.get("test", [])) else "val"
     metrics = result.test_metrics if split == "test" and result.test_metrics else result.val_metrics
     main_metric, _ = data.task.monitor
-    missing = missing_modality_scores(result.model, data.datasets[split], main_metric)
+    dataset = data.datasets[split]
+    if config.data.cache:  # the frozen encoders' outputs for this split are cached already: all hits
+        from mmfuse.data.feature_cache import cache_datasets
+
+        dataset = cache_datasets(result.model, {split: dataset}, config.data.cache_dir, device="cpu")[0][split]
+    missing = missing_modality_scores(result.model, dataset, main_metric)
     return BenchRun(method=label, modalities="+".join(result.model.modalities), seed=seed, modality_dropout=rate,
                     metrics=metrics, missing=missing, params=result.params, train_seconds=result.train_seconds,
                     peak_memory_mb=memory.peak_mb)
