@@ -61,6 +61,7 @@ def test_recall_perfect_shuffled_and_class_level() -> None:
     labels = torch.arange(n) % 2
     by_class = retrieval_report({"a": emb, "b": emb.roll(2, dims=0)}, {"a": present, "b": present}, labels)
     assert by_class["a_to_b_r1"] == 0.0 and by_class["a_to_b_class_r1"] == 1.0
+    assert by_class["mean_class_recall"] == 1.0 and "mean_class_recall" not in perfect
     # Only samples with both modalities count: hiding half of b leaves 10 queries, still perfect.
     half = torch.arange(n) < 10
     partial = retrieval_report({"a": emb, "b": emb}, {"a": present, "b": half})
@@ -258,7 +259,9 @@ def test_registered_and_needs_two_modalities() -> None:
     assert task.encode_target("b").item() == 1 and task.encode_target(None).item() == -1
     # An unseen label (another column at evaluation) gets its own index after the fitted ones.
     assert task.encode_target("zebra").item() == 2 and task.encode_target("zebra").item() == 2
-    assert task.monitor == ("mean_recall", "max")
+    assert task.monitor == ("mean_recall", "max") and list(task.metrics()) == ["mean_recall"]
+    by_label = TASKS.create("contrastive", positives="label")
+    assert by_label.monitor == ("mean_class_recall", "max") and list(by_label.metrics()) == ["mean_class_recall"]
 
 
 def test_info_nce_with_labels() -> None:

@@ -134,10 +134,12 @@ def retrieval_report(embeddings: dict[str, Tensor], present: dict[str, Tensor],
     gallery). Keys: ``{query}_to_{target}_r1`` ... ``_medr`` at instance level, and the same with
     ``_class`` inserted (``image_to_text_class_r1``) at class level when ``labels`` are given
     (label < 0 means unlabelled: such samples leave the class-level evaluation). ``mean_recall``
-    averages instance-level R@1/5/10 over every direction: the single number training monitors.
+    averages instance-level R@1/5/10 over every direction, ``mean_class_recall`` the class-level ones:
+    the numbers training monitors (instance or class level, as the task's ``positives``).
     """
     report: dict[str, float] = {}
     means: list[float] = []
+    class_means: list[float] = []
     for a, b in itertools.combinations(sorted(embeddings), 2):
         both = present[a] & present[b]
         if int(both.sum()) < 2:
@@ -152,8 +154,12 @@ def retrieval_report(embeddings: dict[str, Tensor], present: dict[str, Tensor],
                 known = lab >= 0
                 if int(known.sum()) >= 2:
                     ranks = first_relevant_ranks(qe[known], te[known], lab[known], lab[known])
-                    report.update(rank_metrics(*ranks, f"{q}_to_{t}_class"))
+                    metrics = rank_metrics(*ranks, f"{q}_to_{t}_class")
+                    report.update(metrics)
+                    class_means.extend(metrics[f"{q}_to_{t}_class_r{k}"] for k in RECALL_AT)
     report["mean_recall"] = sum(means) / len(means) if means else 0.0
+    if class_means:
+        report["mean_class_recall"] = sum(class_means) / len(class_means)
     return report
 
 

@@ -139,7 +139,8 @@ class ContrastiveTask(Task):
 
     @property
     def monitor(self) -> tuple[str, str]:
-        return "mean_recall", "max"
+        """Instance-level mean recall; class-level when positives are labels (pairs matched by class)."""
+        return ("mean_class_recall" if self.positives == "label" else "mean_recall"), "max"
 
     def fit(self, targets: list[Any]) -> None:
         """Label names for class-level recall; no labels at all is fine (instance level only)."""
@@ -162,7 +163,7 @@ class ContrastiveTask(Task):
         return torch.tensor(self._index[label])
 
     def metrics(self) -> MetricCollection:
-        return MetricCollection({"mean_recall": RetrievalMetric(self.modalities)})
+        return MetricCollection({self.monitor[0]: RetrievalMetric(self.modalities)})
 
     def state(self) -> dict[str, Any]:
         return {"labels": self.labels}
