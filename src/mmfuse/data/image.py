@@ -80,7 +80,8 @@ def _to_tensor(image: Image.Image, prep: ImagePrep) -> torch.Tensor:
     array = np.asarray(image, dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = array[:, :, None]
-    array = (array - np.float32(prep.mean)) / np.float32(prep.std)
+    # mean/std: one value, or one per channel (a pretrained model's processor values).
+    array = (array - np.asarray(prep.mean, dtype=np.float32)) / np.asarray(prep.std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
