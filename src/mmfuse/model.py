@@ -109,8 +109,11 @@ class MultimodalModel(nn.Module):
             if m in batch.inputs and bool(batch.present[m].any()):
                 inputs = batch.inputs[m]
                 if CACHED_POOLED in inputs:  # outputs of a frozen encoder, read from the feature cache
-                    features[m] = finish_features(inputs[CACHED_TOKENS], inputs[CACHED_MASK], inputs[CACHED_POOLED],
-                                                  batch.present[m])
+                    present = batch.present[m]
+                    tokens, mask, pooled = inputs[CACHED_TOKENS], inputs[CACHED_MASK], inputs[CACHED_POOLED]
+                    # With every row present, finish_features would only multiply by ones.
+                    features[m] = (Features(tokens, mask, pooled, present) if bool(present.all())
+                                   else finish_features(tokens, mask, pooled, present))
                 else:
                     features[m] = encoder(inputs, batch.present[m])
             else:
