@@ -81,8 +81,9 @@ def _to_tensor(image: Image.Image, prep: ImagePrep) -> torch.Tensor:
     if array.ndim == 2:
         array = array[:, :, None]
     # mean/std: one value, or one per channel (a pretrained model's processor values).
-    array = (array - np.asarray(prep.mean, dtype=np.float32)) / np.asarray(prep.std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    mean, std = np.asarray(prep.mean, dtype=np.float32), np.asarray(prep.std, dtype=np.float32)
+    normalised: np.ndarray = (array - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
 
 
 def _reason(exc: BaseException) -> str:
