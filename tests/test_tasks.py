@@ -37,7 +37,8 @@ HEAD_TASKS = [name for name in TASKS.names() if isinstance(TASKS.create(name), H
 def test_every_task_round_trips_its_state(name: str) -> None:
     """Tasks with one (B, num_outputs) output; the others test their state in their own files."""
     task = TASKS.create(name)
-    examples = {"classification": ["b", "a", "c"], "multilabel": ["a|b", "c", []], "regression": [1.0, 3.0, 8.0]}
+    examples = {"classification": ["b", "a", "c"], "multilabel": ["a|b", "c", []], "regression": [1.0, 3.0, 8.0],
+                "sentiment": [1.0, -2.0, 0.5]}
     task.fit(examples.get(name, examples["classification"]))
     clone = TASKS.create(name)
     clone.load_state(task.state())
