@@ -95,7 +95,8 @@ def encoder_key(modality: str, encoder: Encoder, config: EncoderConfig, preproce
         "options": config.options,
         "class": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
         "out_dim": encoder.out_dim,
-        "context": dataclasses.asdict(preprocessor.context(modality)),
+        # ``assets`` (where a restored model's files are) says nothing about the outputs: the weights do.
+        "context": {k: v for k, v in dataclasses.asdict(preprocessor.context(modality)).items() if k != "assets"},
         "modality": preprocessor.modalities[modality].model_dump(),
         "preprocessing": settings.model_dump(mode="json") if hasattr(settings, "model_dump") else None,
         "weights": weights_hash(encoder),
