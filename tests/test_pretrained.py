@@ -465,3 +465,33 @@ def test_other_image_architectures(tmp_path: Path) -> None:
     cnx = ENCODERS.create("hf_image", context=context, model=str(tmp_path / "cnx"), channels_last=True)
     g = cnx({"pixels": pixels}, torch.ones(2, dtype=torch.bool))
     assert g.tokens.shape == (2, 16, 16) and torch.isfinite(g.pooled).all()  # a 4x4 map of 16 channels
+
+
+def test_ge2e_and_sentence_transformers_models_reload_without_their_weight_files(
+        tiny: dict[str, Path], records: list[Record], tmp_path: Path) -> None:
+    """The weights file and model folder named in the config are gone when the saved model loads."""
+    import shutil
+
+    from mmfuse.encoders.ge2e import GE2ENetwork
+
+    torch.manual_seed(1)
+    torch.save({"model_state": GE2ENetwork().state_dict()}, tmp_path / "ge2e.pt")
+    shutil.copytree(tiny["bert"], tmp_path / "st")
+    raw = raw_config({**tiny, "bert": tmp_path / "st"})
+    raw["encoders"] = {"text": {"name": "sentence_transformers", "model": str(tmp_path / "st")},
+                       "audio": {"name": "ge2e_audio", "weights": str(tmp_path / "ge2e.pt")}}
+    raw["data"]["audio"] = {"sample_rate": SR, "n_mels": 40, "n_fft": 400, "hop_length": 160, "max_seconds": 0.5,
+                            "pad_mode": "longest", "normalize_dbfs": -30}
+    del raw["data"]["image"]
+    model, batch = build(records, validate_config(raw))
+    model.eval()
+    with torch.no_grad():
+        expected = model(batch)
+    folder = model.save_pretrained(tmp_path / "model")
+    (tmp_path / "ge2e.pt").unlink()
+    shutil.rmtree(tmp_path / "st")
+    reloaded = MultimodalModel.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(reloaded(batch), expected)
+    assert json.loads((folder / "encoders" / "text" / "sentence_transformers.json").read_text()) == {
+        "pooling": "mean", "normalize": False}
