@@ -396,7 +396,6 @@ def test_bad_model_folder_is_a_clear_error(tiny: dict[str, Path], records: list[
 
 # ---- other architectures through the same factories -------------------------------------------------
 
-@pytest.mark.slow  # Whisper's extractor pads every clip to 30 s: several seconds on a CPU
 def test_other_audio_architectures(tmp_path: Path) -> None:
     """Whisper's encoder and AST read their extractor's spectrograms; HuBERT reads raw samples."""
     from transformers import (

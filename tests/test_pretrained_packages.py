@@ -28,7 +28,6 @@ def test_every_pretrained_encoder_is_registered() -> None:
     assert set(PRETRAINED_ENCODERS) <= set(ENCODERS.names())
 
 
-@pytest.mark.slow  # importing timm alone takes ~10 s on a busy 2-core machine
 def test_timm_image_loads_a_saved_state_dict(tmp_path: Path) -> None:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
