@@ -72,7 +72,7 @@ def build_model(folders: dict[str, Path], fusion: str, args: argparse.Namespace)
     from mmfuse.model import ModelSpec, MultimodalModel
     from mmfuse.tasks import TASKS
 
-    prep = Preprocessor({m: ModalitySpec(kind=m, column=m) for m in ("text", "image", "audio")},  # type: ignore[arg-type]
+    prep = Preprocessor({m: ModalitySpec(kind=m, column=m) for m in args.encoders},  # type: ignore[arg-type]
                         TextPrep(max_length=args.text_len, tokenizer=str(folders["text"])),
                         ImagePrep(processor=str(folders["image"])),
                         AudioPrep(sample_rate=16000, features="waveform", max_seconds=args.audio_seconds))
@@ -90,6 +90,7 @@ def build_model(folders: dict[str, Path], fusion: str, args: argparse.Namespace)
                                  freeze_feature_encoder=args.freeze_feature_encoder, **common),
     }
     options = {"mult": {"dim": 64 if args.tiny else 256, "layers": 1, "heads": 4}}.get(fusion, {})
+    encoders = {m: e for m, e in encoders.items() if m in args.encoders}
     spec = ModelSpec(encoders=encoders, fusion=FusionConfig(name=fusion, out_dim=256, **options),
                      task=TaskConfig(name="classification"))
     return MultimodalModel(spec, prep, task), prep
@@ -99,7 +100,7 @@ def synthetic_batch(prep: Any, batch: int, args: argparse.Namespace, device: tor
     from mmfuse.types import Batch
 
     gen = torch.Generator().manual_seed(0)
-    vocab = prep.tokenizers["text"].vocab_size
+    vocab = prep.tokenizers["text"].vocab_size if "text" in prep.tokenizers else 10
     samples = int(args.audio_seconds * 16000)
     size = prep.image.size
     ones = torch.ones(batch, dtype=torch.bool)
@@ -111,6 +112,7 @@ def synthetic_batch(prep: Any, batch: int, args: argparse.Namespace, device: tor
                   "sample_mask": torch.ones(batch, samples, dtype=torch.bool)},
     }
     target = torch.randint(0, 10, (batch,), generator=gen)
+    inputs = {m: v for m, v in inputs.items() if m in args.encoders}
     return Batch(inputs=inputs, present={m: ones for m in inputs}, target=target).to(device)
 
 
@@ -152,11 +154,22 @@ def measure(fusion: str, folders: dict[str, Path], args: argparse.Namespace, dev
         last = step()
     sync()
     seconds = (time.perf_counter() - started) / args.steps
+    if args.profile:  # where the time goes: the top operators of two more steps
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                step()
+            sync()
+        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=args.profile), flush=True)
     achieved = flops / seconds
     return {
         "fusion": fusion, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": args.batch, "dtype": args.dtype, "autocast": autocast, "compile": args.compile,
         "attn": args.attn, "freeze_feature_encoder": args.freeze_feature_encoder, "tiny": args.tiny,
+        "encoders": "+".join(args.encoders),
         "step_ms": round(seconds * 1e3, 2), "samples_per_s": round(args.batch / seconds, 1),
         "gflops_per_step": round(flops / 1e9, 2), "achieved_tflops": round(achieved / 1e12, 3),
         "mfu": round(achieved / (args.peak_tflops * 1e12), 4), "loss": round(float(last), 4),
@@ -185,6 +198,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     parser.add_argument("--json", type=Path, default=None, help="append one JSON line per run here")
+    parser.add_argument("--encoders", nargs="+", choices=["text", "image", "audio"], default=["text", "image", "audio"],
+                        help="measure a subset, e.g. --encoders audio (the issue's per-encoder numbers)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the top N operators of two profiled steps (torch.profiler)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.text_len, args.audio_seconds = min(args.text_len, 16), min(args.audio_seconds, 0.5)
