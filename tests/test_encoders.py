@@ -27,8 +27,8 @@ CONTEXTS = {
 PRESENT = torch.tensor([True, True, False, True, True])
 
 
-def kind_of(name: str) -> str:
-    """The one modality kind the encoder accepts; every other kind must be a ConfigError."""
+def kinds_of(name: str) -> list[str]:
+    """The modality kinds the encoder accepts; every other kind must be a ConfigError."""
     accepted = []
     for kind, context in CONTEXTS.items():
         try:
@@ -36,11 +36,13 @@ def kind_of(name: str) -> str:
         except ConfigError:
             continue
         accepted.append(kind)
-    assert len(accepted) == 1, f"{name} accepts kinds {accepted}"
-    return accepted[0]
+    assert accepted, f"{name} accepts no modality kind"
+    return accepted
 
 
-KINDS = {name: kind_of(name) for name in NAMES}
+ACCEPTED = {name: kinds_of(name) for name in NAMES}
+KINDS = {name: kinds[0] for name, kinds in ACCEPTED.items()}
+"""The kind each encoder is tested on (the first it accepts; e.g. ``lenet`` reads image or audio)."""
 
 
 def build(name: str, seed: int = 0) -> Encoder:
