@@ -53,8 +53,8 @@ class PretrainedEncoder(Encoder):
     def setup(self, name: str, trainable: Trainable, n_layers: int, dtype: DType) -> None:
         self.trainable = trainable
         self.dtype = DTYPES[dtype]
-        if dtype != "float32":
-            self.backbone.to(self.dtype)
+        # Always cast: transformers 5 may load a checkpoint in its stored dtype (fp16 weights on the hub).
+        self.backbone.to(self.dtype)
         set_trainable(self.backbone, trainable, n_layers, name)
         if self.frozen:
             self.backbone.eval()
