@@ -148,8 +148,13 @@ def main() -> None:
     parser.add_argument("--modalities", nargs="+", default=None, help="one run, e.g. --modalities audio")
     parser.add_argument("--scratch-lr", type=float, default=3e-3)
     parser.add_argument("--patience", type=int, default=8)
+    parser.add_argument("--data-only", action="store_true",
+                        help="build the manifest (for configs/pretrained-*.yaml) and stop")
     args = parser.parse_args()
     manifest = build_manifest(args.out / "data", args.fraction, args.seed)
+    if args.data_only:
+        print(manifest)
+        return
     results = []
     for kind in ("scratch", "pretrained"):
         if args.only and kind != args.only:
