@@ -170,7 +170,7 @@ def measure(fusion: str, folders: dict[str, Path], args: argparse.Namespace, dev
         "batch": args.batch, "dtype": args.dtype, "autocast": autocast, "compile": args.compile,
         "attn": args.attn, "freeze_feature_encoder": args.freeze_feature_encoder, "tiny": args.tiny,
         "encoders": "+".join(args.encoders),
-        "step_ms": round(seconds * 1e3, 2), "samples_per_s": round(args.batch / seconds, 1),
+        "step_ms": round(seconds * 1e3, 2), "samples_per_s": round(args.batch / seconds, 3),
         "gflops_per_step": round(flops / 1e9, 2), "achieved_tflops": round(achieved / 1e12, 3),
         "mfu": round(achieved / (args.peak_tflops * 1e12), 4), "loss": round(float(last), 4),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
