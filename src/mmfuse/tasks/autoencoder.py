@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 # Built-in encoder -> the input it can be asked to reconstruct.
 INPUT_TARGETS = {"image_cnn": "pixels", "audio_cnn": "mel", "text_gru": "words", "text_transformer": "words"}
+_INPUT_KEYS = {"pixels": "pixels", "mel": "mel", "words": "input_ids"}  # the batch input each target reads
 
 
 def hide(features: dict[str, Features], keep: dict[str, Tensor]) -> dict[str, Features]:
@@ -251,7 +252,9 @@ class AutoencoderTask(Task):
             present = features[m].present.float()[:, None]
             target = F.layer_norm(features[m].pooled.detach().float(), (features[m].dim,))
             out[f"{m}.features"] = (target, present.expand_as(target))
-            if m in self.inputs and m in batch.inputs:
+            # Inputs can be absent from the batch when a frozen encoder's outputs come from the
+            # feature cache: then only the feature target is trained.
+            if m in self.inputs and _INPUT_KEYS[self.inputs[m]] in batch.inputs.get(m, {}):
                 value, weight = self.input_target(model, batch, m)
                 out[f"{m}.{self.inputs[m]}"] = (value, weight * present)
         return out
