@@ -250,6 +250,8 @@ def test_retrieve_errors(trained: Path, synth_manifest: Path, tmp_path: Path) ->
     result = runner.invoke(app, ["embed", "-m", str(trained), "--data", str(synth_manifest), "--out",
                                  str(tmp_path / "x.safetensors"), "--split", "nope"])
     assert result.exit_code == 1 and "no rows to embed" in result.output
+    result = runner.invoke(app, ["evaluate", "-m", str(trained), "--data", str(synth_manifest), "--robustness"])
+    assert result.exit_code == 1 and "trained for task 'contrastive'" in result.output
 
 
 def test_registered_and_needs_two_modalities() -> None:

@@ -157,6 +157,11 @@ def evaluate(
     names = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions is not None else None
     if robustness:  # bad options fail before any work
         from mmfuse.robustness import noise_levels, plan_corruptions
+        from mmfuse.tasks.base import HeadTask
+
+        if not isinstance(loaded.task, HeadTask):
+            raise MMFuseError(f"--robustness needs a classification / multi-label / regression model; this one "
+                              f"was trained for task '{loaded.task.name}'")
 
         noise_levels(levels)
         plan_corruptions(loaded, names)
