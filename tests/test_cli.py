@@ -175,3 +175,12 @@ def test_full_demo_meets_its_promise(tmp_path: Path) -> None:
         accuracy = {r["method"]: float(r["accuracy"]) for r in csv.DictReader(handle)}
     assert max(accuracy["concat"], accuracy["late"]) >= 0.90
     assert all(accuracy[f"{m} only"] <= 0.35 for m in ("audio", "image", "text"))
+
+
+@pytest.mark.parametrize("command", ["avmnist", "avmnist-arith"])
+def test_avmnist_builders_reject_an_unknown_noise_before_reading_data(command: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["data", command, "--mnist", str(tmp_path / "none"), "--fsdd",
+                                      str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--noise", "pink"])
+    assert result.exit_code == 1
+    assert "--noise must be babble, white or none, got 'pink'" in result.output
+    assert not (tmp_path / "out").exists()

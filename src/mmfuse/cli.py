@@ -300,6 +300,17 @@ def data_features_example(
                   "train with: mmfuse train configs/features-example.yaml --set data.manifest=" + str(manifest))
 
 
+def _audio_augment(noise: str, snr: str, babble_clips: int | None = None) -> Any:
+    """The AV-MNIST builders' speech augmentation from the shared --noise / --snr options."""
+    from mmfuse.data.avmnist import AudioAugment
+    from mmfuse.errors import DataError
+
+    if noise not in ("babble", "white", "none"):
+        raise DataError(f"--noise must be babble, white or none, got '{noise}'")
+    extra = {} if babble_clips is None else {"babble_clips": babble_clips}
+    return AudioAugment(noise=noise, snr_db=_snr_range(snr), **extra)  # type: ignore[arg-type]
+
+
 def _snr_range(value: str) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in value.split(","))
@@ -325,15 +336,10 @@ def data_avmnist(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
 ) -> None:
     """Build AV-MNIST (CentralNet/MultiBench recipe): MultiBench's .npy layout + an mmfuse manifest."""
-    from mmfuse.data.avmnist import AudioAugment, AVMnistRecipe, build_avmnist
+    from mmfuse.data.avmnist import AVMnistRecipe, build_avmnist
 
-    if noise not in ("babble", "white", "none"):
-        from mmfuse.errors import DataError
-
-        raise DataError(f"--noise must be babble, white or none, got '{noise}'")
     recipe = AVMnistRecipe(seed=seed, pca_removed=pca_removed, limit=limit,
-                           augment=AudioAugment(noise=noise, snr_db=_snr_range(snr),  # type: ignore[arg-type]
-                                                babble_clips=babble_clips))
+                           augment=_audio_augment(noise, snr, babble_clips))
     started = time.perf_counter()
     manifest = build_avmnist(mnist, fsdd, out, recipe, overwrite=overwrite, log=console.print)
     seconds = time.perf_counter() - started
@@ -354,14 +360,9 @@ def data_avmnist_arith(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
 ) -> None:
     """Build avmnist-arith: image digit a, spoken digit b, an operation phrase; label (a op b) mod 10."""
-    from mmfuse.data.avmnist import ArithRecipe, AudioAugment, build_avmnist_arith
+    from mmfuse.data.avmnist import ArithRecipe, build_avmnist_arith
 
-    if noise not in ("babble", "white", "none"):
-        from mmfuse.errors import DataError
-
-        raise DataError(f"--noise must be babble, white or none, got '{noise}'")
-    recipe = ArithRecipe(seed=seed, pca_removed=pca_removed, limit=limit,
-                         augment=AudioAugment(noise=noise, snr_db=_snr_range(snr)))  # type: ignore[arg-type]
+    recipe = ArithRecipe(seed=seed, pca_removed=pca_removed, limit=limit, augment=_audio_augment(noise, snr))
     started = time.perf_counter()
     manifest = build_avmnist_arith(mnist, fsdd, out, recipe, overwrite=overwrite, log=console.print)
     console.print(f"wrote [bold]{manifest}[/] (+ SHA256SUMS) in {time.perf_counter() - started:.1f} s")
