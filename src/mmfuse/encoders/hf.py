@@ -250,14 +250,10 @@ class HFImageEncoder(_HFEncoder):
         sizes = getattr(config, "hidden_sizes", None)
         self.out_dim = int(sizes[-1] if sizes and not hasattr(config, "hidden_size") else config.hidden_size)
         self.pooling = pooling
-        self.channels_last = channels_last
-        if channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
+        self.use_channels_last(channels_last)
 
     def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:
-        pixels = self.to_backbone_dtype(inputs["pixels"])
-        if self.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        pixels = self.pixels_for_backbone(inputs["pixels"])
         with self.backbone_context():
             out = self.backbone(pixel_values=pixels)
         hidden = out.last_hidden_state.float()

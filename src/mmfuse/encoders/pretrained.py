@@ -82,6 +82,19 @@ class PretrainedEncoder(Encoder):
     def to_backbone_dtype(self, x: Tensor) -> Tensor:
         return x.to(self.dtype) if x.is_floating_point() else x
 
+    channels_last: bool = False
+
+    def use_channels_last(self, enabled: bool) -> None:
+        """NHWC weights (and inputs, see ``pixels_for_backbone``): faster convolutions on tensor cores."""
+        self.channels_last = enabled
+        if enabled:
+            self.backbone.to(memory_format=torch.channels_last)
+
+    def pixels_for_backbone(self, pixels: Tensor) -> Tensor:
+        """Image inputs in the backbone's dtype and memory format."""
+        pixels = self.to_backbone_dtype(pixels)
+        return pixels.contiguous(memory_format=torch.channels_last) if self.channels_last else pixels
+
 
 def set_trainable(backbone: nn.Module, trainable: Trainable, n_layers: int, name: str) -> None:
     """Sets ``requires_grad`` on the backbone's parameters as ``trainable`` asks."""

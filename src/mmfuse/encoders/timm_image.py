@@ -42,14 +42,10 @@ class TimmImageEncoder(PretrainedEncoder):
         self.backbone = backbone
         self.model_name = model
         self.out_dim = int(backbone.num_features)
-        self.channels_last = channels_last
-        if channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
+        self.use_channels_last(channels_last)
 
     def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:
-        pixels = self.to_backbone_dtype(inputs["pixels"])
-        if self.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        pixels = self.pixels_for_backbone(inputs["pixels"])
         with self.backbone_context():
             feats = self.backbone.forward_features(pixels)
             pooled = self.backbone.forward_head(feats, pre_logits=True)
