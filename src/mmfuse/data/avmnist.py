@@ -424,6 +424,17 @@ class AVMnistRecipe:
             raise DataError(f"seed must be >= 0, got {self.seed}")
 
 
+def _read_sources(mnist: Path | str, fsdd: Path | str, limit: int | None
+                  ) -> tuple[dict[str, tuple[NDArray[np.uint8], NDArray[np.int64]]], list[FSDDClip]]:
+    """MNIST images and digit labels per split (cut to ``limit``, see ``_limits``) and every FSDD clip."""
+    train_images, train_labels = read_mnist(mnist, "train")
+    test_images, test_labels = read_mnist(mnist, "test")
+    n_train, n_test = _limits(limit, len(train_images), len(test_images))
+    splits = {"train": (train_images[:n_train], train_labels[:n_train]),
+              "test": (test_images[:n_test], test_labels[:n_test])}
+    return splits, read_fsdd(fsdd)
+
+
 def _limits(limit: int | None, n_train: int, n_test: int) -> tuple[int, int]:
     if limit is None:
         return n_train, n_test
@@ -468,12 +479,7 @@ def build_avmnist(mnist: Path | str, fsdd: Path | str, out: Path | str, recipe: 
     recipe = recipe or AVMnistRecipe()
     recipe.check()
     say = log or (lambda _msg: None)
-    train_images, train_labels = read_mnist(mnist, "train")
-    test_images, test_labels = read_mnist(mnist, "test")
-    clips = read_fsdd(fsdd)
-    n_train, n_test = _limits(recipe.limit, len(train_images), len(test_images))
-    splits = {"train": (train_images[:n_train], train_labels[:n_train]),
-              "test": (test_images[:n_test], test_labels[:n_test])}
+    splits, clips = _read_sources(mnist, fsdd, recipe.limit)
     target = _AtomicFolder(Path(out), overwrite)
     try:
         seeds = np.random.SeedSequence(recipe.seed).spawn(2)
@@ -567,11 +573,7 @@ def build_avmnist_arith(mnist: Path | str, fsdd: Path | str, out: Path | str, re
     recipe = recipe or ArithRecipe()
     recipe.check()
     say = log or (lambda _msg: None)
-    train_images, train_a = read_mnist(mnist, "train")
-    test_images, test_a = read_mnist(mnist, "test")
-    clips = read_fsdd(fsdd)
-    n_train, n_test = _limits(recipe.limit, len(train_images), len(test_images))
-    splits = {"train": (train_images[:n_train], train_a[:n_train]), "test": (test_images[:n_test], test_a[:n_test])}
+    splits, clips = _read_sources(mnist, fsdd, recipe.limit)
     ops = list(ARITH_OPERATIONS)
     target = _AtomicFolder(Path(out), overwrite)
     try:
