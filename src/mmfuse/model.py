@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mmfuse import __version__
+from mmfuse.atomic import staged_folder
 from mmfuse.config import ComponentConfig, EncoderConfig, ExperimentConfig, FusionConfig, TaskConfig
 from mmfuse.data.dataset import CACHED_MASK, CACHED_POOLED, CACHED_TOKENS
 from mmfuse.data.preprocess import Preprocessor
@@ -140,9 +138,7 @@ class MultimodalModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Writes the model folder atomically: a crash never leaves a half-written model."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-        try:
+        with staged_folder(directory) as staging:
             config = {"mmfuse_version": __version__, **self.spec.model_dump(mode="json")}
             (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
             prep = {"preprocessor": self.preprocessor.state(), "task": self.task.state()}
@@ -150,16 +146,6 @@ class MultimodalModel(nn.Module):
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
             self._save_assets(staging)
-            if directory.exists():
-                backup = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(backup, ignore_errors=True)
-                os.replace(directory, backup)
-                os.replace(staging, directory)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return directory
 
     def _save_assets(self, folder: Path) -> None:

@@ -51,12 +51,9 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
 import struct
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -68,6 +65,7 @@ import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
+from mmfuse.atomic import staged_folder
 from mmfuse.errors import DataError
 
 __all__ = [
@@ -374,28 +372,11 @@ def verify_sums(folder: Path | str) -> None:
             raise DataError(f"{path}: SHA-256 does not match {sums}")
 
 
-class _AtomicFolder:
-    """Builds into a temporary sibling folder and renames it into place only when complete."""
-
-    def __init__(self, out: Path, overwrite: bool) -> None:
-        self.out = out
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise DataError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-
-    def commit(self) -> Path:
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
-        return self.out
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+def _checked_output(out: Path, overwrite: bool) -> Path:
+    """``out``, unless it holds files that only ``--overwrite`` may replace."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    return out
 
 
 # --------------------------------------------------------------------------------------- AV-MNIST
@@ -480,18 +461,18 @@ def build_avmnist(mnist: Path | str, fsdd: Path | str, out: Path | str, recipe: 
     recipe.check()
     say = log or (lambda _msg: None)
     splits, clips = _read_sources(mnist, fsdd, recipe.limit)
-    target = _AtomicFolder(Path(out), overwrite)
-    try:
+    final = _checked_output(Path(out), overwrite)
+    with staged_folder(final) as staging:
         seeds = np.random.SeedSequence(recipe.seed).spawn(2)
         pca = _PCARemoval.fit(splits["train"][0], recipe.pca_removed)
         rows: list[dict[str, object]] = []
         clip_names: dict[str, list[str]] = {}
         for (split, (images, labels)), seed in zip(splits.items(), seeds, strict=True):
             say(f"{split}: {len(images)} images, PCA removal of {len(pca.components)} components")
-            _save(target.tmp / "image" / f"{split}_data.npy", pca.apply(images))
-            _save(target.tmp / f"{split}_labels.npy", labels.astype(np.int64))
+            _save(staging / "image" / f"{split}_data.npy", pca.apply(images))
+            _save(staging / f"{split}_labels.npy", labels.astype(np.int64))
             say(f"{split}: {len(images)} spectrograms")
-            clip_names[split] = _write_audio(target.tmp / "audio" / f"{split}_data.npy", labels,
+            clip_names[split] = _write_audio(staging / "audio" / f"{split}_data.npy", labels,
                                              _fsdd_split(clips, split), recipe.augment, np.random.default_rng(seed))
             val_from = len(images) - n_val(len(images)) if split == "train" else len(images)
             for i, label in enumerate(labels):
@@ -500,19 +481,16 @@ def build_avmnist(mnist: Path | str, fsdd: Path | str, out: Path | str, recipe: 
                     "image": f"image/{split}_data.npy#{i}", "audio": f"audio/{split}_data.npy#{i}",
                     "fsdd_clip": clip_names[split][i],
                 })
-        _write_manifest(target.tmp / "manifest.jsonl", rows)
+        _write_manifest(staging / "manifest.jsonl", rows)
         info = {
             "format": FORMAT_VERSION, "recipe": asdict(recipe), "pca_components_removed": len(pca.components),
             "pca_scale": [pca.low, pca.high], "counts": _counts(rows),
             "spectrogram": {"sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop": HOP, "canvas_samples": CANVAS,
                             "window": "periodic hann", "db_range": [DB_FLOOR, DB_CEIL], "shape": [N_BINS, N_FRAMES]},
         }
-        (target.tmp / "recipe.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        write_sums(target.tmp)
-    except BaseException:
-        target.abort()
-        raise
-    return target.commit() / "manifest.jsonl"
+        (staging / "recipe.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        write_sums(staging)
+    return final / "manifest.jsonl"
 
 
 def _write_manifest(path: Path, rows: list[dict[str, object]]) -> None:
@@ -575,8 +553,8 @@ def build_avmnist_arith(mnist: Path | str, fsdd: Path | str, out: Path | str, re
     say = log or (lambda _msg: None)
     splits, clips = _read_sources(mnist, fsdd, recipe.limit)
     ops = list(ARITH_OPERATIONS)
-    target = _AtomicFolder(Path(out), overwrite)
-    try:
+    final = _checked_output(Path(out), overwrite)
+    with staged_folder(final) as staging:
         seeds = np.random.SeedSequence(recipe.seed).spawn(2)
         pca = _PCARemoval.fit(splits["train"][0], recipe.pca_removed)
         rows: list[dict[str, object]] = []
@@ -588,10 +566,10 @@ def build_avmnist_arith(mnist: Path | str, fsdd: Path | str, out: Path | str, re
             labels = np.array([arith_label(int(x), ops[o], int(y)) for x, o, y in zip(a, op_index, b, strict=True)],
                               dtype=np.int64)
             say(f"{split}: {len(images)} samples")
-            _save(target.tmp / "image" / f"{split}_data.npy", pca.apply(images))
-            _save(target.tmp / f"{split}_labels.npy", labels)
-            _save(target.tmp / f"{split}_operands.npy", np.stack([a, op_index, b], axis=1).astype(np.int64))
-            names = _write_audio(target.tmp / "audio" / f"{split}_data.npy", b, _fsdd_split(clips, split),
+            _save(staging / "image" / f"{split}_data.npy", pca.apply(images))
+            _save(staging / f"{split}_labels.npy", labels)
+            _save(staging / f"{split}_operands.npy", np.stack([a, op_index, b], axis=1).astype(np.int64))
+            names = _write_audio(staging / "audio" / f"{split}_data.npy", b, _fsdd_split(clips, split),
                                  recipe.augment, rng)
             val_from = len(images) - n_val(len(images)) if split == "train" else len(images)
             for i in range(len(images)):
@@ -603,12 +581,9 @@ def build_avmnist_arith(mnist: Path | str, fsdd: Path | str, out: Path | str, re
                     "image": f"image/{split}_data.npy#{i}", "audio": f"audio/{split}_data.npy#{i}", "text": text,
                     "a": int(a[i]), "b": int(b[i]), "op": op, "fsdd_clip": names[i],
                 })
-        _write_manifest(target.tmp / "manifest.jsonl", rows)
+        _write_manifest(staging / "manifest.jsonl", rows)
         info = {"format": f"{FORMAT_VERSION}-arith", "recipe": asdict(recipe), "counts": _counts(rows),
                 "pca_components_removed": len(pca.components), "operations": ARITH_OPERATIONS}
-        (target.tmp / "recipe.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        write_sums(target.tmp)
-    except BaseException:
-        target.abort()
-        raise
-    return target.commit() / "manifest.jsonl"
+        (staging / "recipe.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        write_sums(staging)
+    return final / "manifest.jsonl"
