@@ -170,6 +170,19 @@ def test_autoencoder_needs_two_modalities() -> None:
         TASKS.create("autoencoder", drop_rate=1.0)
 
 
+def test_autoencoder_with_input_targets_refuses_the_feature_cache(synth_manifest: Path, tmp_path: Path) -> None:
+    """Cached batches hold encoder outputs, not pixels/mel/words: the input targets would vanish silently."""
+    from mmfuse.training import fit
+
+    path = small_config(tmp_path, "autoencoder", synth_manifest, epochs=1)
+    overrides = [f"data.cache_dir={tmp_path / 'cache'}", "data.cache=true", f"trainer.output_dir={tmp_path / 'run'}",
+                 *(f"encoders.{m}.freeze=true" for m in SMALL_ENCODERS)]
+    config = load_config(path, overrides)
+    with pytest.raises(ConfigError, match=r"reconstructs the inputs of audio, image, text; set task.input_targets"):
+        fit(config, prepare_data(config), save=False)
+    assert not (tmp_path / "cache").exists()
+
+
 # ---- captioning -----------------------------------------------------------------------------------
 
 

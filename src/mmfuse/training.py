@@ -265,6 +265,12 @@ def fit(config: ExperimentConfig, data: PreparedData, save: bool = True) -> Trai
     if config.data.cache:  # frozen encoders' outputs from disk: the encoders never run while training
         from mmfuse.data.feature_cache import cache_datasets
 
+        if model.task.raw_input_modalities:
+            raise ConfigError(
+                f"data.cache replaces the inputs with encoder outputs, but task '{model.task.name}' reconstructs "
+                f"the inputs of {', '.join(model.task.raw_input_modalities)}; set task.input_targets: false "
+                "or data.cache: false")
+
         cached, _ = cache_datasets(model, data.datasets, config.data.cache_dir,
                                    device=None if config.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
         data = dataclasses.replace(data, datasets=cached)

@@ -165,6 +165,11 @@ class AutoencoderTask(Task):
         self.impute: list[str] = []
         """Set at prediction time (``mmfuse predict --impute``): hide these and output only them."""
 
+    @property
+    def raw_input_modalities(self) -> list[str]:
+        """The modalities whose pixels / mel / words are reconstruction targets (set by ``build_head``)."""
+        return sorted(self.inputs)
+
     # targets come from the inputs: the target column is not used
     @property
     def monitor(self) -> tuple[str, str]:

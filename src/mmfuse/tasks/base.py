@@ -40,6 +40,14 @@ class Task(ABC):
     """False for tasks that read the per-modality features only; the model then builds no fusion."""
 
     @property
+    def raw_input_modalities(self) -> list[str]:
+        """Modalities whose preprocessed inputs the task reads itself (not only through encoders).
+
+        The feature cache replaces inputs with encoder outputs, so training refuses it for these.
+        """
+        return []
+
+    @property
     @abstractmethod
     def monitor(self) -> tuple[str, str]:
         """(metric name, 'max' | 'min') used to select the best checkpoint."""
