@@ -236,8 +236,9 @@ def test_all_modalities_absent_row_is_finite(name: str) -> None:
     fusion.eval()
     out = fusion(make_features(DIMS3, TOKENS3, {m: [False, False, False] for m in DIMS3}))
     assert torch.isfinite(out).all()
-    # With nothing present every row sees the same (no) information.
-    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    # With nothing present every row sees the same (no) information. Rows may differ in the last
+    # bits (a BLAS kernel can treat rows of one matmul differently), never by more.
+    torch.testing.assert_close(out[1:], out[:1].expand(2, -1), rtol=0.0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", METHODS)
