@@ -94,11 +94,11 @@ def run(folder: Path, use: str, epochs: int, train_limit: int | None, seed: int)
 
 def image_only_full(mnist: Path, fraction: float, epochs: int, seed: int) -> dict[str, float]:
     """Image LeNet on all of MNIST with ``fraction`` of the PCA energy removed, as the builder does."""
-    from mmfuse.data.avmnist import _PCARemoval, read_mnist
+    from mmfuse.data.avmnist import _PCAEnergyRemoval, read_mnist
 
     train_images, train_labels = read_mnist(mnist, "train")
     test_images, test_labels = read_mnist(mnist, "test")
-    pca = _PCARemoval.fit(train_images, fraction)
+    pca = _PCAEnergyRemoval.fit(train_images, fraction)
 
     def prep(images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(pca.apply(images) / 255.0).float().reshape(len(images), 1, 28, 28)
@@ -122,7 +122,7 @@ def image_only_full(mnist: Path, fraction: float, epochs: int, seed: int) -> dic
         if val_acc > best_val:
             best_val = val_acc
             best_test = accuracy(model, test_image, torch.zeros(len(test_y), 1, 1, 1), test_y)
-    return {"pca_components_removed": len(pca.components), "val": best_val, "test": best_test,
+    return {"pca_components_kept": pca.kept, "val": best_val, "test": best_test,
             "seconds": time.perf_counter() - started}
 
 
