@@ -24,6 +24,7 @@ from mmfuse.data.avmnist import (
     SAMPLE_RATE,
     ArithRecipe,
     AVMnistRecipe,
+    _PCAEnergyRemoval,
     arith_label,
     build_avmnist,
     build_avmnist_arith,
@@ -128,6 +129,24 @@ def test_manifest_pairs_digits_and_marks_the_last_twelfth_of_train_as_val(avmnis
         assert (int(take) < 5) == (row["split"] == "test"), "FSDD takes 0-4 pair with MNIST test only"
     recipe = json.loads((avmnist / "recipe.json").read_text())
     assert recipe["pca_components_kept"] >= 1 and recipe["recipe"]["pca_removed"] == 0.75
+
+
+@needs_data
+def test_pca_energy_removal_on_all_of_mnist_keeps_the_calibrated_components() -> None:
+    """The calibrated recipe (benchmarks/RESULTS.md): 75% removed keeps 4 components, 70% keeps 5."""
+    images, _ = read_mnist(MNIST, "train")
+    pca = _PCAEnergyRemoval.fit(images, 0.75)
+    assert pca.kept == 4 and _PCAEnergyRemoval.fit(images, 0.70).kept == 5
+    np.testing.assert_allclose(pca.components @ pca.components.T, np.eye(4), atol=1e-9)
+    # By hand: the mean image plus the projection on the kept components, one affine map to 0..255.
+    x = images[:6].reshape(6, -1).astype(np.float64)
+    rebuilt = pca.mean + (x - pca.mean) @ pca.components.T @ pca.components
+    expected = np.rint(np.clip((rebuilt - pca.low) / (pca.high - pca.low) * 255.0, 0.0, 255.0))
+    assert np.array_equal(pca.apply(images[:6]), expected.astype(np.float32))
+    # What is kept is a quarter of the variance, no more than one component's worth above it.
+    centred = images.reshape(len(images), -1).astype(np.float64) - pca.mean
+    kept = ((centred[:5000] @ pca.components.T) ** 2).sum() / (centred[:5000] ** 2).sum()
+    assert 0.25 <= kept < 0.32
 
 
 @needs_data
