@@ -321,6 +321,9 @@ def _snr_range(value: str) -> tuple[float, float]:
     return low, high
 
 
+_PCA_REMOVED_HELP = "Fraction of MNIST PCA variance removed: only the leading components carrying the rest stay."
+
+
 @data_app.command("avmnist")
 @friendly_errors
 def data_avmnist(
@@ -328,8 +331,7 @@ def data_avmnist(
     fsdd: Annotated[Path, typer.Option(help="FSDD repo folder, its recordings/ folder, or the upstream archive.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-    pca_removed: Annotated[float, typer.Option(
-        help="Fraction of MNIST PCA variance removed: only the leading components carrying the rest stay.")] = 0.75,
+    pca_removed: Annotated[float, typer.Option(help=_PCA_REMOVED_HELP)] = 0.75,
     snr: Annotated[str, typer.Option(help="SNR range in dB of the noise added to the speech, 'low,high'.")] = "-8,2",
     noise: Annotated[str, typer.Option(help="babble (other FSDD clips), white or none.")] = "babble",
     babble_clips: Annotated[int, typer.Option(help="Clips summed into one babble noise.")] = 4,
@@ -354,8 +356,7 @@ def data_avmnist_arith(
     fsdd: Annotated[Path, typer.Option(help="FSDD repo folder, its recordings/ folder, or the upstream archive.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-    pca_removed: Annotated[float, typer.Option(
-        help="Fraction of MNIST PCA variance removed: only the leading components carrying the rest stay.")] = 0.0,
+    pca_removed: Annotated[float, typer.Option(help=_PCA_REMOVED_HELP)] = 0.0,
     snr: Annotated[str, typer.Option(help="SNR range in dB of the noise added to the speech, 'low,high'.")] = "10,30",
     noise: Annotated[str, typer.Option(help="babble (other FSDD clips), white or none.")] = "white",
     limit: Annotated[int | None, typer.Option(help="Only the first N MNIST train (N/6 test) images.")] = None,
