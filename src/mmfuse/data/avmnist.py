@@ -275,7 +275,9 @@ class _PCAEnergyRemoval:
         k = int(np.searchsorted(ratios, (1.0 - fraction) - 1e-12) + 1)
         removal = cls(mean, vectors[:, :k].T, 0.0, 255.0)
         projected = removal._reduce(x)
-        removal.low, removal.high = float(projected.min()), float(projected.max())
+        # Rounded: BLAS threading changes the last bits of the PCA from run to run, and the scale
+        # is stored in recipe.json, whose hash must not depend on the machine's thread count.
+        removal.low, removal.high = round(float(projected.min()), 6), round(float(projected.max()), 6)
         return removal
 
     @property
