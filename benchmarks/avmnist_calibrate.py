@@ -94,7 +94,7 @@ def run(folder: Path, use: str, epochs: int, train_limit: int | None, seed: int)
 
 def image_only_full(mnist: Path, fraction: float, epochs: int, seed: int) -> dict[str, float]:
     """Image LeNet on all of MNIST with ``fraction`` of the PCA energy removed, as the builder does."""
-    from mmfuse.data.avmnist import _PCAEnergyRemoval, read_mnist
+    from mmfuse.datasets.avmnist import _PCAEnergyRemoval, read_mnist
 
     train_images, train_labels = read_mnist(mnist, "train")
     test_images, test_labels = read_mnist(mnist, "test")

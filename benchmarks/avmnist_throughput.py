@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from mmfuse.config import load_config
-from mmfuse.training import fit, prepare_data
+from mmfuse.engine.data import prepare_data
+from mmfuse.engine.fit import fit
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"concat": "avmnist-late.yaml", "lmf": "avmnist-lmf.yaml", "tfn": "avmnist-tfn.yaml"}
@@ -60,7 +61,7 @@ def measure(folder: Path, method: str, in_memory: bool, epochs: int, device: str
 def loader_only(folder: Path, in_memory: bool, batch_size: int) -> dict[str, object]:
     """One pass over the training batches with no model: what the data path alone costs per epoch."""
     from mmfuse.data.dataset import Collator
-    from mmfuse.training import make_loader
+    from mmfuse.engine.data import make_loader
 
     overrides = [f"data.manifest={folder.resolve() / 'manifest.jsonl'}", f"data.in_memory={str(in_memory).lower()}"]
     config = load_config(REPO / "configs" / RECIPES["concat"], overrides)

@@ -40,10 +40,11 @@ import torch
 
 from mmfuse.config import validate_config
 from mmfuse.data.dataset import Collator, MultimodalDataset
-from mmfuse.data.feature_cache import cache_datasets
-from mmfuse.data.synth import generate_synthetic
+from mmfuse.datasets.synth import generate_synthetic
+from mmfuse.engine.data import prepare_data
+from mmfuse.engine.feature_cache import cache_datasets
+from mmfuse.engine.fit import fit
 from mmfuse.model import MultimodalModel
-from mmfuse.training import fit, prepare_data
 
 
 def experiment(manifest: Path, out: Path, cache_dir: Path, epochs: int, cache: bool, batch_size: int) -> dict[str, Any]:

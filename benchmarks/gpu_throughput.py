@@ -97,7 +97,7 @@ def build_model(folders: dict[str, Path], fusion: str, args: argparse.Namespace)
 
 
 def synthetic_batch(prep: Any, batch: int, args: argparse.Namespace, device: torch.device) -> Any:
-    from mmfuse.types import Batch
+    from mmfuse.core.contracts import Batch
 
     gen = torch.Generator().manual_seed(0)
     vocab = prep.tokenizers["text"].vocab_size if "text" in prep.tokenizers else 10
@@ -120,7 +120,7 @@ def measure(fusion: str, folders: dict[str, Path], args: argparse.Namespace, dev
     from torch.utils.flop_counter import FlopCounterMode
 
     from mmfuse.config import OptimConfig
-    from mmfuse.training import parameter_groups
+    from mmfuse.engine.module import parameter_groups
 
     torch.manual_seed(0)
     model, prep = build_model(folders, fusion, args)

@@ -127,7 +127,7 @@ def experiment(manifest: Path, out: Path, kind: str, modalities: list[str], seed
         "trainer": {"max_epochs": epochs, "patience": patience, "output_dir": str(out), "progress_bar": False},
     }
     from mmfuse.config import validate_config
-    from mmfuse.training import train
+    from mmfuse.engine.fit import train
 
     started = time.perf_counter()
     result = train(validate_config(raw))

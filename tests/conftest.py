@@ -14,7 +14,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 @pytest.fixture(scope="session")
 def synth_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic tri-modal set, 160 samples, every modality present."""
-    from mmfuse.data.synth import generate_synthetic
+    from mmfuse.datasets.synth import generate_synthetic
 
     return generate_synthetic(tmp_path_factory.mktemp("synth"), n_samples=160, seed=0, missing_rate=0.0)
 
@@ -22,6 +22,6 @@ def synth_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synth_missing_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic set, 120 samples, each modality dropped with probability 0.3."""
-    from mmfuse.data.synth import generate_synthetic
+    from mmfuse.datasets.synth import generate_synthetic
 
     return generate_synthetic(tmp_path_factory.mktemp("synth_missing"), n_samples=120, seed=0, missing_rate=0.3)

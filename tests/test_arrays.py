@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from mmfuse.core.errors import DataError
 from mmfuse.data import arrays
 from mmfuse.data.arrays import load_array, parse_reference
-from mmfuse.errors import DataError
 
 
 @pytest.fixture(autouse=True)

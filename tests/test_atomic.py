@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mmfuse.atomic import staged_folder
+from mmfuse.core.atomic import staged_folder
 
 
 def test_success_replaces_the_old_folder_and_leaves_no_temporary_folders(tmp_path: Path) -> None:

@@ -13,13 +13,13 @@ from typer.testing import CliRunner
 
 from mmfuse.cli import app
 from mmfuse.config import load_config
+from mmfuse.core.errors import ConfigError
 from mmfuse.data.dataset import Collator
-from mmfuse.errors import ConfigError
+from mmfuse.engine.data import prepare_data
 from mmfuse.model import MultimodalModel
 from mmfuse.tasks import TASKS
 from mmfuse.tasks.autoencoder import AutoencoderTask, ReconstructionMetric
 from mmfuse.tasks.captioning import BOS, EOS, CaptioningTask, CaptionMetric
-from mmfuse.training import prepare_data
 
 runner = CliRunner()
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -109,7 +109,7 @@ def test_autoencoder_shapes_gradients_and_dropout(synth_manifest: Path, tmp_path
 
 def test_trained_autoencoder_reports_and_learns(autoencoder_model: Path, synth_manifest: Path,
                                                 tmp_path: Path) -> None:
-    from mmfuse.evaluation import evaluate
+    from mmfuse.engine.evaluate import evaluate
 
     out = tmp_path / "m.json"
     result = runner.invoke(app, ["evaluate", "-m", str(autoencoder_model), "--data", str(synth_manifest),
@@ -137,7 +137,7 @@ def test_autoencoder_imputation_beats_mean_baseline(tmp_path: Path) -> None:
     config = load_config(CONFIGS / "synthetic-autoencoder.yaml",
                          ["data.synthetic.n_samples=1500", "trainer.max_epochs=15", "trainer.progress_bar=false",
                           f"trainer.output_dir={tmp_path}"])
-    from mmfuse.training import train
+    from mmfuse.engine.fit import train
 
     metrics = train(config).test_metrics
     assert metrics is not None
@@ -172,7 +172,7 @@ def test_autoencoder_needs_two_modalities() -> None:
 
 def test_autoencoder_with_input_targets_refuses_the_feature_cache(synth_manifest: Path, tmp_path: Path) -> None:
     """Cached batches hold encoder outputs, not pixels/mel/words: the input targets would vanish silently."""
-    from mmfuse.training import fit
+    from mmfuse.engine.fit import fit
 
     path = small_config(tmp_path, "autoencoder", synth_manifest, epochs=1)
     overrides = [f"data.cache_dir={tmp_path / 'cache'}", "data.cache=true", f"trainer.output_dir={tmp_path / 'run'}",
@@ -285,8 +285,8 @@ def test_caption_column_must_not_be_an_input(synth_manifest: Path, tmp_path: Pat
 def test_feature_modalities_train_and_reload_identically(tmp_path: Path, task: dict[str, Any]) -> None:
     """The new tasks run on non-built-in encoders too (identity / sequence over pre-extracted arrays)."""
     from mmfuse.config import validate_config
-    from mmfuse.data.feature_example import generate_feature_example
-    from mmfuse.training import fit
+    from mmfuse.datasets.feature_example import generate_feature_example
+    from mmfuse.engine.fit import fit
 
     manifest = generate_feature_example(tmp_path / "data", n_samples=60, seed=0)
     config = validate_config({

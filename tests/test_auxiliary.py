@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch.nn import functional
 
-from mmfuse.auxiliary import UnimodalHeads
 from mmfuse.config import validate_config
+from mmfuse.core.errors import ConfigError
 from mmfuse.data.dataset import Collator
-from mmfuse.errors import ConfigError
+from mmfuse.engine.auxiliary import UnimodalHeads
+from mmfuse.engine.data import prepare_data
+from mmfuse.engine.fit import fit
+from mmfuse.engine.module import FusionModule
 from mmfuse.model import MultimodalModel
 from mmfuse.tasks.base import Task
-from mmfuse.training import FusionModule, fit, prepare_data
 
 
 def tiny_config(manifest: Path, out: Path, weight: float) -> dict:

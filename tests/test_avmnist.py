@@ -17,7 +17,10 @@ import pytest
 import torch
 
 from mmfuse.config import load_config
-from mmfuse.data.avmnist import (
+from mmfuse.core.errors import DataError
+from mmfuse.data.dataset import Collator
+from mmfuse.data.memory import ArrayDataset, ArrayLoader, cached_arrays, from_dataset
+from mmfuse.datasets.avmnist import (
     ARITH_OPERATIONS,
     CANVAS,
     N_FFT,
@@ -33,9 +36,6 @@ from mmfuse.data.avmnist import (
     spectrogram,
     verify_sums,
 )
-from mmfuse.data.dataset import Collator
-from mmfuse.data.memory import ArrayDataset, ArrayLoader, cached_arrays, from_dataset
-from mmfuse.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MMFUSE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -243,7 +243,7 @@ def _config(folder: Path, name: str = "avmnist-late.yaml", **changes: object) ->
 
 @needs_data
 def test_array_fields_feed_the_image_and_audio_kinds(avmnist: Path) -> None:
-    from mmfuse.training import load_records, prepare_data
+    from mmfuse.engine.data import load_records, prepare_data
 
     config = _config(avmnist, **{"data.in_memory": "false"})
     data = prepare_data(config)  # type: ignore[arg-type]
@@ -258,7 +258,7 @@ def test_array_fields_feed_the_image_and_audio_kinds(avmnist: Path) -> None:
 
 @needs_data
 def test_fast_path_batches_equal_collated_batches_and_are_cached(avmnist: Path, tmp_path: Path) -> None:
-    from mmfuse.training import load_records, prepare_data
+    from mmfuse.engine.data import load_records, prepare_data
 
     config = _config(avmnist, **{"data.in_memory": "false"})
     data = prepare_data(config)  # type: ignore[arg-type]
@@ -288,7 +288,7 @@ def test_fast_path_batches_equal_collated_batches_and_are_cached(avmnist: Path, 
 
 
 def test_from_dataset_pads_variable_length_text_and_trims_it_back(synth_manifest: Path) -> None:
-    from mmfuse.training import prepare_data
+    from mmfuse.engine.data import prepare_data
 
     config = load_config(REPO / "configs" / "synthetic.yaml",
                          [f"data.manifest={synth_manifest}", "data.synthetic=null"])
@@ -306,7 +306,7 @@ def test_from_dataset_pads_variable_length_text_and_trims_it_back(synth_manifest
 @needs_data
 def test_training_on_the_fast_path_matches_the_regular_path(avmnist: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from mmfuse.training import train
+    from mmfuse.engine.fit import train
 
     monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
     results = {}
@@ -325,7 +325,7 @@ def test_training_on_the_fast_path_matches_the_regular_path(avmnist: Path, tmp_p
                                   "avmnist-gated.yaml"])
 def test_avmnist_configs_train_one_epoch(avmnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          name: str) -> None:
-    from mmfuse.training import train
+    from mmfuse.engine.fit import train
 
     monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
     config = _config(avmnist, name, **{"trainer.max_epochs": 1, "trainer.output_dir": str(tmp_path / "run")})
@@ -337,7 +337,7 @@ def test_avmnist_configs_train_one_epoch(avmnist: Path, tmp_path: Path, monkeypa
 @needs_data
 def test_arith_config_trains_on_three_modalities(arith: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three modalities through the fast path; the text column is tokenised like any text."""
-    from mmfuse.training import train
+    from mmfuse.engine.fit import train
 
     monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
     config = _config(arith, "avmnist-arith.yaml", **{"trainer.max_epochs": 1,

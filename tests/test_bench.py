@@ -11,12 +11,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from mmfuse.bench import BenchRun, planned_runs, resolve_methods, summarise
+from mmfuse.analysis.bench import BenchRun, planned_runs, resolve_methods, summarise
 from mmfuse.cli import app
 from mmfuse.config import load_config
-from mmfuse.errors import ConfigError
+from mmfuse.config.presets import preset_path
+from mmfuse.core.errors import ConfigError
 from mmfuse.fusion import FUSIONS
-from mmfuse.presets import preset_path
 
 
 def test_resolve_methods() -> None:
@@ -92,11 +92,11 @@ def test_bench_bad_arguments_are_clear(tmp_path: Path) -> None:
 
 
 def test_missing_modality_scores_cover_every_proper_subset(synth_manifest: Path, tmp_path: Path) -> None:
-    from mmfuse.bench import missing_modality_scores
+    from mmfuse.analysis.bench import missing_modality_scores
     from mmfuse.config import validate_config
-    from mmfuse.evaluation import evaluate
+    from mmfuse.engine.data import prepare_data
+    from mmfuse.engine.evaluate import evaluate
     from mmfuse.model import MultimodalModel
-    from mmfuse.training import prepare_data
 
     config = validate_config({
         "data": {"manifest": str(synth_manifest), "text": {"max_length": 8}},

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from mmfuse.config import ExperimentConfig, load_config, validate_config
+from mmfuse.config.presets import preset_names, preset_path
+from mmfuse.core.errors import ConfigError, MMFuseError
 from mmfuse.encoders import ENCODERS
-from mmfuse.errors import ConfigError, MMFuseError
 from mmfuse.fusion import FUSIONS
-from mmfuse.presets import preset_names, preset_path
 from mmfuse.tasks import TASKS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -75,7 +75,7 @@ SYNTHETIC_CONFIGS = [p for p in CONFIG_FILES if p.name.startswith("synthetic")]
 def test_shipped_synthetic_config_trains_one_epoch(path: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading is not enough: each example must also run end to end (tiny data, one epoch)."""
-    from mmfuse.training import train
+    from mmfuse.engine.fit import train
 
     monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
     config = load_config(path, ["data.synthetic.n_samples=80", "trainer.max_epochs=1", "trainer.progress_bar=false",

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mmfuse.cli import app
-from mmfuse.errors import ConfigError, DataError
+from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.model import MultimodalModel
 from mmfuse.retrieval import (
     EmbeddingIndex,

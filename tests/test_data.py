@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from mmfuse.config import AudioPrep, ImagePrep, ModalitySpec, TextPrep
+from mmfuse.core.errors import DataError
 from mmfuse.data.dataset import Collator, MultimodalDataset, Sample, build_sample
 from mmfuse.data.manifest import Record, read_manifest
 from mmfuse.data.preprocess import Preprocessor
-from mmfuse.errors import DataError
 from mmfuse.tasks.classification import ClassificationTask, MultilabelTask
 from mmfuse.tasks.regression import RegressionTask
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from mmfuse.encoders import ENCODERS, Encoder, EncoderContext
+from mmfuse.core.contracts import EncoderContext
+from mmfuse.core.errors import ConfigError
+from mmfuse.encoders import ENCODERS, Encoder
 from mmfuse.encoders.pretrained import PRETRAINED_ENCODERS
-from mmfuse.errors import ConfigError
 
 NAMES = [n for n in ENCODERS.names() if n not in PRETRAINED_ENCODERS]  # see tests/test_pretrained.py
 VOCAB, MAX_LEN, CHANNELS, SIZE, N_MELS, MAX_FRAMES = 40, 16, 3, 16, 16, 40

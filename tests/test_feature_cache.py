@@ -1,4 +1,4 @@
-"""The feature cache (mmfuse.data.feature_cache) and frozen encoders (``encoders.<m>.freeze``)."""
+"""The feature cache (mmfuse.engine.feature_cache) and frozen encoders (``encoders.<m>.freeze``)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from mmfuse.config import validate_config
+from mmfuse.core.errors import ConfigError
 from mmfuse.data import arrays
 from mmfuse.data.dataset import CACHED_POOLED, Collator
-from mmfuse.data.feature_cache import FeatureStore, cache_datasets, default_cache_dir
-from mmfuse.data.feature_example import generate_feature_example
-from mmfuse.errors import ConfigError
+from mmfuse.datasets.feature_example import generate_feature_example
+from mmfuse.engine.data import PreparedData, prepare_data
+from mmfuse.engine.feature_cache import FeatureStore, cache_datasets, default_cache_dir
+from mmfuse.engine.fit import fit
 from mmfuse.model import MultimodalModel
-from mmfuse.training import PreparedData, fit, prepare_data
 
 
 @pytest.fixture(autouse=True)
@@ -239,7 +240,7 @@ def test_pretrained_frozen_encoder_is_cached_and_last_n_is_refused(tmp_path: Pat
 
 def test_bench_runs_read_the_cache_and_never_run_an_encoder(features_data: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from mmfuse.bench import run_bench
+    from mmfuse.analysis.bench import run_bench
     from mmfuse.encoders.features import FeatureIdentityEncoder, FeatureSequenceEncoder
 
     raw = features_config(features_data, tmp_path / "run", tmp_path / "cache")

@@ -14,16 +14,17 @@ import pytest
 import torch
 
 from mmfuse.config import FeaturesPrep, ModalitySpec, validate_config
+from mmfuse.core.errors import DataError
 from mmfuse.data import arrays
 from mmfuse.data.dataset import Collator, MultimodalDataset, build_sample
-from mmfuse.data.feature_example import generate_feature_example
 from mmfuse.data.manifest import read_manifest
 from mmfuse.data.preprocess import Preprocessor
-from mmfuse.errors import DataError
+from mmfuse.datasets.feature_example import generate_feature_example
+from mmfuse.engine.data import prepare_data
+from mmfuse.engine.fit import fit
 from mmfuse.fusion import FUSIONS
 from mmfuse.model import MultimodalModel
 from mmfuse.tasks import TASKS
-from mmfuse.training import fit, prepare_data
 
 MODS = {"seq": ModalitySpec(kind="features", column="seq"), "vec": ModalitySpec(kind="features", column="vec")}
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmfuse.errors import ConfigError
+from mmfuse.core.contracts import Features
+from mmfuse.core.errors import ConfigError
 from mmfuse.fusion import FUSIONS, Fusion
-from mmfuse.types import Features
 
 METHODS = FUSIONS.names()
 OUT_DIM = 6

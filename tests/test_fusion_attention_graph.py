@@ -12,11 +12,13 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from mmfuse.errors import ConfigError
+from mmfuse.core.contracts import Features
+from mmfuse.core.errors import ConfigError
 from mmfuse.fusion import FUSIONS
-from mmfuse.fusion.attention import BottleneckFusion, CoAttentionFusion, MulTFusion
+from mmfuse.fusion.bottleneck import BottleneckFusion
+from mmfuse.fusion.coattention import CoAttentionFusion
 from mmfuse.fusion.graph import GraphFusion
-from mmfuse.types import Features
+from mmfuse.fusion.mult import MulTFusion
 
 DIMS = {"audio": 10, "image": 8, "text": 12}
 LENGTHS = {"audio": 5, "image": 4, "text": 7}

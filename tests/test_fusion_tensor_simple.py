@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfuse.errors import ConfigError
+from mmfuse.core.contracts import Features
+from mmfuse.core.errors import ConfigError
 from mmfuse.fusion import FUSIONS
-from mmfuse.fusion.simple import AttentionFusion, GatedFusion, WeightedFusion
 from mmfuse.fusion.tensor import LowRankFusion, TensorFusion
-from mmfuse.types import Features
+from mmfuse.fusion.weighting import AttentionFusion, GatedFusion, WeightedFusion
 from tests.test_fusion import DIMS3, OUT_DIM, PRESENCE3, TOKENS3, make_features
 
 OURS = ["attention", "gated", "lmf", "tfn", "weighted"]

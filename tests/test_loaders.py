@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from mmfuse.config import AudioPrep, ImagePrep, TextPrep
+from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.audio import SILENCE_LOG_MEL, load_audio, load_waveform, log_mel, mel_filters
 from mmfuse.data.image import image_to_tensor, load_image
 from mmfuse.data.text import Tokenizer
-from mmfuse.errors import ConfigError, DataError
 
 # ----------------------------------------------------------------------------- text
 

@@ -16,14 +16,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mmfuse.config import ExperimentConfig, validate_config
+from mmfuse.core.contracts import Batch
+from mmfuse.core.errors import ConfigError, MMFuseError
 from mmfuse.data.dataset import Collator, build_sample
 from mmfuse.data.manifest import Record
 from mmfuse.data.preprocess import Preprocessor
-from mmfuse.errors import ConfigError, MMFuseError
 from mmfuse.fusion import FUSIONS
 from mmfuse.model import CONFIG_FILE, PREPROCESSING_FILE, WEIGHTS_FILE, MultimodalModel
 from mmfuse.tasks import TASKS
-from mmfuse.types import Batch
 
 LABELS = ["a", "b", "c"]
 

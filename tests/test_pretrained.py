@@ -17,17 +17,19 @@ import torch
 from PIL import Image
 
 from mmfuse.config import ExperimentConfig, validate_config
+from mmfuse.core.contracts import Batch, EncoderContext
+from mmfuse.core.errors import ConfigError, MMFuseError
 from mmfuse.data.dataset import Collator, build_sample
 from mmfuse.data.manifest import Record
 from mmfuse.data.preprocess import Preprocessor
-from mmfuse.encoders import ENCODERS, EncoderContext
+from mmfuse.encoders import ENCODERS
 from mmfuse.encoders.pretrained import PretrainedEncoder
-from mmfuse.errors import ConfigError, MMFuseError
+from mmfuse.engine.data import prepare_data
+from mmfuse.engine.fit import fit
+from mmfuse.engine.module import parameter_groups
 from mmfuse.fusion import FUSIONS
 from mmfuse.model import MultimodalModel
 from mmfuse.tasks import TASKS
-from mmfuse.training import fit, parameter_groups, prepare_data
-from mmfuse.types import Batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -471,7 +473,7 @@ def test_ge2e_and_sentence_transformers_models_reload_without_their_weight_files
     """The weights file and model folder named in the config are gone when the saved model loads."""
     import shutil
 
-    from mmfuse.encoders.ge2e import GE2ENetwork
+    from mmfuse.encoders.pretrained.ge2e import GE2ENetwork
 
     torch.manual_seed(1)
     torch.save({"model_state": GE2ENetwork().state_dict()}, tmp_path / "ge2e.pt")

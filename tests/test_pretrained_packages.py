@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mmfuse.encoders import ENCODERS, EncoderContext
+from mmfuse.core.contracts import EncoderContext
+from mmfuse.core.errors import ConfigError
+from mmfuse.encoders import ENCODERS
 from mmfuse.encoders.pretrained import PRETRAINED_ENCODERS
-from mmfuse.errors import ConfigError
 
 IMAGE = EncoderContext(kind="image", channels=3, image_size=32, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
 AUDIO = EncoderContext(kind="audio", audio_features="log_mel", sample_rate=16000, n_mels=40, n_fft=400, hop_length=160)
@@ -63,7 +64,7 @@ def test_timm_image_loads_a_saved_state_dict(tmp_path: Path) -> None:
 
 
 def test_ge2e_audio_runs_and_checks_its_mels(tmp_path: Path) -> None:
-    from mmfuse.encoders.ge2e import GE2ENetwork
+    from mmfuse.encoders.pretrained.ge2e import GE2ENetwork
 
     torch.manual_seed(0)
     reference = GE2ENetwork()

@@ -10,7 +10,8 @@ import torch
 
 import mmfuse
 from mmfuse.config import validate_config
-from mmfuse.training import fit, prepare_data
+from mmfuse.engine.data import prepare_data
+from mmfuse.engine.fit import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

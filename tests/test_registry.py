@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from mmfuse.errors import ConfigError
-from mmfuse.registry import Registry
+from mmfuse.core.errors import ConfigError
+from mmfuse.core.registry import Registry
 
 
 def make_registry(group: str | None = None) -> Registry[Any]:

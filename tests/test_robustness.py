@@ -13,21 +13,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmfuse.cli import app
-from mmfuse.config import validate_config
-from mmfuse.data.corrupt import (
-    CORRUPTIONS,
-    get_corruption,
-    list_corruptions,
-    sample_rng,
-    snr_db,
-)
-from mmfuse.data.dataset import MultimodalDataset
-from mmfuse.data.manifest import read_manifest
-from mmfuse.errors import ConfigError
-from mmfuse.evaluation import evaluate
-from mmfuse.model import MultimodalModel
-from mmfuse.robustness import (
+from mmfuse.analysis.robustness import (
     decode_records,
     enumerate_subsets,
     evaluation_records,
@@ -39,7 +25,22 @@ from mmfuse.robustness import (
     shapley_values,
     subset_name,
 )
-from mmfuse.training import fit, prepare_data
+from mmfuse.cli import app
+from mmfuse.config import validate_config
+from mmfuse.core.errors import ConfigError
+from mmfuse.data.corrupt import (
+    CORRUPTIONS,
+    get_corruption,
+    list_corruptions,
+    sample_rng,
+    snr_db,
+)
+from mmfuse.data.dataset import MultimodalDataset
+from mmfuse.data.manifest import read_manifest
+from mmfuse.engine.data import prepare_data
+from mmfuse.engine.evaluate import evaluate
+from mmfuse.engine.fit import fit
+from mmfuse.model import MultimodalModel
 
 LEVELS = noise_levels(11)
 runner = CliRunner()

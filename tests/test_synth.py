@@ -13,10 +13,10 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-import mmfuse.data.synth as synth
+import mmfuse.datasets.synth as synth
 from mmfuse.config import SynthConfig
-from mmfuse.data.synth import LABEL_FACTORS, generate_synthetic, synthetic_dataset
-from mmfuse.errors import DataError
+from mmfuse.core.errors import DataError
+from mmfuse.datasets.synth import LABEL_FACTORS, generate_synthetic, synthetic_dataset
 
 MODALITIES = ("text", "image", "audio")
 KEYS = ["id", "split", "text", "image", "audio", "label", "shape", "pitch", "mood", "colour", "caption",

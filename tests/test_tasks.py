@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mmfuse.errors import ConfigError
+from mmfuse.core.errors import ConfigError
 from mmfuse.tasks import TASKS, HeadTask, Task
 from mmfuse.tasks.classification import ClassificationTask, MultilabelTask
 from mmfuse.tasks.regression import RegressionTask

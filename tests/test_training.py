@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from mmfuse.config import validate_config
+from mmfuse.core.masking import drop_modalities
 from mmfuse.data.dataset import Collator
-from mmfuse.evaluation import evaluate
+from mmfuse.engine.data import load_records, prepare_data
+from mmfuse.engine.evaluate import evaluate
+from mmfuse.engine.fit import fit
 from mmfuse.model import MultimodalModel
-from mmfuse.training import drop_modalities, fit, load_records, prepare_data
 
 
 def small_config(manifest: Path, out: Path, **overrides: object) -> dict:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from mmfuse.core.version import __version__
 
 _EXPORTS = {
-    "Batch": "mmfuse.types",
-    "Features": "mmfuse.types",
-    "ConfigError": "mmfuse.errors",
-    "DataError": "mmfuse.errors",
-    "MMFuseError": "mmfuse.errors",
+    "Batch": "mmfuse.core.contracts",
+    "Features": "mmfuse.core.contracts",
+    "ConfigError": "mmfuse.core.errors",
+    "DataError": "mmfuse.core.errors",
+    "MMFuseError": "mmfuse.core.errors",
     "ExperimentConfig": "mmfuse.config",
     "load_config": "mmfuse.config",
     "validate_config": "mmfuse.config",
@@ -26,18 +26,18 @@ _EXPORTS = {
     "Fusion": "mmfuse.fusion",
     "TASKS": "mmfuse.tasks",
     "MultimodalModel": "mmfuse.model",
-    "train": "mmfuse.training",
+    "train": "mmfuse.engine.fit",
 }
 
 if TYPE_CHECKING:
     from mmfuse.config import ExperimentConfig, load_config, validate_config
+    from mmfuse.core.contracts import Batch, Features
+    from mmfuse.core.errors import ConfigError, DataError, MMFuseError
     from mmfuse.encoders import ENCODERS
-    from mmfuse.errors import ConfigError, DataError, MMFuseError
+    from mmfuse.engine.fit import train
     from mmfuse.fusion import FUSIONS, Fusion
     from mmfuse.model import MultimodalModel
     from mmfuse.tasks import TASKS
-    from mmfuse.training import train
-    from mmfuse.types import Batch, Features
 
 
 def __getattr__(name: str) -> Any:

@@ -18,17 +18,17 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mmfuse import __version__
-from mmfuse.atomic import staged_folder
 from mmfuse.config import ComponentConfig, EncoderConfig, ExperimentConfig, FusionConfig, TaskConfig
+from mmfuse.core.atomic import staged_folder
+from mmfuse.core.contracts import Batch, Features
+from mmfuse.core.errors import ConfigError, MMFuseError
+from mmfuse.core.version import __version__
 from mmfuse.data.dataset import CACHED_MASK, CACHED_POOLED, CACHED_TOKENS
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.encoders import ENCODERS, Encoder, absent_features
 from mmfuse.encoders.base import finish_features
-from mmfuse.errors import ConfigError, MMFuseError
 from mmfuse.fusion import FUSIONS, Fusion
 from mmfuse.tasks import TASKS, HeadTask, Task
-from mmfuse.types import Batch, Features
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from mmfuse.config import AudioPrep
+from mmfuse.core.errors import DataError
 from mmfuse.data.arrays import ARRAY_SUFFIXES, load_array, parse_reference
-from mmfuse.errors import DataError
 
 
 def is_array_reference(value: str) -> bool:

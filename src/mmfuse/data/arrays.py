@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmfuse.errors import DataError
+from mmfuse.core.errors import DataError
 
 ARRAY_SUFFIXES = (".npy", ".safetensors")
 

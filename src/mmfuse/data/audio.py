@@ -20,7 +20,7 @@ import torch
 from scipy.signal import resample_poly
 
 from mmfuse.config import AudioPrep
-from mmfuse.errors import ConfigError, DataError
+from mmfuse.core.errors import ConfigError, DataError
 
 LOG_FLOOR = 1e-6
 """Added to mel power before the log: silence maps to log(1e-6) ~ -13.8 instead of -inf.

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from mmfuse.errors import ConfigError, did_you_mean
+from mmfuse.core.errors import ConfigError, did_you_mean
 
 IMAGE_NOISE_MAX_SIGMA = 0.5
 """Pixel-noise sigma at level 1, as a fraction of the 0..255 range."""

@@ -16,11 +16,10 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from mmfuse.core.contracts import Batch, TargetCodec
+from mmfuse.core.errors import DataError
 from mmfuse.data.manifest import Record
 from mmfuse.data.preprocess import ModalityInputs, Preprocessor
-from mmfuse.errors import DataError
-from mmfuse.tasks.base import Task
-from mmfuse.types import Batch
 
 
 @dataclass
@@ -41,7 +40,7 @@ class SkipReport:
         return len(self.skipped)
 
 
-def build_sample(record: Record, preprocessor: Preprocessor, task: Task | None) -> Sample:
+def build_sample(record: Record, preprocessor: Preprocessor, task: TargetCodec | None) -> Sample:
     """Preprocesses one record; any problem becomes a DataError that names the row."""
     try:
         inputs = preprocessor.encode_record(record)
@@ -59,7 +58,7 @@ def build_sample(record: Record, preprocessor: Preprocessor, task: Task | None) 
 
 
 class MultimodalDataset(Dataset[Sample]):
-    def __init__(self, records: list[Record], preprocessor: Preprocessor, task: Task | None,
+    def __init__(self, records: list[Record], preprocessor: Preprocessor, task: TargetCodec | None,
                  on_error: Literal["raise", "skip"] = "raise") -> None:
         self.samples: list[Sample] = []
         self.report = SkipReport()
@@ -90,7 +89,7 @@ class Collator:
     An absent modality becomes zeros of the right shape with ``present=False``.
     """
 
-    def __init__(self, preprocessor: Preprocessor, task: Task | None) -> None:
+    def __init__(self, preprocessor: Preprocessor, task: TargetCodec | None) -> None:
         self.preprocessor = preprocessor
         self.task = task
 
@@ -124,7 +123,7 @@ class Collator:
 
     @staticmethod
     def _collate_cached(values: list[ModalityInputs | None]) -> dict[str, Tensor]:
-        """Cached encoder outputs (see ``mmfuse.data.feature_cache``): tokens zero-padded to the longest.
+        """Cached encoder outputs (see ``mmfuse.engine.feature_cache``): tokens zero-padded to the longest.
 
         ``pad_sequence`` and one indexed copy per tensor, not a Python loop of row copies: with the
         encoders gone, collating is a large share of what a cached step costs.

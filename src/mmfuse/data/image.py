@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mmfuse.config import ImagePrep
-from mmfuse.errors import DataError
+from mmfuse.core.errors import DataError
 
 _HIGH_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mmfuse.config import ModalitySpec
-from mmfuse.errors import DataError, did_you_mean
+from mmfuse.core.errors import DataError, did_you_mean
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".pq")
 

@@ -20,8 +20,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,13 +28,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from mmfuse.core.atomic import staged_folder
+from mmfuse.core.contracts import Batch, TargetCodec
+from mmfuse.core.errors import DataError
 from mmfuse.data.arrays import parse_reference
 from mmfuse.data.dataset import Collator, MultimodalDataset, Sample, SkipReport
 from mmfuse.data.manifest import Record
 from mmfuse.data.preprocess import Preprocessor
-from mmfuse.errors import DataError
-from mmfuse.tasks.base import Task
-from mmfuse.types import Batch
 
 CACHE_VERSION = "arrays-v1"
 _BUILD_CHUNK = 512
@@ -192,7 +190,7 @@ def _file_stamps(records: list[Record], preprocessor: Preprocessor) -> list[list
     return stamps
 
 
-def cache_key(records: list[Record], preprocessor: Preprocessor, task: Task | None, on_error: str) -> str:
+def cache_key(records: list[Record], preprocessor: Preprocessor, task: TargetCodec | None, on_error: str) -> str:
     """SHA-256 over the records, their files' stamps, the fitted preprocessing and the task."""
     digest = hashlib.sha256()
     digest.update(json.dumps([CACHE_VERSION, on_error, type(task).__name__ if task else None,
@@ -251,7 +249,7 @@ def _load(folder: Path) -> ArrayDataset:
     return ArrayDataset(inputs, present, target, list(meta["ids"]), SkipReport(list(meta["skipped"])))
 
 
-def cached_arrays(records: list[Record], preprocessor: Preprocessor, task: Task | None, on_error: str,
+def cached_arrays(records: list[Record], preprocessor: Preprocessor, task: TargetCodec | None, on_error: str,
                   cache_dir: Path | None = None) -> ArrayDataset:
     """The split's ``ArrayDataset``: memory-mapped from the cache, or built once and cached.
 
@@ -268,15 +266,6 @@ def cached_arrays(records: list[Record], preprocessor: Preprocessor, task: Task 
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"{root}: cannot create the in-memory array cache ({exc})") from exc
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    with staged_folder(final, keep_existing=True) as tmp:
         _save(tmp, arrays)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return _load(final)

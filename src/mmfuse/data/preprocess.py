@@ -16,6 +16,8 @@ from PIL import Image
 from torch import Tensor
 
 from mmfuse.config import AudioPrep, FeaturesPrep, ImagePrep, ModalitySpec, TextPrep
+from mmfuse.core.contracts import EncoderContext
+from mmfuse.core.errors import DataError
 from mmfuse.data.array_rows import is_array_reference, load_image_array, load_spectrogram_array, spectrogram_tensor
 from mmfuse.data.arrays import load_array
 from mmfuse.data.audio import load_waveform, log_mel, log_mel_batch
@@ -23,8 +25,6 @@ from mmfuse.data.image import decode_image, image_to_tensor
 from mmfuse.data.manifest import Record
 from mmfuse.data.pretrained_prep import PretrainedTokenizer, image_prep_from_processor
 from mmfuse.data.text import Tokenizer
-from mmfuse.encoders.base import EncoderContext
-from mmfuse.errors import DataError
 
 ModalityInputs = dict[str, Tensor]
 RawInput = str | Image.Image | np.ndarray

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from mmfuse.config import ImagePrep
-from mmfuse.errors import ConfigError, DataError
-from mmfuse.hub import resolve_source
+from mmfuse.core.errors import ConfigError, DataError
+from mmfuse.core.hub import resolve_source
 
 FORMAT = "hf-tokenizer"
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from mmfuse.config import TextPrep
-from mmfuse.errors import DataError
+from mmfuse.core.errors import DataError
 
 PAD_TOKEN = "[PAD]"
 UNK_TOKEN = "[UNK]"

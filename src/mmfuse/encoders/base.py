@@ -6,38 +6,11 @@ image channels, mel bands) plus its own options, so the config only names what a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-from mmfuse.registry import Registry
-from mmfuse.types import Features
-
-
-@dataclass(frozen=True)
-class EncoderContext:
-    """Facts about the preprocessed input that an encoder needs to size its layers."""
-
-    kind: str
-    vocab_size: int = 0
-    max_length: int = 0
-    channels: int = 0
-    image_size: int = 0
-    n_mels: int = 0
-    max_frames: int = 0
-    tokenizer: str = ""
-    """'' for the built-in word tokenizer, else the pretrained tokenizer's source (TextPrep.tokenizer)."""
-    image_mean: tuple[float, ...] = ()
-    image_std: tuple[float, ...] = ()
-    audio_features: str = "log_mel"
-    sample_rate: int = 0
-    n_fft: int = 0
-    hop_length: int = 0
-    assets: str = ""
-    """Set when a saved model is restored: the folder holding this encoder's saved architecture files
-    (pretrained encoders then build from it, and their weights come from model.safetensors)."""
-    feature_dim: int = 0
+from mmfuse.core.contracts import Features
+from mmfuse.core.masking import zero_absent
 
 
 class Encoder(nn.Module):
@@ -69,22 +42,18 @@ class Encoder(nn.Module):
         return [name for name, p in self.named_parameters() if p.requires_grad]
 
 
-ENCODERS: Registry[Encoder] = Registry("encoder", reserved=("context",), entry_point_group="mmfuse.encoders")
-
-
-def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
-    """Mean over valid tokens; rows with no valid token give zeros (never NaN)."""
-    weights = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
 def finish_features(tokens: Tensor, mask: Tensor, pooled: Tensor, present: Tensor) -> Features:
-    """Zeros absent rows so that nothing downstream can read values of a missing modality."""
-    keep = present.to(tokens.dtype)
+    """Zeros absent rows so that nothing downstream can read values of a missing modality.
+
+    ``torch.where``, not a multiplication by the mask: NaN or inf in an absent row stays NaN after
+    ``* 0``, and would reach any fusion that forgot to look at ``present``.
+    """
     return Features(
-        tokens=tokens * keep[:, None, None],
+        tokens=zero_absent(tokens, present),
         mask=mask & present[:, None],
-        pooled=pooled * keep[:, None],
+        pooled=zero_absent(pooled, present),
         present=present,
     )
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mmfuse.encoders.base import ENCODERS, Encoder, EncoderContext, finish_features, masked_mean
-from mmfuse.errors import ConfigError
-from mmfuse.types import Features
+from mmfuse.core.contracts import EncoderContext, Features
+from mmfuse.core.errors import ConfigError
+from mmfuse.core.masking import masked_mean
+from mmfuse.core.registry import ENCODERS
+from mmfuse.encoders.base import Encoder, finish_features
 
 
 def _require_features(context: EncoderContext, name: str) -> None:

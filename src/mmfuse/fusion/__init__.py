@@ -1,7 +1,8 @@
-"""Fusion methods behind one contract. Importing this registers every built-in method."""
+"""Fusion methods behind one contract, one file per family. Importing this registers every built-in."""
 
-from mmfuse.fusion import attention, graph, late, simple, tensor
-from mmfuse.fusion.base import FUSIONS, Fusion, masked_modality_mean, stack_presence
+from mmfuse.core.registry import FUSIONS
+from mmfuse.fusion import bottleneck, coattention, decision, early, graph, mult, tensor, weighting
+from mmfuse.fusion.base import Fusion
 
-__all__ = ["FUSIONS", "Fusion", "attention", "graph", "late", "masked_modality_mean", "simple", "stack_presence",
-           "tensor"]
+__all__ = ["FUSIONS", "Fusion", "bottleneck", "coattention", "decision", "early", "graph", "mult", "tensor",
+           "weighting"]

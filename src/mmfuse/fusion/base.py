@@ -14,9 +14,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from mmfuse.errors import ConfigError
-from mmfuse.registry import Registry
-from mmfuse.types import Features
+from mmfuse.core.contracts import Features
+from mmfuse.core.errors import ConfigError
 
 
 class Fusion(nn.Module):
@@ -36,32 +35,24 @@ class Fusion(nn.Module):
             raise ValueError(f"{type(self).__name__}: no features for modalities {missing}")
 
 
-FUSIONS: Registry[Fusion] = Registry("fusion", reserved=("dims", "out_dim"), entry_point_group="mmfuse.fusion")
+def projector(in_dim: int, out_dim: int) -> nn.Module:
+    """Linear + LayerNorm: maps a modality's pooled features to the common fusion width."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
 
 
-def stack_presence(features: dict[str, Features], modalities: list[str]) -> Tensor:
-    """(B, M) bool presence matrix in the given modality order."""
-    return torch.stack([features[m].present for m in modalities], dim=1)
+def masked_softmax(logits: Tensor, present: Tensor) -> Tensor:
+    """Softmax over dim 1 (modalities) of ``logits`` (B, M, ...) restricted to ``present`` (B, M).
 
-
-def masked_modality_mean(values: Tensor, present: Tensor) -> Tensor:
-    """Mean of (B, M, D) over present modalities; a row with none present gives zeros, not NaN."""
-    keep = present.unsqueeze(-1)
-    total = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(dim=1)
-    return total / keep.to(values.dtype).sum(dim=1).clamp(min=1.0)
-
-
-def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Module:
-    """Linear when hidden == 0, else Linear-GELU-Dropout-Linear."""
-    if hidden <= 0:
-        return nn.Linear(in_dim, out_dim)
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
-
-
-def present_pooled(f: Features) -> Tensor:
-    """``f.pooled`` with absent rows replaced by zeros (via ``torch.where``, so NaN/inf cannot leak).
-
-    Cleaning the input before any layer also keeps the backward pass finite: a NaN row pushed
-    through a Linear would make the weight gradient NaN even if its output were discarded later.
+    Absent modalities get exactly 0; a row with no modality present gets all zeros (never NaN).
     """
-    return torch.where(f.present[:, None], f.pooled, torch.zeros((), dtype=f.pooled.dtype, device=f.pooled.device))
+    keep = present.reshape(present.shape + (1,) * (logits.dim() - 2))
+    floor = torch.finfo(logits.dtype).min
+    weights = torch.softmax(torch.where(keep, logits, torch.full((), floor, dtype=logits.dtype,
+                                                                      device=logits.device)), dim=1)
+    return torch.where(keep, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
+
+
+def check_positive(method: str, **options: int) -> None:
+    for key, value in options.items():
+        if value <= 0:
+            raise ConfigError(f"{method}: option '{key}' must be > 0, got {value}")

@@ -6,10 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfuse.errors import ConfigError
-from mmfuse.fusion.attention import FeedForward, check_width
-from mmfuse.fusion.base import FUSIONS, Fusion, masked_modality_mean, mlp, stack_presence
-from mmfuse.types import Features
+from mmfuse.core.contracts import Features
+from mmfuse.core.errors import ConfigError
+from mmfuse.core.layers import mlp
+from mmfuse.core.masking import masked_mean, stack_presence
+from mmfuse.core.registry import FUSIONS
+from mmfuse.fusion.base import Fusion
+from mmfuse.fusion.transformer import FeedForward, check_width
 
 
 class GraphAttentionLayer(nn.Module):
@@ -89,4 +92,4 @@ class GraphFusion(Fusion):
 
     def forward(self, features: dict[str, Features]) -> Tensor:
         h, present = self.node_states(features)
-        return self.head(masked_modality_mean(h, present))
+        return self.head(masked_mean(h, present))

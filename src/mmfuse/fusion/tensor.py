@@ -7,10 +7,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mmfuse.errors import ConfigError
-from mmfuse.fusion.base import FUSIONS, Fusion, mlp, present_pooled
-from mmfuse.fusion.simple import projector
-from mmfuse.types import Features
+from mmfuse.core.contracts import Features
+from mmfuse.core.errors import ConfigError
+from mmfuse.core.layers import mlp
+from mmfuse.core.masking import MissingEmbedding, present_pooled
+from mmfuse.core.registry import FUSIONS
+from mmfuse.fusion.base import Fusion, projector
 
 
 def append_one(x: Tensor) -> Tensor:
@@ -63,9 +65,7 @@ class TensorFusion(Fusion):
             return nn.Sequential(projector(d, proj_dim), nn.GELU(), projector(proj_dim, rank_dim))
 
         self.project = nn.ModuleDict({m: subnet(d) for m, d in self.dims.items()})
-        self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(rank_dim)) for m in self.modalities})
-        for param in self.missing.values():
-            nn.init.normal_(param, std=0.02)
+        self.missing = MissingEmbedding(self.modalities, rank_dim)
         self.mix = nn.Sequential(nn.Dropout(dropout), mlp(self.product_dim, hidden, out_dim, dropout))
 
     def tensor_product(self, features: dict[str, Features]) -> Tensor:
@@ -75,7 +75,7 @@ class TensorFusion(Fusion):
         for m in self.modalities:
             f = features[m]
             z = self.project[m](present_pooled(f))
-            z = append_one(torch.where(f.present[:, None], z, self.missing[m].to(z.dtype)))
+            z = append_one(self.missing(m, z, f.present))
             product = z if product is None else (product.unsqueeze(-1) * z.unsqueeze(1)).flatten(1)
         assert product is not None  # at least one modality, checked in Fusion.__init__
         return product
@@ -112,9 +112,7 @@ class LowRankFusion(Fusion):
         self.rank = rank
         fused = hidden if hidden > 0 else out_dim
         self.project = nn.ModuleDict({m: projector(d, proj_dim) for m, d in self.dims.items()})
-        self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(proj_dim)) for m in self.modalities})
-        for param in self.missing.values():
-            nn.init.normal_(param, std=0.02)
+        self.missing = MissingEmbedding(self.modalities, proj_dim)
         # Each factor maps a unit-scale [p; 1] to unit-scale outputs, so the product over M
         # modalities neither vanishes nor explodes at initialisation (xavier on the 3-d tensor, as in
         # the reference code, gives ~0.1 per factor and ~0.1^M after the product).
@@ -132,7 +130,7 @@ class LowRankFusion(Fusion):
         for m in self.modalities:
             f = features[m]
             p = self.project[m](present_pooled(f))
-            p = append_one(torch.where(f.present[:, None], p, self.missing[m].to(p.dtype)))
+            p = append_one(self.missing(m, p, f.present))
             factor = torch.einsum("bd,rdf->rbf", p, self.factors[m])
             product = factor if product is None else product * factor
         assert product is not None  # at least one modality, checked in Fusion.__init__

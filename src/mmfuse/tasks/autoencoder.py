@@ -34,11 +34,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import Metric, MetricCollection
 
+from mmfuse.core.contracts import Batch, Features
+from mmfuse.core.errors import ConfigError
+from mmfuse.core.layers import mlp
+from mmfuse.core.registry import TASKS
 from mmfuse.data.text import Tokenizer
-from mmfuse.errors import ConfigError
-from mmfuse.fusion.base import mlp
-from mmfuse.tasks.base import TASKS, Task
-from mmfuse.types import Batch, Features
+from mmfuse.tasks.base import Task
 
 if TYPE_CHECKING:
     from mmfuse.model import MultimodalModel
@@ -281,7 +282,7 @@ class AutoencoderTask(Task):
         return model.fusion(model.encode(batch))
 
     def step_loss(self, model: MultimodalModel, batch: Batch) -> Tensor:
-        from mmfuse.training import drop_modalities
+        from mmfuse.core.masking import drop_modalities
 
         features = model.encode(batch)
         present = {m: features[m].present for m in self.modalities}

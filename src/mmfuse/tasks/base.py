@@ -26,9 +26,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from mmfuse.fusion.base import mlp
-from mmfuse.registry import Registry
-from mmfuse.types import Batch
+from mmfuse.core.contracts import Batch
+from mmfuse.core.layers import mlp
 
 if TYPE_CHECKING:
     from mmfuse.model import MultimodalModel
@@ -139,6 +138,3 @@ class HeadTask(Task):
 
     def predict(self, model: MultimodalModel, batch: Batch) -> list[dict[str, Any]]:
         return self.decode(model(batch))
-
-
-TASKS: Registry[Task] = Registry("task", entry_point_group="mmfuse.tasks")

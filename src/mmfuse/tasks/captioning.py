@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import Metric, MetricCollection
 
-from mmfuse.errors import ConfigError
-from mmfuse.tasks.base import TASKS, Task
-from mmfuse.types import Batch, Features
+from mmfuse.core.contracts import Batch, Features
+from mmfuse.core.errors import ConfigError
+from mmfuse.core.registry import TASKS
+from mmfuse.tasks.base import Task
 
 if TYPE_CHECKING:
     from mmfuse.model import MultimodalModel

@@ -22,7 +22,8 @@ from torchmetrics.classification import (
     MultilabelRecall,
 )
 
-from mmfuse.tasks.base import TASKS, HeadTask, Task
+from mmfuse.core.registry import TASKS
+from mmfuse.tasks.base import HeadTask, Task
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 

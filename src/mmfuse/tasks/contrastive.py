@@ -26,13 +26,15 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import Metric, MetricCollection
 
+from mmfuse.core.contracts import Batch
+from mmfuse.core.errors import ConfigError, MMFuseError
+from mmfuse.core.layers import mlp
+from mmfuse.core.masking import present_pooled
+from mmfuse.core.registry import TASKS
 from mmfuse.data.manifest import Record
-from mmfuse.errors import ConfigError, MMFuseError
-from mmfuse.fusion.base import mlp, present_pooled
 from mmfuse.retrieval import EmbeddingIndex, info_nce, retrieval_report
-from mmfuse.tasks.base import TASKS, Task
+from mmfuse.tasks.base import Task
 from mmfuse.tasks.classification import _label_text
-from mmfuse.types import Batch
 
 if TYPE_CHECKING:
     from mmfuse.model import MultimodalModel

@@ -10,7 +10,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, PearsonCorrCoef
 
-from mmfuse.tasks.base import TASKS, HeadTask, Task
+from mmfuse.core.registry import TASKS
+from mmfuse.tasks.base import HeadTask, Task
 
 
 class _MeanPearson(PearsonCorrCoef):

@@ -24,7 +24,8 @@ from torch import Tensor
 from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy, MulticlassF1Score
 
-from mmfuse.tasks.base import TASKS, Task
+from mmfuse.core.registry import TASKS
+from mmfuse.tasks.base import Task
 from mmfuse.tasks.regression import RegressionTask, _MeanPearson
 
 

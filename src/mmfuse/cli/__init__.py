@@ -1,0 +1,16 @@
+"""The ``mmfuse`` command line, one module per command group.
+
+User errors (``MMFuseError``) print one red line and exit 1; ``--debug`` shows the traceback.
+"""
+
+import os
+
+from mmfuse.cli import bench, data, retrieval, train
+from mmfuse.cli.app import app
+
+__all__ = ["app", "bench", "data", "main", "retrieval", "train"]
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(prog_name="mmfuse")

@@ -1,0 +1,201 @@
+"""``mmfuse train``, ``evaluate`` and ``predict``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mmfuse.cli.app import app, console, friendly_errors, metrics_table
+from mmfuse.core.errors import MMFuseError
+
+
+@app.command()
+@friendly_errors
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set trainer.max_epochs=5")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (trainer.output_dir).")] = None,
+) -> None:
+    """Train a model from a config; saves it to OUTPUT_DIR/model."""
+    from mmfuse.config import load_config
+    from mmfuse.engine.fit import train as run_training
+
+    overrides = list(set_ or []) + ([f"trainer.output_dir={out}"] if out else [])
+    cfg = load_config(config, overrides)
+    result = run_training(cfg)
+    console.print(metrics_table("validation", result.val_metrics))
+    if result.test_metrics:
+        console.print(metrics_table("test", result.test_metrics))
+    for split, count in result.skipped.items():
+        console.print(f"[yellow]skipped {count} bad sample(s) in {split}[/] (data.on_error=skip)")
+    console.print(f"model saved to [bold]{result.model_dir}[/] ({result.params:,} parameters, "
+                  f"{result.train_seconds:.1f} s training)")
+
+
+def _load_dataset(model_dir: Path, manifest: Path, split: str | None, on_error: str, with_targets: bool,
+                  label_column: str | None = None) -> Any:
+    from mmfuse.core.errors import DataError
+    from mmfuse.data.dataset import MultimodalDataset
+    from mmfuse.data.manifest import read_manifest
+    from mmfuse.model import MultimodalModel
+
+    model = MultimodalModel.from_pretrained(model_dir)
+    used = {m: spec for m, spec in model.preprocessor.modalities.items() if m in model.modalities}
+    records = read_manifest(manifest, used,
+                            target_column=(label_column or model.spec.target_column) if with_targets else None,
+                            split_column="split" if split else None)
+    if split:
+        records = [r for r in records if (r.split or "").lower() == split.lower()]
+        if not records:
+            raise DataError(f"{manifest}: no rows with split '{split}'")
+    dataset = MultimodalDataset(records, model.preprocessor, model.task if with_targets else None,
+                                on_error="skip" if on_error == "skip" else "raise")
+    if len(dataset) == 0:
+        raise DataError(f"{manifest}: every sample was skipped")
+    return model, dataset
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Saved model folder.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Manifest with targets.")],
+    split: Annotated[str | None, typer.Option(help="Only rows whose 'split' column has this value.")] = None,
+    on_error: Annotated[str, typer.Option(help="raise | skip bad samples")] = "raise",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON.")] = None,
+    robustness: Annotated[bool, typer.Option(
+        "--robustness", help="Also: metrics per subset of present modalities, modality importance "
+        "(ablation, Shapley) and accuracy vs. input corruption; writes CSVs and PNGs to --out.")] = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Robustness output folder (default: MODEL/../robustness).")] = None,
+    label_column: Annotated[str | None, typer.Option(
+        help="Read targets from this column instead of the model's target column (e.g. the class "
+        "that defines relevance for contrastive class-level recall).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the robustness corruptions.")] = 0,
+    levels: Annotated[int, typer.Option(help="Corruption levels, evenly from 0 to 1.")] = 11,
+    corruptions: Annotated[str | None, typer.Option(
+        help="Comma-separated corruptions (default: all that fit the model's modalities): gaussian_noise, "
+        "gaussian_blur, occlusion, white_noise, time_mask, typos, word_dropout.")] = None,
+) -> None:
+    """Evaluate a saved model on a manifest; --robustness adds missing-modality and noise studies."""
+    from mmfuse.engine.evaluate import evaluate as run_evaluation
+
+    started = time.perf_counter()
+    loaded, dataset = _load_dataset(model, data, split, on_error, with_targets=True, label_column=label_column)
+    names = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions is not None else None
+    if robustness:  # bad options fail before any work
+        from mmfuse.analysis.robustness import noise_levels, plan_corruptions
+        from mmfuse.tasks.base import HeadTask
+
+        if not isinstance(loaded.task, HeadTask):
+            raise MMFuseError(f"--robustness needs a classification / multi-label / regression model; this one "
+                              f"was trained for task '{loaded.task.name}'")
+
+        noise_levels(levels)
+        plan_corruptions(loaded, names)
+    metrics = run_evaluation(loaded, dataset)
+    console.print(metrics_table(f"{data.name}: {len(dataset)} samples", metrics))
+    if dataset.report.count:
+        console.print(f"[yellow]skipped {dataset.report.count} bad sample(s)[/]")
+        for reason in dataset.report.skipped[:5]:
+            console.print(f"  {reason}", highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(metrics, indent=2))
+    if robustness:
+        from mmfuse.analysis.robustness import evaluation_records, report_tables, run_robustness
+
+        folder = out or model.resolve().parent / "robustness"
+        with console.status("robustness: missing modalities, importance, corruptions..."):
+            records = evaluation_records(loaded, data, split)
+            report = run_robustness(loaded, records, out=folder, seed=seed, levels=levels, corruptions=names,
+                                    on_error="skip" if on_error == "skip" else "raise")
+        for table in report_tables(report):
+            console.print(table)
+        stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in report.seconds.items() if name != "total")
+        console.print(f"robustness files in [bold]{folder}[/]: {', '.join(p.name for p in report.files.values())}; "
+                      f"{time.perf_counter() - started:.1f} s in all ({stages})")
+
+
+@app.command()
+@friendly_errors
+def predict(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Saved model folder.")],
+    text: Annotated[str | None, typer.Option(help="Text for the 'text' modality.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Image file for the 'image' modality.")] = None,
+    audio: Annotated[Path | None, typer.Option(help="Audio file for the 'audio' modality.")] = None,
+    input_: Annotated[list[str] | None, typer.Option("--input", help="MODALITY=VALUE for any modality.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Predict every row of a manifest.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="JSONL output for --data.")] = None,
+    impute: Annotated[str | None, typer.Option(
+        help="Autoencoder models: the modality to impute from the others (hidden from the model).")] = None,
+    beam: Annotated[int | None, typer.Option(help="Captioning models: beam size (1 = greedy).")] = None,
+) -> None:
+    """Predict from any subset of the trained modalities; prints JSON."""
+    from mmfuse.core.errors import DataError
+    from mmfuse.data.dataset import Collator, build_sample
+    from mmfuse.data.manifest import Record
+    from mmfuse.engine.evaluate import predict as predict_dataset
+    from mmfuse.model import MultimodalModel
+
+    if data is not None:
+        loaded, dataset = _load_dataset(model, data, None, "raise", with_targets=False)
+        _prediction_options(loaded, impute, beam)
+        lines = [json.dumps(p) for p in predict_dataset(loaded, dataset)]
+        if out:
+            out.write_text("\n".join(lines) + "\n")
+            console.print(f"wrote {len(lines)} predictions to {out}")
+        else:
+            print("\n".join(lines))
+        return
+    loaded = MultimodalModel.from_pretrained(model)
+    _prediction_options(loaded, impute, beam)
+    given: dict[str, str] = {}
+    for name, value in (("text", text), ("image", image), ("audio", audio)):
+        if value is not None:
+            given[name] = str(value)
+    for item in input_ or []:
+        if "=" not in item:
+            raise DataError(f"--input '{item}' must look like MODALITY=VALUE")
+        name, value = item.split("=", 1)
+        given[name] = value
+    if not given:
+        raise DataError(f"give at least one input; this model reads {', '.join(loaded.modalities)}")
+    if impute is not None and impute in given:
+        raise DataError(f"--impute {impute}: do not give {impute} as an input; it is imputed from the others")
+    for name in given:
+        if name not in loaded.modalities:
+            raise DataError(f"this model was not trained with '{name}'; it reads {', '.join(loaded.modalities)}")
+    fields: dict[str, str | None] = {}
+    for m in loaded.preprocessor.modalities:
+        value = given.get(m)
+        if value is not None and loaded.preprocessor.kind(m) != "text":
+            value = str(Path(value).expanduser().resolve())
+        fields[m] = value
+    record = Record(source=Path("command line"), row=0, id="command line", fields=fields)
+    sample = build_sample(record, loaded.preprocessor, None)
+    batch = Collator(loaded.preprocessor, None)([sample])
+    print(json.dumps(loaded.predict(batch)[0], indent=2))
+
+
+def _prediction_options(model: Any, impute: str | None, beam: int | None) -> None:
+    """Applies --impute (autoencoder) and --beam (captioning), refusing them for other tasks."""
+    from mmfuse.tasks.autoencoder import AutoencoderTask
+    from mmfuse.tasks.captioning import CaptioningTask
+
+    if impute is not None:
+        if not isinstance(model.task, AutoencoderTask):
+            raise MMFuseError(f"--impute needs a model trained with task 'autoencoder', not '{model.task.name}'")
+        if impute not in model.modalities:
+            raise MMFuseError(f"--impute {impute}: this model has no such modality; it reads "
+                              f"{', '.join(model.modalities)}")
+        model.task.impute = [impute]
+    if beam is not None:
+        if not isinstance(model.task, CaptioningTask):
+            raise MMFuseError(f"--beam needs a model trained with task 'captioning', not '{model.task.name}'")
+        if beam < 1:
+            raise MMFuseError(f"--beam must be >= 1, got {beam}")
+        model.task.beam_size = beam

@@ -1,0 +1,30 @@
+"""The experiment config: one YAML file, validated by pydantic, with errors that name the key.
+
+``schema`` holds the typed sections; ``loading`` reads YAML, applies overrides and checks registry
+names; ``presets`` lists the named configs shipped in the package.
+"""
+
+from mmfuse.config.loading import apply_override, check_components, load_config, validate_config
+from mmfuse.config.schema import (
+    AudioPrep,
+    ComponentConfig,
+    DataConfig,
+    EncoderConfig,
+    ExperimentConfig,
+    FeaturesPrep,
+    FusionConfig,
+    ImagePrep,
+    ModalitySpec,
+    OptimConfig,
+    StrictModel,
+    SynthConfig,
+    TaskConfig,
+    TextPrep,
+    TrainerConfig,
+)
+
+__all__ = [
+    "AudioPrep", "ComponentConfig", "DataConfig", "EncoderConfig", "ExperimentConfig", "FeaturesPrep",
+    "FusionConfig", "ImagePrep", "ModalitySpec", "OptimConfig", "StrictModel", "SynthConfig", "TaskConfig",
+    "TextPrep", "TrainerConfig", "apply_override", "check_components", "load_config", "validate_config"
+]

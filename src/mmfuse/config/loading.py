@@ -1,0 +1,89 @@
+"""Reading a YAML config, applying ``--set`` overrides and validating it, with errors that name the key.
+
+Registry names (encoders, fusion, task) are checked through the registries in ``mmfuse.core``,
+which import their built-in packages on first use: the config layer never imports them itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from mmfuse.config.schema import ComponentConfig, ExperimentConfig
+from mmfuse.core.errors import ConfigError
+from mmfuse.core.registry import ENCODERS, FUSIONS, TASKS
+
+
+def _format_error(exc: pydantic.ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config: " + "; ".join(lines)
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Builds an ExperimentConfig from plain data, checking registry names and their options."""
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+    check_components(config)
+    return config
+
+
+def check_components(config: ExperimentConfig) -> None:
+    """Registry names and options are checked here, after registration of all built-ins."""
+    for modality, enc in config.encoders.items():
+        _store_options(enc, ENCODERS.validate_options(enc.name, enc.options, where=f"encoders.{modality}"))
+    _store_options(config.fusion, FUSIONS.validate_options(config.fusion.name, config.fusion.options, where="fusion"))
+    _store_options(config.task, TASKS.validate_options(config.task.name, config.task.options, where="task"))
+
+
+def _store_options(component: ComponentConfig, options: dict[str, Any]) -> None:
+    """Keeps the validated values (``dim: "16"`` -> 16), so factories get the types they declare."""
+    if component.model_extra is not None:
+        component.model_extra.update(options)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Applies one ``a.b.c=value`` override in place; the value is parsed as YAML (typed)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like key.path=value")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+_PATH_KEYS = ("manifest", "train", "val", "test")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Reads a YAML config, applies ``--set`` overrides and validates it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in _PATH_KEYS:
+            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                data[key] = str((path.parent / data[key]).resolve())
+    return validate_config(raw)

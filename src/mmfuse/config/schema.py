@@ -1,0 +1,240 @@
+"""The experiment config: one YAML file, validated by pydantic, with errors that name the key.
+
+An unknown key is an error naming it and the closest valid key; registry names (encoders, fusion,
+task) are checked against their registries, and their options against the factory's signature.
+Relative paths in a YAML file resolve against that file's folder, so a config works from any cwd.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mmfuse.core.errors import did_you_mean
+
+ModalityKind = Literal["text", "image", "audio", "features"]
+
+
+class StrictModel(BaseModel):
+    """Rejects unknown keys with a 'did you mean' hint instead of pydantic's generic message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields)
+            for key in data:
+                if key not in known:
+                    raise ValueError(f"unknown key '{key}'{did_you_mean(str(key), known)}")
+        return data
+
+
+class TextPrep(StrictModel):
+    """Built-in word tokenizer settings; the vocabulary is fitted on the training split.
+
+    ``tokenizer`` names a pretrained tokenizer instead (a hub name, a local folder or
+    ``package:<module>``): pretrained text encoders must read the ids their own tokenizer makes.
+    Its files are saved inside the model folder, so a saved model never needs the original.
+    """
+
+    max_length: int = Field(64, gt=0)
+    tokenizer: str | None = Field(None, description="pretrained tokenizer (hub name, folder, package:<module>)")
+    lowercase: bool = True
+    min_freq: int = Field(1, ge=1)
+    max_vocab: int = Field(30000, gt=2)
+
+
+class ImagePrep(StrictModel):
+    """Resize to size x size, then (x / 255 - mean) / std; mean/std are one value or one per channel.
+
+    ``processor`` takes size, mean and std from a pretrained image processor (a hub name or a
+    folder with preprocessor_config.json) when the preprocessing is fitted; the resolved values are
+    what the saved model records.
+    """
+
+    size: int = Field(32, gt=0, description="images are resized to size x size")
+    mode: Literal["rgb", "grayscale"] = "rgb"
+    mean: float | tuple[float, ...] = 0.5
+    std: float | tuple[float, ...] = 0.5
+    processor: str | None = Field(None, description="take size/mean/std from this image processor")
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> ImagePrep:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else (value,)
+            if len(values) not in (1, self.channels):
+                raise ValueError(f"{name} needs 1 or {self.channels} values for mode '{self.mode}', got {len(values)}")
+            if name == "std" and min(values) <= 0:
+                raise ValueError("std must be positive")
+        return self
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.mode == "rgb" else 1
+
+
+class AudioPrep(StrictModel):
+    sample_rate: int = Field(16000, gt=0)
+    resample: bool = Field(True, description="resample other rates; False makes a rate mismatch an error")
+    n_mels: int = Field(40, gt=0)
+    n_fft: int = Field(400, gt=0)
+    hop_length: int = Field(160, gt=0)
+    f_min: float = Field(0.0, ge=0)
+    f_max: float | None = None
+    max_seconds: float = Field(1.0, gt=0, description="longer clips are cropped")
+    pad_mode: Literal["fixed", "longest"] = Field("fixed", description="pad to max_seconds or to the batch")
+    features: Literal["log_mel", "waveform"] = Field(
+        "log_mel", description="log-mel spectrogram, or the raw waveform for encoders that read samples (wav2vec2)")
+    normalize_dbfs: float | None = Field(None, le=0, description="scale each clip to this RMS level (dBFS)")
+
+    @property
+    def max_frames(self) -> int:
+        return int(self.max_seconds * self.sample_rate) // self.hop_length + 1
+
+
+class FeaturesPrep(StrictModel):
+    """Pre-extracted feature arrays (T, D) or (D,); D is learned from the training split per modality."""
+
+    max_length: int = Field(512, gt=0, description="longer sequences keep their first max_length steps")
+
+
+class ModalitySpec(StrictModel):
+    kind: ModalityKind
+    column: str
+
+
+class SynthConfig(StrictModel):
+    """Use the embedded synthetic tri-modal data set (generated once, cached)."""
+
+    n_samples: int = Field(3000, ge=20)
+    seed: int = 0
+    missing_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    cache_dir: Path | None = None
+
+
+class DataConfig(StrictModel):
+    manifest: Path | None = Field(None, description="one manifest with a split column")
+    train: Path | None = None
+    val: Path | None = None
+    test: Path | None = None
+    synthetic: SynthConfig | None = None
+    split_column: str = "split"
+    id_column: str = "id"
+    target_column: str = "label"
+    modalities: dict[str, ModalitySpec] = Field(default_factory=dict)
+    text: TextPrep = Field(default_factory=TextPrep)
+    image: ImagePrep = Field(default_factory=ImagePrep)
+    audio: AudioPrep = Field(default_factory=AudioPrep)
+    features: FeaturesPrep = Field(default_factory=FeaturesPrep)
+    on_error: Literal["raise", "skip"] = "raise"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="carved from train when no val split")
+    batch_size: int = Field(32, gt=0)
+    num_workers: int = Field(0, ge=0)
+    cache: bool = Field(False, description="store frozen encoders' outputs on disk and read them back")
+    cache_dir: Path | None = Field(None, description="feature cache folder (default $MMFUSE_CACHE/features "
+                                                     "or ~/.cache/mmfuse/features)")
+    in_memory: bool = Field(False, description="fast path: preprocessed splits as cached memory-mapped tensors, "
+                            "batches sliced from them (on the GPU when training there)")
+    in_memory_cache: Path | None = Field(None, description="cache folder of the in-memory tensors "
+                                         "(default $MMFUSE_CACHE/arrays or ~/.cache/mmfuse/arrays)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        sources = [self.manifest is not None, self.train is not None, self.synthetic is not None]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one of 'manifest' (with a split column), 'train' (+ val/test) "
+                             "or 'synthetic'")
+        return self
+
+
+class ComponentConfig(BaseModel):
+    """A registry name plus its options; options are validated against the registered factory."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class EncoderConfig(ComponentConfig):
+    """An encoder: registry name + options, and ``freeze`` (no parameter of it trains).
+
+    A frozen encoder also stays in eval mode (no dropout), so its outputs are a fixed function of
+    the input: what ``data.cache`` needs to store them once and reuse them.
+    """
+
+    freeze: bool = False
+
+
+class FusionConfig(ComponentConfig):
+    name: str = "concat"
+    out_dim: int = Field(128, gt=0)
+
+
+class TaskConfig(ComponentConfig):
+    name: str = "classification"
+    head_hidden: int = Field(0, ge=0, description="hidden width of the MLP head; 0 = linear")
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class OptimConfig(StrictModel):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    encoder_lr: float | None = Field(None, gt=0, description="learning rate of the encoders; null = lr")
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["none", "cosine"] = "none"
+    gradient_clip: float | None = Field(1.0, gt=0)
+
+
+class TrainerConfig(StrictModel):
+    max_epochs: int = Field(20, gt=0)
+    patience: int | None = Field(5, gt=0, description="early-stopping patience in epochs; null = off")
+    monitor: str | None = Field(None, description="validation metric to select the best model")
+    stop_at: float | None = Field(None, description="stop as soon as the monitored metric reaches this value")
+    precision: Literal["32", "bf16"] = "32"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    modality_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="per-sample drop rate per modality")
+    unimodal_loss_weight: float = Field(
+        0.0, ge=0.0, description="weight of per-modality auxiliary head losses (keeps every encoder learning)")
+    output_dir: Path = Path("runs/experiment")
+    progress_bar: bool = True
+    verbose: bool = Field(False, description="show Lightning's info messages and warnings")
+    log_every_n_steps: int = Field(10, gt=0)
+
+
+class ExperimentConfig(StrictModel):
+    seed: int = 0
+    data: DataConfig
+    encoders: dict[str, EncoderConfig]
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @model_validator(mode="after")
+    def _modalities_match_encoders(self) -> ExperimentConfig:
+        if not self.encoders:
+            raise ValueError("'encoders' must name at least one modality")
+        for modality in self.encoders:
+            if modality not in self.data.modalities:
+                if modality not in ("text", "image", "audio"):
+                    raise ValueError(
+                        f"modality '{modality}' needs an entry in data.modalities (kind and column)"
+                    )
+                self.data.modalities[modality] = ModalitySpec(kind=modality, column=modality)  # type: ignore[arg-type]
+        for modality in list(self.data.modalities):
+            if modality not in self.encoders:
+                raise ValueError(f"data.modalities.{modality} has no encoder in 'encoders'")
+        return self
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted(self.encoders)

@@ -1,0 +1,103 @@
+"""Data for a run: records per split, fitted preprocessing, datasets and loaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mmfuse.config import ExperimentConfig
+from mmfuse.core.errors import ConfigError, DataError
+from mmfuse.data.dataset import Collator, MultimodalDataset, SkipReport
+from mmfuse.data.manifest import Record, read_manifest
+from mmfuse.data.memory import ArrayDataset, ArrayLoader, cached_arrays
+from mmfuse.data.preprocess import Preprocessor
+from mmfuse.tasks import TASKS, Task
+
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
+
+
+def load_records(config: ExperimentConfig) -> dict[str, list[Record]]:
+    """Records per split ('train', 'val', 'test'), from a split column or separate manifests."""
+    data = config.data
+    read = dict(modalities=data.modalities, id_column=data.id_column, target_column=data.target_column)
+    if data.train is not None:
+        splits = {"train": read_manifest(data.train, **read)}  # type: ignore[arg-type]
+        for name, path in (("val", data.val), ("test", data.test)):
+            if path is not None:
+                splits[name] = read_manifest(path, **read)  # type: ignore[arg-type]
+    else:
+        if data.synthetic is not None:
+            from mmfuse.datasets.synth import synthetic_dataset
+
+            manifest = synthetic_dataset(data.synthetic)
+        else:
+            assert data.manifest is not None
+            manifest = data.manifest
+        splits = {}
+        for record in read_manifest(manifest, split_column=data.split_column, **read):  # type: ignore[arg-type]
+            split = SPLIT_NAMES.get((record.split or "").lower())
+            if split is None:
+                raise DataError(f"{record.where}: split '{record.split}' is not one of train/val/test")
+            splits.setdefault(split, []).append(record)
+    if not splits.get("train"):
+        raise DataError("the data has no training samples")
+    if "val" not in splits:
+        if data.val_fraction <= 0:
+            raise ConfigError("no validation data: give data.val, a 'val' split, or data.val_fraction > 0")
+        order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        n_val = max(1, round(len(order) * data.val_fraction))
+        train = splits["train"]
+        splits["val"] = [train[i] for i in sorted(order[:n_val])]
+        splits["train"] = [train[i] for i in sorted(order[n_val:])]
+    return splits
+
+
+@dataclass
+class PreparedData:
+    """Preprocessed datasets plus the fitted preprocessing they were built with."""
+
+    preprocessor: Preprocessor
+    task: Task
+    datasets: dict[str, MultimodalDataset]
+
+    @property
+    def skipped(self) -> dict[str, SkipReport]:
+        return {name: ds.report for name, ds in self.datasets.items() if ds.report.count}
+
+
+def prepare_data(config: ExperimentConfig) -> PreparedData:
+    """Reads the manifests, fits vocabulary and labels on train, preprocesses every split once."""
+    splits = load_records(config)
+    preprocessor = Preprocessor(config.data.modalities, config.data.text, config.data.image, config.data.audio,
+                                features=config.data.features)
+    preprocessor.fit(splits["train"])
+    task = TASKS.create(config.task.name, **config.task.options)
+    fit_targets = [r.target for r in splits["train"]]
+    try:
+        task.fit([t for t in fit_targets if t is not None] if config.data.on_error == "skip" else fit_targets)
+    except ValueError as exc:
+        raise DataError(f"training targets (column '{config.data.target_column}'): {exc}") from None
+    datasets = {name: split_dataset(config, records, preprocessor, task) for name, records in splits.items()}
+    if len(datasets["train"]) == 0:
+        raise DataError("every training sample was skipped; see the errors above")
+    return PreparedData(preprocessor, task, datasets)
+
+
+def split_dataset(config: ExperimentConfig, records: list[Record], preprocessor: Preprocessor,
+                  task: Task) -> MultimodalDataset:
+    """One split, preprocessed: per-sample (``MultimodalDataset``) or stacked tensors (``data.in_memory``)."""
+    if config.data.in_memory:
+        return cached_arrays(records, preprocessor, task, config.data.on_error, config.data.in_memory_cache)
+    return MultimodalDataset(records, preprocessor, task, on_error=config.data.on_error)
+
+
+def make_loader(dataset: MultimodalDataset, collator: Collator, batch_size: int, shuffle: bool,
+                num_workers: int) -> DataLoader[Any] | ArrayLoader:
+    """Batches of a split: slices of its tensors on the fast path, else a DataLoader over samples."""
+    if isinstance(dataset, ArrayDataset):
+        return ArrayLoader(dataset, batch_size, shuffle)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator,
+                      num_workers=num_workers, persistent_workers=num_workers > 0)

@@ -1,0 +1,154 @@
+"""Training on PyTorch Lightning: research code in the LightningModule, engineering in the Trainer.
+
+``train(config)`` is the whole job: data -> fitted preprocessing -> model -> Trainer.fit with
+best-checkpoint selection and early stopping -> test metrics -> ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from mmfuse.config import ExperimentConfig
+from mmfuse.core.errors import ConfigError
+from mmfuse.data.dataset import Collator
+from mmfuse.data.memory import ArrayDataset
+from mmfuse.engine.data import PreparedData, make_loader, prepare_data
+from mmfuse.engine.evaluate import evaluate
+from mmfuse.engine.module import FusionModule, lightning_output
+from mmfuse.model import MultimodalModel
+from mmfuse.tasks import Task
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class TrainResult:
+    model: MultimodalModel
+    output_dir: Path
+    model_dir: Path | None
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float] | None
+    train_seconds: float
+    params: int
+    epochs: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def fit(config: ExperimentConfig, data: PreparedData, save: bool = True) -> TrainResult:
+    """Trains one model on already-prepared data (the demo and benchmarks reuse one PreparedData)."""
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    model = MultimodalModel.from_config(config, data.preprocessor, data.task)
+    if config.data.cache:  # frozen encoders' outputs from disk: the encoders never run while training
+        from mmfuse.engine.feature_cache import cache_datasets
+
+        if model.task.raw_input_modalities:
+            raise ConfigError(
+                f"data.cache replaces the inputs with encoder outputs, but task '{model.task.name}' reconstructs "
+                f"the inputs of {', '.join(model.task.raw_input_modalities)}; set task.input_targets: false "
+                "or data.cache: false")
+
+        cached, _ = cache_datasets(model, data.datasets, config.data.cache_dir,
+                                   device=None if config.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
+        data = dataclasses.replace(data, datasets=cached)
+    module = FusionModule(model, config.optim, config.trainer.modality_dropout,
+                          config.trainer.unimodal_loss_weight)
+    out = Path(config.trainer.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = _checkpoint_callback(config, data.task, out)
+    with lightning_output(config.trainer.verbose):
+        trainer, train_seconds = _run_trainer(config, data, module, checkpoint, out)
+    if checkpoint.best_model_path:
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"])
+    model = module.model.cpu().eval()
+    val_metrics = evaluate(model, data.datasets["val"])
+    test_metrics = evaluate(model, data.datasets["test"]) if len(data.datasets.get("test", [])) else None
+    model_dir = model.save_pretrained(out / "model") if save else None
+    result = TrainResult(
+        model=model, output_dir=out, model_dir=model_dir, val_metrics=val_metrics, test_metrics=test_metrics,
+        train_seconds=train_seconds, params=count_parameters(model), epochs=trainer.current_epoch,
+        skipped={name: report.count for name, report in data.skipped.items()},
+    )
+    if save:
+        write_run_files(config, result)
+    return result
+
+
+def _checkpoint_callback(config: ExperimentConfig, task: Task, out: Path) -> ModelCheckpoint:
+    """Keeps the best epoch by the task's main validation metric (or ``trainer.monitor``)."""
+    metric, mode = task.monitor
+    monitor = config.trainer.monitor or f"val_{metric}"
+    valid = [f"val_{name}" for name in task.metrics().keys()] + ["val_loss"]  # noqa: SIM118
+    if monitor not in valid:
+        raise ConfigError(f"trainer.monitor '{monitor}' is not a validation metric; choose from {', '.join(valid)}")
+    if monitor == "val_loss":
+        mode = "min"
+    return ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode,
+                           save_top_k=1, enable_version_counter=False)
+
+
+def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionModule,
+                 checkpoint: ModelCheckpoint, out: Path) -> tuple[L.Trainer, float]:
+    callbacks: list[L.Callback] = [checkpoint]
+    if config.trainer.patience:
+        callbacks.append(EarlyStopping(monitor=checkpoint.monitor or "val_loss", mode=checkpoint.mode,
+                                       patience=config.trainer.patience, stopping_threshold=config.trainer.stop_at))
+    elif config.trainer.stop_at is not None:
+        callbacks.append(EarlyStopping(monitor=checkpoint.monitor or "val_loss", mode=checkpoint.mode,
+                                       patience=config.trainer.max_epochs, stopping_threshold=config.trainer.stop_at))
+    trainer_cfg = config.trainer
+    trainer = L.Trainer(
+        max_epochs=trainer_cfg.max_epochs,
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        precision="bf16-mixed" if trainer_cfg.precision == "bf16" else "32-true",
+        callbacks=callbacks,
+        logger=CSVLogger(out, name="logs", version=""),
+        enable_progress_bar=trainer_cfg.progress_bar,
+        enable_model_summary=False,
+        log_every_n_steps=trainer_cfg.log_every_n_steps,
+        gradient_clip_val=config.optim.gradient_clip,
+        num_sanity_val_steps=0,
+    )
+    collator = Collator(data.preprocessor, data.task)
+    batch_size, workers = config.data.batch_size, config.data.num_workers
+    device = trainer.strategy.root_device
+    if device.type == "cuda":  # the fast path's tensors go to the GPU once, not batch by batch
+        for name in ("train", "val"):
+            dataset = data.datasets[name]
+            if isinstance(dataset, ArrayDataset):
+                dataset.to(device)
+    started = time.perf_counter()
+    trainer.fit(
+        module,
+        train_dataloaders=make_loader(data.datasets["train"], collator, batch_size, True, workers),
+        val_dataloaders=make_loader(data.datasets["val"], collator, batch_size, False, workers),
+    )
+    return trainer, time.perf_counter() - started
+
+
+def write_run_files(config: ExperimentConfig, result: TrainResult) -> None:
+    """The resolved config and the metrics, so a run folder documents itself."""
+    (result.output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    summary = {
+        "val": result.val_metrics, "test": result.test_metrics, "train_seconds": round(result.train_seconds, 2),
+        "params": result.params, "epochs": result.epochs, "skipped": result.skipped,
+    }
+    (result.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+
+
+def train(config: ExperimentConfig) -> TrainResult:
+    """The whole training job for one config."""
+    return fit(config, prepare_data(config))
