@@ -21,21 +21,16 @@ from mmfuse.core.errors import DataError
 from mmfuse.data.dataset import Collator
 from mmfuse.data.memory import ArrayDataset, ArrayLoader, cached_arrays, from_dataset
 from mmfuse.datasets.avmnist import (
-    ARITH_OPERATIONS,
     CANVAS,
     N_FFT,
-    SAMPLE_RATE,
-    ArithRecipe,
     AVMnistRecipe,
     _PCAEnergyRemoval,
-    arith_label,
     build_avmnist,
-    build_avmnist_arith,
-    read_idx,
-    read_mnist,
     spectrogram,
     verify_sums,
 )
+from mmfuse.datasets.avmnist_arith import ARITH_OPERATIONS, ArithRecipe, arith_label, build_avmnist_arith
+from mmfuse.datasets.mnist_fsdd import SAMPLE_RATE, read_idx, read_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MMFUSE_SHARED_DATA", REPO.parent / "shared" / "data"))

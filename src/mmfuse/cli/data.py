@@ -105,7 +105,7 @@ def data_avmnist_arith(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
 ) -> None:
     """Build avmnist-arith: image digit a, spoken digit b, an operation phrase; label (a op b) mod 10."""
-    from mmfuse.datasets.avmnist import ArithRecipe, build_avmnist_arith
+    from mmfuse.datasets.avmnist_arith import ArithRecipe, build_avmnist_arith
 
     recipe = ArithRecipe(seed=seed, pca_removed=pca_removed, limit=limit, augment=_audio_augment(noise, snr))
     started = time.perf_counter()

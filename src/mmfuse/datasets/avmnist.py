@@ -38,41 +38,31 @@ Everything is a pure function of the inputs and the seed: the same seed gives by
 
 Calibration (benchmarks/RESULTS.md): with these defaults the unimodal LeNet accuracies fall in the
 published bands (image-only ~65-75%, audio-only ~42-66%).
-avmnist-arith (``build_avmnist_arith``) reuses the same pipeline with a text modality: image digit a,
-spoken digit b, an operation phrase, label (a op b) mod 10.
+avmnist-arith (``mmfuse.datasets.avmnist_arith``) reuses the same pipeline with a text modality.
+The MNIST and FSDD readers live in ``mmfuse.datasets.mnist_fsdd``.
 """
+
 
 from __future__ import annotations
 
-import functools
-import gzip
 import hashlib
-import io
 import json
-import re
-import struct
-import tarfile
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
 from mmfuse.core.atomic import staged_folder
 from mmfuse.core.errors import DataError
+from mmfuse.datasets.mnist_fsdd import SAMPLE_RATE, FSDDClip, fsdd_split, read_fsdd, read_mnist
 
-__all__ = [
-    "ARITH_OPERATIONS", "AVMnistRecipe", "ArithRecipe", "AudioAugment", "build_avmnist", "build_avmnist_arith",
-    "read_fsdd", "read_mnist", "verify_sums",
-]
+__all__ = ["AVMnistRecipe", "AudioAugment", "build_avmnist", "read_fsdd", "read_mnist", "verify_sums"]
 
 FORMAT_VERSION = "avmnist-v2"
-SAMPLE_RATE = 8000
 N_FFT = 222
 HOP = 72
 N_BINS = N_FFT // 2 + 1  # 112
@@ -80,164 +70,12 @@ N_FRAMES = 112
 CANVAS = (N_FRAMES - 1) * HOP + N_FFT  # 8214 samples: exactly 112 non-centred frames
 DB_FLOOR = -70.0
 DB_CEIL = 30.0
-IMAGE_SIDE = 28
+
 MULTIBENCH_VAL = 5000
 MULTIBENCH_TRAIN = 60000
-FSDD_TEST_TAKES = range(0, 5)
 _CHUNK = 1000  # spectrograms built per vectorised block
 
 NoiseKind = Literal["babble", "white", "none"]
-
-
-# ------------------------------------------------------------------------------------------ MNIST
-
-_MNIST_NAMES = {
-    ("train", "images"): ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
-    ("train", "labels"): ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
-    ("test", "images"): ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
-    ("test", "labels"): ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
-}
-
-
-def _find_mnist_file(root: Path, split: str, what: str) -> Path:
-    """The IDX file in ``root`` or torchvision's ``root/MNIST/raw``, gzipped or not."""
-    folders = [root, root / "raw", root / "MNIST" / "raw"]
-    for folder in folders:
-        for name in _MNIST_NAMES[(split, what)]:
-            for candidate in (folder / name, folder / f"{name}.gz"):
-                if candidate.is_file():
-                    return candidate
-    names = ", ".join(f"{n}[.gz]" for n in _MNIST_NAMES[(split, what)])
-    raise DataError(f"MNIST: no {split} {what} file ({names}) in {root}, {root}/raw or {root}/MNIST/raw")
-
-
-def read_idx(path: Path) -> NDArray[np.uint8]:
-    """An IDX file (optionally gzipped) as a read-only uint8 array; the header is checked, not assumed.
-
-    Cached per (path, size, mtime) for the process: decompressing MNIST takes longer than a small build.
-    """
-    path = Path(path).resolve()
-    stat = path.stat()
-    return _read_idx_cached(path, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _read_idx_cached(path: Path, _size: int, _mtime_ns: int) -> NDArray[np.uint8]:
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"cannot read MNIST file {path}: {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    count = int(np.prod(dims))
-    if len(raw) - header != count:
-        raise DataError(f"{path}: IDX header says {dims} ({count} bytes) but the file has {len(raw) - header}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def read_mnist(root: Path | str, split: Literal["train", "test"]) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
-    """(images (N, 28, 28) uint8, labels (N,) int64) of one MNIST split."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"MNIST folder not found: {root}")
-    images = read_idx(_find_mnist_file(root, split, "images"))
-    labels = read_idx(_find_mnist_file(root, split, "labels")).astype(np.int64)
-    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-        raise DataError(f"MNIST {split} images: expected (N, 28, 28), got {images.shape}")
-    if labels.shape != (images.shape[0],):
-        raise DataError(f"MNIST {split}: {images.shape[0]} images but labels of shape {labels.shape}")
-    if labels.min() < 0 or labels.max() > 9:
-        raise DataError(f"MNIST {split} labels: values outside 0-9")
-    return images, labels
-
-
-# ------------------------------------------------------------------------------------------- FSDD
-
-_FSDD_NAME = re.compile(r"^(\d)_([A-Za-z0-9]+)_(\d+)\.wav$")
-
-
-@dataclass
-class FSDDClip:
-    digit: int
-    speaker: str
-    take: int
-    samples: NDArray[np.float32]
-
-
-def _constant(data: bytes) -> Callable[[], bytes]:
-    return lambda: data
-
-
-def _wav_members(source: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
-    """(file name, reader) for every .wav in a folder (recursively) or a .zip / .tar[.gz] archive."""
-    if source.is_dir():
-        for path in sorted(source.rglob("*.wav")):
-            yield path.name, path.read_bytes
-    elif zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as archive:
-            for name in sorted(archive.namelist()):
-                if name.endswith(".wav"):
-                    yield Path(name).name, _constant(archive.read(name))
-    elif tarfile.is_tarfile(source):
-        with tarfile.open(source) as archive:
-            for member in sorted(archive.getmembers(), key=lambda m: m.name):
-                if member.isfile() and member.name.endswith(".wav"):
-                    handle = archive.extractfile(member)
-                    assert handle is not None
-                    yield Path(member.name).name, _constant(handle.read())
-    else:
-        raise DataError(f"FSDD: {source} is neither a folder nor a .zip/.tar archive")
-
-
-def read_fsdd(source: Path | str) -> list[FSDDClip]:
-    """Every ``{digit}_{speaker}_{take}.wav`` of FSDD, sorted by (digit, speaker, take).
-
-    ``source`` is the upstream repo folder, its ``recordings/`` folder, or the upstream archive.
-    Clips must be mono-able 8 kHz audio (FSDD's format); anything else is a DataError naming the file.
-    The decoded clips are kept per (path, mtime) for the process, so repeated builds (tests, a
-    calibration sweep) decode the 3,000 files once.
-    """
-    source = Path(source).resolve()
-    if not source.exists():
-        raise DataError(f"FSDD folder or archive not found: {source}")
-    return list(_read_fsdd_cached(source, source.stat().st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=2)
-def _read_fsdd_cached(source: Path, _mtime_ns: int) -> tuple[FSDDClip, ...]:
-    clips: dict[tuple[int, str, int], FSDDClip] = {}
-    for name, read in _wav_members(source):
-        match = _FSDD_NAME.match(name)
-        if match is None:
-            continue
-        try:
-            data, rate = sf.read(io.BytesIO(read()), dtype="float32", always_2d=True)
-        except (sf.SoundFileError, RuntimeError, ValueError) as exc:
-            raise DataError(f"FSDD: cannot decode {name}: {exc}") from None
-        if rate != SAMPLE_RATE:
-            raise DataError(f"FSDD: {name} is {rate} Hz, expected {SAMPLE_RATE} Hz")
-        if data.shape[0] == 0:
-            raise DataError(f"FSDD: {name} has no samples")
-        key = (int(match.group(1)), match.group(2), int(match.group(3)))
-        clips[key] = FSDDClip(*key, samples=np.ascontiguousarray(data.mean(axis=1), dtype=np.float32))
-    if not clips:
-        raise DataError(f"FSDD: no '{{digit}}_{{speaker}}_{{take}}.wav' recordings found in {source}")
-    digits = {k[0] for k in clips}
-    if digits != set(range(10)):
-        raise DataError(f"FSDD: recordings of digits {sorted(set(range(10)) - digits)} are missing in {source}")
-    for clip in clips.values():
-        clip.samples.flags.writeable = False  # shared by the cache: nobody may modify a clip
-    return tuple(clips[k] for k in sorted(clips))
-
-
-def _fsdd_split(clips: list[FSDDClip], split: str) -> list[FSDDClip]:
-    """The official FSDD split: takes 0-4 are test, 5-49 (and above) train."""
-    return [c for c in clips if (c.take in FSDD_TEST_TAKES) == (split == "test")]
 
 
 # ------------------------------------------------------------------------------------------ image
@@ -485,7 +323,7 @@ def build_avmnist(mnist: Path | str, fsdd: Path | str, out: Path | str, recipe: 
             _save(staging / f"{split}_labels.npy", labels.astype(np.int64))
             say(f"{split}: {len(images)} spectrograms")
             clip_names[split] = _write_audio(staging / "audio" / f"{split}_data.npy", labels,
-                                             _fsdd_split(clips, split), recipe.augment, np.random.default_rng(seed))
+                                             fsdd_split(clips, split), recipe.augment, np.random.default_rng(seed))
             val_from = len(images) - n_val(len(images)) if split == "train" else len(images)
             for i, label in enumerate(labels):
                 rows.append({
@@ -516,86 +354,3 @@ def _counts(rows: list[dict[str, object]]) -> dict[str, int]:
     for row in rows:
         counts[str(row["split"])] = counts.get(str(row["split"]), 0) + 1
     return counts
-
-
-# ---------------------------------------------------------------------------------- avmnist-arith
-
-ARITH_OPERATIONS: dict[str, tuple[str, ...]] = {
-    "plus": ("plus", "add", "added to", "and", "sum with", "increased by"),
-    "minus": ("minus", "take away", "subtract", "less", "decreased by", "without"),
-    "times": ("times", "multiplied by", "multiply by", "product with", "lots of", "groups of"),
-}
-_TEMPLATES = ("{op}", "the picture {op} the voice", "image {op} audio", "what is the digit {op} the word",
-              "written number {op} spoken number")
-
-
-def arith_label(a: int | NDArray[np.int64], op: str, b: int | NDArray[np.int64]) -> int | NDArray[np.int64]:
-    """(a op b) mod 10, with Python's non-negative modulo for minus."""
-    if op == "plus":
-        return (a + b) % 10
-    if op == "minus":
-        return (a - b) % 10
-    if op == "times":
-        return (a * b) % 10
-    raise DataError(f"unknown operation '{op}' (choose from {', '.join(ARITH_OPERATIONS)})")
-
-
-@dataclass(frozen=True)
-class ArithRecipe:
-    """avmnist-arith settings: milder signals than AV-MNIST so the interaction, not noise, is the test."""
-
-    seed: int = 0
-    pca_removed: float = 0.0
-    augment: AudioAugment = field(default_factory=lambda: AudioAugment(noise="white", snr_db=(10.0, 30.0)))
-    limit: int | None = None
-
-    def check(self) -> None:
-        AVMnistRecipe(self.seed, self.pca_removed, self.augment, self.limit).check()
-
-
-def build_avmnist_arith(mnist: Path | str, fsdd: Path | str, out: Path | str, recipe: ArithRecipe | None = None,
-                        overwrite: bool = False, log: Callable[[str], None] | None = None) -> Path:
-    """Image digit a, spoken digit b (drawn uniformly), an operation phrase; label = (a op b) mod 10.
-
-    No single modality carries the label: for plus and minus each label is equally likely given any
-    one modality, so only a model that combines all three can beat chance by much.
-    """
-    recipe = recipe or ArithRecipe()
-    recipe.check()
-    say = log or (lambda _msg: None)
-    splits, clips = _read_sources(mnist, fsdd, recipe.limit)
-    ops = list(ARITH_OPERATIONS)
-    final = _checked_output(Path(out), overwrite)
-    with staged_folder(final) as staging:
-        seeds = np.random.SeedSequence(recipe.seed).spawn(2)
-        pca = _PCAEnergyRemoval.fit(splits["train"][0], recipe.pca_removed)
-        rows: list[dict[str, object]] = []
-        for (split, (images, a)), seed in zip(splits.items(), seeds, strict=True):
-            rng = np.random.default_rng(seed)
-            b = rng.integers(0, 10, size=len(images)).astype(np.int64)
-            op_index = rng.integers(0, len(ops), size=len(images))
-            phrase_pick = rng.integers(0, 1 << 30, size=(len(images), 2))
-            labels = np.array([arith_label(int(x), ops[o], int(y)) for x, o, y in zip(a, op_index, b, strict=True)],
-                              dtype=np.int64)
-            say(f"{split}: {len(images)} samples")
-            _save(staging / "image" / f"{split}_data.npy", pca.apply(images))
-            _save(staging / f"{split}_labels.npy", labels)
-            _save(staging / f"{split}_operands.npy", np.stack([a, op_index, b], axis=1).astype(np.int64))
-            names = _write_audio(staging / "audio" / f"{split}_data.npy", b, _fsdd_split(clips, split),
-                                 recipe.augment, rng)
-            val_from = len(images) - n_val(len(images)) if split == "train" else len(images)
-            for i in range(len(images)):
-                op = ops[int(op_index[i])]
-                words = ARITH_OPERATIONS[op][int(phrase_pick[i, 0]) % len(ARITH_OPERATIONS[op])]
-                text = _TEMPLATES[int(phrase_pick[i, 1]) % len(_TEMPLATES)].format(op=words)
-                rows.append({
-                    "id": f"{split}-{i:05d}", "split": "val" if i >= val_from else split, "label": int(labels[i]),
-                    "image": f"image/{split}_data.npy#{i}", "audio": f"audio/{split}_data.npy#{i}", "text": text,
-                    "a": int(a[i]), "b": int(b[i]), "op": op, "fsdd_clip": names[i],
-                })
-        _write_manifest(staging / "manifest.jsonl", rows)
-        info = {"format": f"{FORMAT_VERSION}-arith", "recipe": asdict(recipe), "counts": _counts(rows),
-                "pca_components_kept": pca.kept, "operations": ARITH_OPERATIONS}
-        (staging / "recipe.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        write_sums(staging)
-    return final / "manifest.jsonl"
