@@ -60,6 +60,7 @@ __all__ = [
     "shapley_importance", "shapley_values", "subset_name", "write_report"
 ]
 
+
 @dataclass
 class RobustnessReport:
     metrics: dict[str, float]

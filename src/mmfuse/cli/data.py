@@ -64,21 +64,31 @@ def _snr_range(value: str) -> tuple[float, float]:
 
 
 _PCA_REMOVED_HELP = "Fraction of MNIST PCA variance removed: only the leading components carrying the rest stay."
+# The options both AV-MNIST builders share.
+MnistFolder = Annotated[Path, typer.Option(help="MNIST folder (IDX files, .gz or not, or torchvision's MNIST/raw).")]
+FsddSource = Annotated[Path, typer.Option(help="FSDD repo folder, its recordings/ folder, or the upstream archive.")]
+OutFolder = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+BuildSeed = Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")]
+MnistLimit = Annotated[int | None, typer.Option(help="Only the first N MNIST train (N/6 test) images.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace a non-empty output folder.")]
+PcaRemoved = Annotated[float, typer.Option(help=_PCA_REMOVED_HELP)]
+SnrRange = Annotated[str, typer.Option(help="SNR range in dB of the noise added to the speech, 'low,high'.")]
+NoiseName = Annotated[str, typer.Option(help="babble (other FSDD clips), white or none.")]
 
 
 @data_app.command("avmnist")
 @friendly_errors
 def data_avmnist(
-    mnist: Annotated[Path, typer.Option(help="MNIST folder (IDX files, .gz or not, or torchvision's MNIST/raw).")],
-    fsdd: Annotated[Path, typer.Option(help="FSDD repo folder, its recordings/ folder, or the upstream archive.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-    pca_removed: Annotated[float, typer.Option(help=_PCA_REMOVED_HELP)] = 0.75,
-    snr: Annotated[str, typer.Option(help="SNR range in dB of the noise added to the speech, 'low,high'.")] = "-8,2",
-    noise: Annotated[str, typer.Option(help="babble (other FSDD clips), white or none.")] = "babble",
+    mnist: MnistFolder,
+    fsdd: FsddSource,
+    out: OutFolder,
+    seed: BuildSeed = 0,
+    pca_removed: PcaRemoved = 0.75,
+    snr: SnrRange = "-8,2",
+    noise: NoiseName = "babble",
     babble_clips: Annotated[int, typer.Option(help="Clips summed into one babble noise.")] = 4,
-    limit: Annotated[int | None, typer.Option(help="Only the first N MNIST train (N/6 test) images.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    limit: MnistLimit = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Build AV-MNIST (CentralNet/MultiBench recipe): MultiBench's .npy layout + an mmfuse manifest."""
     from mmfuse.datasets.avmnist import AVMnistRecipe, build_avmnist
@@ -94,15 +104,15 @@ def data_avmnist(
 @data_app.command("avmnist-arith")
 @friendly_errors
 def data_avmnist_arith(
-    mnist: Annotated[Path, typer.Option(help="MNIST folder (IDX files, .gz or not, or torchvision's MNIST/raw).")],
-    fsdd: Annotated[Path, typer.Option(help="FSDD repo folder, its recordings/ folder, or the upstream archive.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-    pca_removed: Annotated[float, typer.Option(help=_PCA_REMOVED_HELP)] = 0.0,
-    snr: Annotated[str, typer.Option(help="SNR range in dB of the noise added to the speech, 'low,high'.")] = "10,30",
-    noise: Annotated[str, typer.Option(help="babble (other FSDD clips), white or none.")] = "white",
-    limit: Annotated[int | None, typer.Option(help="Only the first N MNIST train (N/6 test) images.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    mnist: MnistFolder,
+    fsdd: FsddSource,
+    out: OutFolder,
+    seed: BuildSeed = 0,
+    pca_removed: PcaRemoved = 0.0,
+    snr: SnrRange = "10,30",
+    noise: NoiseName = "white",
+    limit: MnistLimit = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Build avmnist-arith: image digit a, spoken digit b, an operation phrase; label (a op b) mod 10."""
     from mmfuse.datasets.avmnist_arith import ArithRecipe, build_avmnist_arith
