@@ -6,8 +6,8 @@ a cache folder keyed by the records, the SHA-256 of every referenced file's byte
 preprocessing, the versions of mmfuse and of the decoding libraries and the identity of the
 preprocessing code (``cache_key``), and memory-map them on later runs. A training batch is then
 one index gather per tensor (``tensor[indices]``): no Python loop over samples, no collate, no
-DataLoader workers. When
-the trainer runs on a GPU the tensors are moved there once, so batches never cross the bus.
+DataLoader workers. When the trainer runs on a GPU the tensors are moved there once, so batches
+never cross the bus.
 
 The tensors are what ``Collator`` makes of the whole split, padded to the longest sample of the
 split instead of the batch (text, feature sequences, ``pad_mode: longest`` audio); encoders mask
