@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from mmfuse.data import arrays
 from mmfuse.data.dataset import CACHED_POOLED, Collator
 from mmfuse.datasets.feature_example import generate_feature_example
 from mmfuse.engine.data import PreparedData, prepare_data
-from mmfuse.engine.feature_cache import FeatureStore, cache_datasets, default_cache_dir
+from mmfuse.engine.feature_cache import FeatureStore, cache_datasets, default_cache_dir, encoder_key
 from mmfuse.engine.fit import fit
 from mmfuse.model import MultimodalModel
 
@@ -260,3 +261,119 @@ def test_bench_runs_read_the_cache_and_never_run_an_encoder(features_data: Path,
     assert [r.method for r in second] == ["lmf", "concat"]
     assert second[1].metrics == pytest.approx(first[0].metrics)  # same run, from the cache both times
     assert any(key.endswith("_missing_mean") for key in second[0].missing)
+
+
+# ------------------------------------------------------------------------------ stale keys
+
+
+def test_file_rewritten_with_same_size_and_mtime_is_recomputed(features_data: Path, tmp_path: Path) -> None:
+    """Neither the in-memory arrays nor the feature cache may serve the old content of such a file."""
+    raw = features_config(features_data, tmp_path / "run", tmp_path / "cache", in_memory=True,
+                          in_memory_cache=str(tmp_path / "arrays"))
+    config = validate_config(raw)
+    data = prepare_data(config)
+    model = build(config, data).eval()
+    _, stats = cache_datasets(model, data.datasets, tmp_path / "cache")
+    assert stats.computed == {"acoustic": 60, "words": 60}
+    path = features_data.parent / "words" / "s00003.npy"
+    before, old = path.stat(), np.load(path)
+    np.save(path, old + 0.5)  # same shape and dtype: the same number of bytes
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    changed = prepare_data(config)
+    split, row = next((name, i) for name, d in changed.datasets.items() for i, s in enumerate(d.ids)  # type: ignore[attr-defined]
+                      if s == "s00003")
+    values = changed.datasets[split][row].inputs["words"]["values"]  # type: ignore[index]
+    np.testing.assert_allclose(values.numpy(), old[: len(values)] + 0.5)
+    cached, stats = cache_datasets(model, changed.datasets, tmp_path / "cache")
+    assert stats.computed == {"acoustic": 0, "words": 1}
+    batch = Collator(changed.preprocessor, changed.task)([changed.datasets[split][row]])
+    with torch.no_grad():
+        direct = model.encode(batch)["words"].pooled[0]
+    torch.testing.assert_close(cached[split][row].inputs["words"][CACHED_POOLED], direct)  # type: ignore[index]
+
+
+def _key(model: MultimodalModel, data: PreparedData, modality: str = "acoustic") -> str:
+    encoder = model.encoders[modality]
+    return encoder_key(modality, encoder, model.spec.encoders[modality], data.preprocessor)  # type: ignore[arg-type]
+
+
+def test_library_versions_are_part_of_the_encoder_key(features_data: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    import mmfuse.core.version
+
+    config = validate_config(features_config(features_data, tmp_path / "run", tmp_path / "cache"))
+    data = prepare_data(config)
+    model = build(config, data)
+    base = _key(model, data)
+    assert _key(build(config, data), data) == base  # stable for the same encoder
+    with monkeypatch.context() as patch:
+        patch.setattr(mmfuse.core.version, "__version__", "99.0.0")
+        assert _key(model, data) != base
+    real = importlib.metadata.version
+    for library in ("transformers", "timm"):
+        with monkeypatch.context() as patch:
+            patch.setattr(importlib.metadata, "version",
+                          lambda name, lib=library: "99.0" if name == lib else real(name))
+            assert _key(model, data) != base, library
+    assert _key(model, data) == base
+
+
+_PROBE_SOURCE = '''
+from mmfuse.encoders.features import FeatureIdentityEncoder
+
+
+class Probe(FeatureIdentityEncoder):
+    """A user's encoder: same name, same weights, edited code."""
+
+    def forward(self, inputs, present):
+        return super().forward({{**inputs, "values": inputs["values"] * {scale}}}, present)
+'''
+
+
+def test_encoder_code_is_part_of_the_encoder_key(features_data: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    config = validate_config(features_config(features_data, tmp_path / "run", tmp_path / "cache"))
+    data = prepare_data(config)
+    model = build(config, data)
+    reference = model.encoders["acoustic"]
+    (tmp_path / "probe_encoder_mod.py").write_text(_PROBE_SOURCE.format(scale="1.0"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "probe_encoder_mod", raising=False)
+    module = importlib.import_module("probe_encoder_mod")
+
+    def probe_key() -> str:
+        probe = module.Probe(reference.proj.in_features, 16, True, 0.0)  # type: ignore[union-attr]
+        probe.load_state_dict(reference.state_dict())
+        model.encoders["acoustic"] = probe
+        return _key(model, data)
+
+    first = probe_key()
+    assert probe_key() == first
+    (tmp_path / "probe_encoder_mod.py").write_text(_PROBE_SOURCE.format(scale="2.50"))
+    module = importlib.reload(module)
+    assert probe_key() != first
+    model.encoders["acoustic"] = reference
+    monkeypatch.delitem(sys.modules, "probe_encoder_mod")
+
+
+def test_code_identity_falls_back_to_bytecode_without_a_file() -> None:
+    """A class with no source file (a notebook cell, ``exec``) is identified by its compiled code."""
+    from mmfuse.core.identity import code_identity, module_identity
+
+    def make(body: str) -> type:
+        namespace: dict[str, Any] = {"__name__": "no_file_module"}
+        exec(f"class Cell:\n    def forward(self, x):\n        return {body}\n", namespace)
+        return namespace["Cell"]  # type: ignore[no-any-return]
+
+    one, same, other = make("x * 2"), make("x * 2"), make("x * 3")
+    assert module_identity("no_file_module", [one]).startswith("code:")
+    assert module_identity("no_file_module", [one]) == module_identity("no_file_module", [same])
+    assert module_identity("no_file_module", [one]) != module_identity("no_file_module", [other])
+    assert code_identity([one]) != code_identity([other])
+    assert module_identity("no_file_module") == "unidentified:no_file_module"

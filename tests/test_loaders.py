@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +334,56 @@ def test_mel_filterbank_matches_reference(
 def test_bad_frequency_range_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="f_max"):
         log_mel(np.ones(400, dtype=np.float32), AudioPrep(f_max=9000.0))
+
+
+# ----------------------------------------------------------------------------- caches of decoded files
+
+
+def _rewrite_keeping_stat(path: Path, write: Callable[[Path], object]) -> None:
+    """Rewrites ``path`` (through a sibling + rename, as mmfuse's writers do) with the old size and mtime."""
+    before = path.stat()
+    fresh = path.with_name(f"new-{path.name}")
+    write(fresh)
+    os.replace(fresh, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_in_memory_cache_is_keyed_by_content_not_size_and_mtime(tmp_path: Path) -> None:
+    """A file rewritten with the same size and mtime must not be served from the array cache."""
+    from mmfuse.config import ModalitySpec
+    from mmfuse.data.manifest import read_manifest
+    from mmfuse.data.memory import cached_arrays
+    from mmfuse.data.preprocess import Preprocessor
+
+    for i in range(3):  # BMP is uncompressed: another colour gives a file of exactly the same size
+        Image.new("RGB", (4, 4), (10 * i, 0, 0)).save(tmp_path / f"im{i}.bmp")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"s{i}", "image": f"im{i}.bmp"}) + "\n" for i in range(3)))
+    modalities = {"image": ModalitySpec(kind="image", column="image")}
+    prep = ImagePrep(size=4, mean=0.0, std=1.0)
+
+    def arrays() -> torch.Tensor:
+        records = read_manifest(manifest, modalities, target_column=None)
+        preprocessor = Preprocessor(modalities, TextPrep(), prep, AudioPrep())
+        preprocessor.fit(records)
+        return cached_arrays(records, preprocessor, None, "raise", tmp_path / "cache").inputs["image"]["pixels"]
+
+    assert float(arrays()[1, 0, 0, 0]) == pytest.approx(10 / 255)
+    _rewrite_keeping_stat(tmp_path / "im1.bmp", lambda p: Image.new("RGB", (4, 4), (200, 0, 0)).save(p, "BMP"))
+    assert float(arrays()[1, 0, 0, 0]) == pytest.approx(200 / 255)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # a new entry; the old one is never read again
+
+
+def test_row_file_replaced_with_same_size_and_mtime_is_reread(tmp_path: Path) -> None:
+    """The per-process memory map of a 'file.npy#row' file must follow a replaced file."""
+    from mmfuse.data import arrays
+
+    path = tmp_path / "rows.npy"
+    np.save(path, np.zeros((3, 4), dtype=np.float32))
+    arrays.clear_cache()
+    assert arrays.load_array(f"{path}#1").tolist() == [0.0] * 4
+    _rewrite_keeping_stat(path, lambda p: np.save(p, np.full((3, 4), 7.0, dtype=np.float32)))
+    assert arrays.load_array(f"{path}#1").tolist() == [7.0] * 4
+    arrays.clear_cache()

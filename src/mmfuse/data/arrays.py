@@ -6,7 +6,9 @@ A manifest field of a ``features`` modality (and any builder that stores arrays)
 - ``path/to/sample.safetensors``: a file holding exactly one tensor;
 - ``path/to/train.npy#12``: row 12 of one array file per split (shape (N, ...)), which is memory-
   mapped (``np.load(mmap_mode='r')``) and opened once per process, so a data set of thousands of
-  samples does not re-open (or re-read) a file per sample.
+  samples does not re-open (or re-read) a file per sample. Each use checks the file's identity
+  (device, inode, size, mtime and ctime: ``os.utime`` can restore an mtime, never a ctime), so
+  a file replaced or rewritten meanwhile is mapped afresh instead of served from the old map.
 
 Relative paths were already resolved against the manifest's folder by ``read_manifest``. Every
 problem (missing file, bad row index, wrong dtype or number of dimensions, NaN/inf values) is a
@@ -15,6 +17,7 @@ problem (missing file, bad row index, wrong dtype or number of dimensions, NaN/i
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from mmfuse.core.errors import DataError
 ARRAY_SUFFIXES = (".npy", ".safetensors")
 
 _MMAP_CACHE: dict[Path, np.ndarray] = {}
+_MMAP_STAMPS: dict[Path, tuple[int, ...]] = {}  # the identity of the file each map was opened from
 _MMAP_LOCK = threading.Lock()
 
 
@@ -46,8 +50,13 @@ def _open_mmap(path: Path) -> np.ndarray:
     """The memory-mapped array of a whole-split file, opened once and cached per resolved path."""
     key = path.resolve()
     with _MMAP_LOCK:
+        try:
+            stat = os.stat(key)
+        except OSError:
+            raise DataError(f"array file not found: {path}") from None
+        stamp = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         cached = _MMAP_CACHE.get(key)
-        if cached is not None:
+        if cached is not None and _MMAP_STAMPS.get(key) == stamp:
             return cached
         if not key.is_file():
             raise DataError(f"array file not found: {path}")
@@ -57,14 +66,15 @@ def _open_mmap(path: Path) -> np.ndarray:
             array = np.load(key, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise DataError(f"cannot read array file {path}: {exc}") from None
-        _MMAP_CACHE[key] = array
+        _MMAP_CACHE[key], _MMAP_STAMPS[key] = array, stamp
         return array
 
 
 def clear_cache() -> None:
-    """Forgets every memory-mapped file (a test that rewrites a file in place needs this)."""
+    """Forgets every memory-mapped file (frees the maps; a replaced file is noticed without this)."""
     with _MMAP_LOCK:
         _MMAP_CACHE.clear()
+        _MMAP_STAMPS.clear()
 
 
 def _read_whole(path: Path) -> np.ndarray:

@@ -2,10 +2,12 @@
 
 ``data.in_memory: true`` makes ``prepare_data`` build each split once into fixed-shape tensors
 (every input tensor of every modality, ``present`` flags, targets), store them as ``.npy`` files in
-a cache folder keyed by the records, the referenced files' sizes and mtimes and the fitted
-preprocessing, and memory-map them on later runs. A training batch is then one index gather per
-tensor (``tensor[indices]``): no Python loop over samples, no collate, no DataLoader workers. When
-the trainer runs on a GPU the tensors are moved there once, so batches never cross the bus.
+a cache folder keyed by the records, the SHA-256 of every referenced file's bytes, the fitted
+preprocessing, the versions of mmfuse and of the decoding libraries and the identity of the
+preprocessing code (``cache_key``), and memory-map them on later runs. A training batch is then
+one index gather per tensor (``tensor[indices]``): no Python loop over samples, no collate, no
+DataLoader workers. When the trainer runs on a GPU the tensors are moved there once, so batches
+never cross the bus.
 
 The tensors are what ``Collator`` makes of the whole split, padded to the longest sample of the
 split instead of the batch (text, feature sequences, ``pad_mode: longest`` audio); encoders mask
@@ -31,12 +33,13 @@ from torch.nn import functional as F
 from mmfuse.core.atomic import staged_folder
 from mmfuse.core.contracts import Batch, TargetCodec
 from mmfuse.core.errors import DataError
+from mmfuse.core.identity import code_identity, file_digest, library_versions
 from mmfuse.data.arrays import parse_reference
 from mmfuse.data.dataset import Collator, MultimodalDataset, Sample, SkipReport
 from mmfuse.data.manifest import Record
 from mmfuse.data.preprocess import Preprocessor
 
-CACHE_VERSION = "arrays-v1"
+CACHE_VERSION = "arrays-v2"
 _BUILD_CHUNK = 512
 
 
@@ -172,32 +175,41 @@ def from_dataset(dataset: MultimodalDataset, collator: Collator) -> ArrayDataset
     return ArrayDataset(inputs, present, target, ids, dataset.report)
 
 
-def _file_stamps(records: list[Record], preprocessor: Preprocessor) -> list[list[object]]:
-    """(path, size, mtime_ns) of every file the records reference, so edited data is rebuilt."""
+DECODING_LIBRARIES = ("numpy", "torch", "Pillow", "soundfile", "scipy", "transformers", "tokenizers")
+"""Distributions whose code turns files into the cached tensors (decoders, mel filters, tokenizers)."""
+
+
+def _file_digests(records: list[Record], preprocessor: Preprocessor) -> list[list[object]]:
+    """(path, SHA-256 of the bytes) of every file the records reference, so edited data is rebuilt.
+
+    Content, not size and mtime: a file rewritten with the same size and its mtime restored (a
+    copy that preserves times, a regenerated data set) is a different file. The key is needed
+    before anything is decoded (a hit decodes nothing), so each file is read once here; a
+    row-referenced file (``train.npy#12``) is read once however many rows name it.
+    """
     paths: set[str] = set()
     for record in records:
         for modality in preprocessor.modalities:
             value = record.fields.get(modality)
             if value is not None and preprocessor.kind(modality) != "text":
                 paths.add(str(parse_reference(str(value))[0]))
-    stamps: list[list[object]] = []
-    for path in sorted(paths):
-        try:
-            stat = os.stat(path)
-            stamps.append([path, stat.st_size, stat.st_mtime_ns])
-        except OSError:
-            stamps.append([path, None, None])
-    return stamps
+    return [[path, file_digest(path)] for path in sorted(paths)]
+
+
+def preprocessing_identity() -> dict[str, object]:
+    """The versions and the code (``mmfuse.core.identity``) that turn records into the tensors."""
+    return {"libraries": library_versions(DECODING_LIBRARIES),
+            "code": code_identity([Preprocessor, MultimodalDataset, Collator, ArrayDataset], DECODING_LIBRARIES)}
 
 
 def cache_key(records: list[Record], preprocessor: Preprocessor, task: TargetCodec | None, on_error: str) -> str:
-    """SHA-256 over the records, their files' stamps, the fitted preprocessing and the task."""
+    """SHA-256 over the records, their files' bytes, the fitted preprocessing, its code and the task."""
     digest = hashlib.sha256()
     digest.update(json.dumps([CACHE_VERSION, on_error, type(task).__name__ if task else None,
-                              preprocessor.state()], sort_keys=True, default=str).encode())
+                              preprocessor.state(), preprocessing_identity()], sort_keys=True, default=str).encode())
     for record in records:
         digest.update(json.dumps([record.id, record.fields, record.target], sort_keys=True, default=str).encode())
-    digest.update(json.dumps(_file_stamps(records, preprocessor)).encode())
+    digest.update(json.dumps(_file_digests(records, preprocessor)).encode())
     if task is not None:
         labels = sorted({str(r.target) for r in records})[:10000]
         encoded: list[object] = []

@@ -10,9 +10,13 @@ so an epoch costs only fusion + head. Later epochs, other fusion methods, other 
 Keys (BLAKE2b):
 
 - the **encoder key** names a folder: encoder name, options, class, output width, the context it
-  was built from, the modality's preprocessing settings, the torch version, a format version, and
-  a hash of every weight in the encoder's ``state_dict``. New weights (another seed for a
-  randomly initialised encoder, a fine-tuned checkpoint) or other settings give a new folder.
+  was built from, the modality's preprocessing settings, a format version, a hash of every weight
+  in the encoder's ``state_dict``, the versions of mmfuse, torch, transformers and timm (from
+  their metadata: nothing heavy is imported), and the identity of the encoder's code (the files
+  of the modules defining its classes, its submodules' classes and their bases, and the helpers
+  those modules import: ``mmfuse.core.identity.code_identity``). New weights (another seed for a
+  randomly initialised encoder, a fine-tuned checkpoint), other settings, an upgraded library or
+  an edited encoder give a new folder.
 - the **sample key**: a hash of the sample's preprocessed input tensors for that modality. Those
   are a function of the input file's bytes and the preprocessing (fitted vocabulary included), so
   a changed file changes its key; an unchanged file whose decoded input is identical keeps it
@@ -46,6 +50,7 @@ from torch import Tensor
 
 from mmfuse.core.atomic import atomic_file
 from mmfuse.core.errors import ConfigError, DataError
+from mmfuse.core.identity import code_identity, library_versions
 from mmfuse.data.dataset import CACHED_MASK, CACHED_POOLED, CACHED_TOKENS, Collator, MultimodalDataset, Sample
 from mmfuse.data.preprocess import ModalityInputs, Preprocessor
 
@@ -85,13 +90,24 @@ def weights_hash(encoder: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+VERSIONED = ("torch", "transformers", "timm")
+"""Libraries whose code runs inside encoders: their versions are keyed, their files are not hashed."""
+
+
+def encoder_code(encoder: torch.nn.Module) -> str:
+    """The identity of the code an encoder runs (``code_identity`` of its submodules' classes)."""
+    return code_identity({type(module) for module in encoder.modules()}, VERSIONED)
+
+
 def encoder_key(modality: str, encoder: Encoder, config: EncoderConfig, preprocessor: Preprocessor) -> str:
-    """The identity of an encoder's outputs: what it is, how its inputs are made, its weights."""
+    """The identity of an encoder's outputs: what it is, how its inputs are made, its weights, its code."""
     kind = preprocessor.kind(modality)
     settings: Any = getattr(preprocessor, kind, None)
     payload = {
         "format": FORMAT,
         "torch": torch.__version__,
+        "libraries": library_versions(VERSIONED),
+        "code": encoder_code(encoder),
         "encoder": config.name,
         "options": config.options,
         "class": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
