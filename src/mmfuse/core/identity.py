@@ -36,6 +36,17 @@ def file_digest(path: str | Path) -> str | None:
         return None
 
 
+def stat_stamp(path: str | Path) -> tuple[int, ...]:
+    """(device, inode, size, mtime, ctime) of a file: a cheap in-process identity of its content.
+
+    Unlike size + mtime alone it changes when a file is rewritten in place and its mtime restored
+    (``os.utime`` can set mtime but never ctime) or replaced by another file. Used where hashing the
+    bytes on every call would cost as much as the work being cached (decoded MNIST / FSDD).
+    """
+    stat = os.stat(path)
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def library_versions(distributions: Iterable[str]) -> dict[str, str | None]:
     """``{"mmfuse": version, <distribution>: version or None when not installed}``.
 

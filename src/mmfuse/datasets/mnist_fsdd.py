@@ -22,6 +22,7 @@ import soundfile as sf
 from numpy.typing import NDArray
 
 from mmfuse.core.errors import DataError
+from mmfuse.core.identity import stat_stamp
 
 FSDD_TEST_TAKES = range(0, 5)
 SAMPLE_RATE = 8000
@@ -53,15 +54,15 @@ def _find_mnist_file(root: Path, split: str, what: str) -> Path:
 def read_idx(path: Path) -> NDArray[np.uint8]:
     """An IDX file (optionally gzipped) as a read-only uint8 array; the header is checked, not assumed.
 
-    Cached per (path, size, mtime) for the process: decompressing MNIST takes longer than a small build.
+    Cached for the process per file identity (``stat_stamp``: inode, size, mtime and ctime, so a file
+    rewritten in place is read again): decompressing MNIST takes longer than a small build.
     """
     path = Path(path).resolve()
-    stat = path.stat()
-    return _read_idx_cached(path, stat.st_size, stat.st_mtime_ns)
+    return _read_idx_cached(path, stat_stamp(path))
 
 
 @functools.lru_cache(maxsize=8)
-def _read_idx_cached(path: Path, _size: int, _mtime_ns: int) -> NDArray[np.uint8]:
+def _read_idx_cached(path: Path, _stamp: tuple[int, ...]) -> NDArray[np.uint8]:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
@@ -138,17 +139,20 @@ def read_fsdd(source: Path | str) -> list[FSDDClip]:
 
     ``source`` is the upstream repo folder, its ``recordings/`` folder, or the upstream archive.
     Clips must be mono-able 8 kHz audio (FSDD's format); anything else is a DataError naming the file.
-    The decoded clips are kept per (path, mtime) for the process, so repeated builds (tests, a
-    calibration sweep) decode the 3,000 files once.
+    The decoded clips are kept for the process per identity of every file read (``stat_stamp`` of
+    the archive, or of each WAV in a folder: a clip rewritten in place is decoded again), so
+    repeated builds (tests, a calibration sweep) decode the 3,000 files once.
     """
     source = Path(source).resolve()
     if not source.exists():
         raise DataError(f"FSDD folder or archive not found: {source}")
-    return list(_read_fsdd_cached(source, source.stat().st_mtime_ns))
+    stamp = (tuple(stat_stamp(p) for p in sorted(source.rglob("*.wav"))) if source.is_dir()
+             else (stat_stamp(source),))
+    return list(_read_fsdd_cached(source, stamp))
 
 
 @functools.lru_cache(maxsize=2)
-def _read_fsdd_cached(source: Path, _mtime_ns: int) -> tuple[FSDDClip, ...]:
+def _read_fsdd_cached(source: Path, _stamp: tuple[tuple[int, ...], ...]) -> tuple[FSDDClip, ...]:
     clips: dict[tuple[int, str, int], FSDDClip] = {}
     for name, read in _wav_members(source):
         match = _FSDD_NAME.match(name)
