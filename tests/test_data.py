@@ -16,6 +16,7 @@ from PIL import Image
 
 from mmfuse.config import AudioPrep, ImagePrep, ModalitySpec, TextPrep
 from mmfuse.core.errors import DataError
+from mmfuse.data.audio import SILENCE_LOG_MEL
 from mmfuse.data.dataset import Collator, MultimodalDataset, Sample, build_sample
 from mmfuse.data.manifest import Record, read_manifest
 from mmfuse.data.preprocess import Preprocessor
@@ -452,8 +453,51 @@ def test_collate_pads_text_masks_absent_and_pads_audio_to_max_frames() -> None:
     assert mel.shape == (3, 40, 101) and frame_mask.shape == (3, 101) and frame_mask.dtype == torch.bool
     assert frame_mask.sum(1).tolist() == [51, 0, 101]
     assert torch.equal(mel[0, :, :51], samples[0].inputs["audio"]["mel"])  # type: ignore[index]
-    assert torch.all(mel[0, :, 51:] == 0) and torch.all(mel[1] == 0)
+    assert torch.all(mel[0, :, 51:] == SILENCE_LOG_MEL) and torch.all(mel[1] == 0)  # padding: silence
     assert torch.equal(mel[2], samples[2].inputs["audio"]["mel"])  # type: ignore[index]
+
+
+def test_collate_pads_log_mel_with_what_a_silent_clip_gives(tmp_path: Path) -> None:
+    """Padding frames once held 0, the log-mel of a loud broadband sound; they must be silence."""
+    write_wav(tmp_path / "tone.wav", 0.25)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(SR, dtype=np.float32), SR, subtype="PCM_16")
+    for pad_mode in ("fixed", "longest"):
+        prep = collator_prep(pad_mode=pad_mode)
+        tone = prep.encode("audio", str(tmp_path / "tone.wav"))
+        silence = prep.encode("audio", str(silent))
+        assert tone is not None and silence is not None
+        frames = tone["mel"].shape[1]
+        assert frames == 0.25 * SR // 160 + 1 < silence["mel"].shape[1] == prep.audio.max_frames
+        samples = [Sample("tone", {"audio": tone, "text": None, "image": None}),
+                   Sample("silent", {"audio": silence, "text": None, "image": None}),
+                   Sample("none", {"audio": None, "text": None, "image": None})]
+        audio = Collator(prep, None)(samples).inputs["audio"]
+        mel, mask = audio["mel"], audio["frame_mask"]
+        assert mel.shape == (3, 40, prep.audio.max_frames) and mask.sum(1).tolist() == [frames, 101, 0]
+        assert torch.equal(mel[0, :, :frames], tone["mel"])
+        # Every padding frame is bit-identical to a frame of the real silent clip.
+        padding = mel[0, :, frames:]
+        assert torch.equal(padding, silence["mel"][:, frames:]), pad_mode
+        assert torch.equal(padding, torch.full_like(padding, SILENCE_LOG_MEL))
+        assert torch.equal(mel[2], torch.zeros_like(mel[2]))  # an absent row holds zeros (the Batch contract)
+
+
+def test_in_memory_arrays_pad_log_mel_with_silence_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path pads chunk-collated tensors to the split's longest: log-mel with silence too."""
+    from mmfuse.data import memory
+
+    monkeypatch.setattr(memory, "_BUILD_CHUNK", 2)
+    samples = [text_sample("a", [1], 30, True), text_sample("b", [1], None, True), text_sample("c", [1], 51, True)]
+    prep = collator_prep(pad_mode="longest")
+    dataset = MultimodalDataset([], prep, None)
+    dataset.samples = samples
+    arrays = memory.from_dataset(dataset, Collator(prep, None))
+    mel = arrays.inputs["audio"]["mel"]
+    assert mel.shape == (3, 40, 51) and arrays.inputs["audio"]["frame_mask"].sum(1).tolist() == [30, 0, 51]
+    assert torch.equal(mel[0, :, :30], samples[0].inputs["audio"]["mel"])  # type: ignore[index]
+    assert torch.all(mel[0, :, 30:] == SILENCE_LOG_MEL)  # 30 -> 30 in its chunk, then 30 -> 51 across chunks
+    assert torch.all(mel[1] == 0) and torch.equal(mel[2], samples[2].inputs["audio"]["mel"])  # type: ignore[index]
 
 
 def test_collate_audio_longest_pads_to_the_batch() -> None:

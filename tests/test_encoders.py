@@ -474,3 +474,18 @@ def test_finish_features_turns_nan_and_inf_of_absent_rows_into_exact_zeros() -> 
     assert torch.equal(f.tokens[present], tokens[present]) and torch.equal(f.pooled[present], pooled[present])
     assert f.mask.tolist() == [[True] * 3, [False] * 3, [False] * 3, [True] * 3]
     assert torch.equal(f.present, present)
+
+
+def test_lenet_audio_sees_padding_as_silence() -> None:
+    """A padded clip reads as the clip followed by real silence, whatever the padding holds."""
+    from mmfuse.data.audio import SILENCE_LOG_MEL
+
+    encoder = ENCODERS.create("lenet", context=CONTEXTS["audio"], layers=2).eval()
+    padded = audio_inputs([17, 40, 25])
+    padded["mel"][~padded["frame_mask"][:, None, :].expand_as(padded["mel"])] = float("nan")
+    silent = {"mel": torch.where(padded["frame_mask"][:, None, :], padded["mel"], SILENCE_LOG_MEL),
+              "frame_mask": torch.ones_like(padded["frame_mask"])}
+    present = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        a, b = encoder(padded, present), encoder(silent, present)
+    assert torch.isfinite(a.pooled).all() and torch.equal(a.pooled, b.pooled)

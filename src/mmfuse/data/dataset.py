@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from mmfuse.core.contracts import Batch, TargetCodec
 from mmfuse.core.errors import DataError
+from mmfuse.data.audio import SILENCE_LOG_MEL
 from mmfuse.data.manifest import Record
 from mmfuse.data.preprocess import ModalityInputs, Preprocessor
 
@@ -76,6 +77,10 @@ class MultimodalDataset(Dataset[Sample]):
     def __getitem__(self, index: int) -> Sample:
         return self.samples[index]
 
+
+PAD_VALUES: dict[str, float] = {"mel": SILENCE_LOG_MEL}
+"""The padding value of a collated input by name, zeros for any other: a log-mel frame past a clip's
+end is silence. Whoever pads collated tensors further (``mmfuse.data.memory``) pads with these."""
 
 CACHED_TOKENS, CACHED_MASK, CACHED_POOLED = "cached_tokens", "cached_mask", "cached_pooled"
 """Input names of a modality whose frozen encoder's outputs come from the feature cache: a sample
@@ -168,12 +173,22 @@ class Collator:
         return {"values": out, "mask": mask}
 
     def _collate_audio(self, values: list[ModalityInputs | None]) -> dict[str, Tensor]:
+        """log-mel (B, n_mels, frames): a clip shorter than ``frames`` is padded with what silence gives.
+
+        Padding with 0 would append the log-mel of a loud broadband sound (mel power 1) to every
+        short clip; ``SILENCE_LOG_MEL`` makes a padded clip look like the clip followed by silence,
+        bit for bit. Absent rows hold zeros, as for every modality.
+        """
         prep = self.preprocessor.audio
         if prep.features == "waveform":
             return self._collate_waveforms(values)
         mels = [torch.zeros(prep.n_mels, 0) if v is None else v["mel"] for v in values]
         frames = prep.max_frames if prep.pad_mode == "fixed" else max(1, *(m.shape[1] for m in mels))
-        out = torch.stack([F.pad(m[:, :frames], (0, frames - min(frames, m.shape[1]))) for m in mels])
+        out = torch.stack([
+            torch.zeros(prep.n_mels, frames) if v is None
+            else F.pad(m[:, :frames], (0, frames - min(frames, m.shape[1])), value=PAD_VALUES["mel"])
+            for v, m in zip(values, mels, strict=True)
+        ])
         mask = torch.zeros(len(mels), frames, dtype=torch.bool)
         for i, mel in enumerate(mels):
             mask[i, : min(frames, mel.shape[1])] = True
