@@ -394,6 +394,29 @@ def test_non_numeric_regression_target_names_the_row(tmp_path: Path) -> None:
         build_sample(records[1], pre, task)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_missing_multilabel_target_names_the_row_or_is_a_counted_skip(tmp_path: Path, suffix: str) -> None:
+    explicit_none: Any = [] if suffix == ".jsonl" else "[]"
+    rows = [{"id": "a", "text": "t", "tags": ["p", "q"] if suffix == ".jsonl" else "p|q"},
+            {"id": "b", "text": "t", "tags": explicit_none},
+            {"id": "c", "text": "t", "tags": None},
+            {"id": "d", "text": "t", "tags": "q"}]
+    manifest = write_manifest(tmp_path / f"m{suffix}", rows)
+    mods = {"text": MODALITIES["text"]}
+    records = read_manifest(manifest, mods, target_column="tags")
+    pre = Preprocessor(mods, TextPrep(), ImagePrep(), AudioPrep())
+    pre.fit(records)
+    task = MultilabelTask()
+    task.fit([r.target for r in records])
+    assert task.labels == ["p", "q"]
+    with pytest.raises(DataError, match=rf"m{suffix} row 3 \(id c\): the target is empty"):
+        MultimodalDataset(records, pre, task)
+    skipping = MultimodalDataset(records, pre, task, on_error="skip")
+    assert [s.id for s in skipping.samples] == ["a", "b", "d"] and skipping.report.count == 1
+    assert [s.target.tolist() for s in skipping.samples] == [[1, 1], [0, 0], [0, 1]]  # type: ignore[union-attr]
+    assert "row 3 (id c): the target is empty" in skipping.report.skipped[0]
+
+
 def test_skip_mode_counts_and_explains_every_skipped_sample(media: Path) -> None:
     records = read_manifest(write_manifest(media / "train.jsonl", bad_table(media)), MODALITIES)
     pre, task = fitted(records), ClassificationTask(labels=["cat", "dog"])
@@ -517,7 +540,7 @@ def test_collate_targets() -> None:
     assert target is not None and target.dtype == torch.long and target.tolist() == [1, 2, 0]
 
     multi = MultilabelTask(labels=["a", "b", "c"])
-    samples = [text_sample(str(i), [1], None, True, multi.encode_target(t)) for i, t in enumerate(["a|c", None, "b"])]
+    samples = [text_sample(str(i), [1], None, True, multi.encode_target(t)) for i, t in enumerate(["a|c", [], "b"])]
     target = Collator(collator_prep(), multi)(samples).target
     assert target is not None and target.dtype == torch.float32 and target.shape == (3, 3)
     assert target.tolist() == [[1, 0, 1], [0, 0, 0], [0, 1, 0]]
