@@ -8,7 +8,7 @@ samples raise a DataError naming the row, or with ``on_error='skip'`` are skippe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -32,13 +32,31 @@ class Sample:
 
 @dataclass
 class SkipReport:
-    """Samples left out under on_error='skip', each with the reason, so nothing vanishes silently."""
+    """Samples left out under on_error='skip', each with the reason, so nothing vanishes silently.
+
+    ``skipped`` holds one message per sample (as the error would have read); ``rows`` the same as
+    records (file, row, id, reason) for the run folder's ``skipped.jsonl``.
+    """
 
     skipped: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def count(self) -> int:
         return len(self.skipped)
+
+    def add(self, record: Record, message: str) -> None:
+        """Records that ``record`` was skipped; ``message`` names the row, the reason follows it."""
+        self.skipped.append(message)
+        prefix = f"{record.where}: "
+        reason = message[len(prefix):] if message.startswith(prefix) else message
+        self.rows.append({"file": record.source.name, "row": record.row, "id": record.id, "reason": reason})
+
+    def entries(self) -> list[dict[str, Any]]:
+        """One record per skipped sample; messages only where the rows were not kept (older caches)."""
+        if len(self.rows) == len(self.skipped):
+            return list(self.rows)
+        return [{"reason": message} for message in self.skipped]
 
 
 def build_sample(record: Record, preprocessor: Preprocessor, task: TargetCodec | None) -> Sample:
@@ -69,7 +87,7 @@ class MultimodalDataset(Dataset[Sample]):
             except DataError as exc:
                 if on_error == "raise":
                     raise
-                self.report.skipped.append(str(exc))
+                self.report.add(record, str(exc))
 
     def __len__(self) -> int:
         return len(self.samples)

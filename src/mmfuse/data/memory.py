@@ -215,7 +215,8 @@ def cache_key(records: list[Record], preprocessor: Preprocessor, task: TargetCod
 
 
 def _save(folder: Path, data: ArrayDataset) -> None:
-    meta: dict[str, object] = {"ids": data.ids, "skipped": data.report.skipped, "tensors": []}
+    meta: dict[str, object] = {"ids": data.ids, "skipped": data.report.skipped, "skipped_rows": data.report.rows,
+                               "tensors": []}
     names: list[list[str]] = []
     flat: dict[str, Tensor] = {}
     for modality, tensors in data.inputs.items():
@@ -250,7 +251,8 @@ def _load(folder: Path) -> ArrayDataset:
             present[modality] = tensor
         else:
             target = tensor
-    return ArrayDataset(inputs, present, target, list(meta["ids"]), SkipReport(list(meta["skipped"])))
+    report = SkipReport(list(meta["skipped"]), list(meta.get("skipped_rows", [])))
+    return ArrayDataset(inputs, present, target, list(meta["ids"]), report)
 
 
 def cached_arrays(records: list[Record], preprocessor: Preprocessor, task: TargetCodec | None, on_error: str,

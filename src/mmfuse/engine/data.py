@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from mmfuse.config import ExperimentConfig
+from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.dataset import Collator, MultimodalDataset, SkipReport
 from mmfuse.data.manifest import Record, read_manifest
@@ -75,15 +79,51 @@ def prepare_data(config: ExperimentConfig) -> PreparedData:
                                 features=config.data.features)
     preprocessor.fit(splits["train"])
     task = TASKS.create(config.task.name, **config.task.options)
-    fit_targets = [r.target for r in splits["train"]]
+    # A JSON NaN target stays NaN in the records (errors show it as written); fitting sees it as missing.
+    fit_targets = [None if isinstance(t, float) and math.isnan(t) else t for t in (r.target for r in splits["train"])]
     try:
         task.fit([t for t in fit_targets if t is not None] if config.data.on_error == "skip" else fit_targets)
     except ValueError as exc:
         raise DataError(f"training targets (column '{config.data.target_column}'): {exc}") from None
+    if config.data.on_error == "raise":
+        check_targets(splits, task)
     datasets = {name: split_dataset(config, records, preprocessor, task) for name, records in splits.items()}
     if len(datasets["train"]) == 0:
         raise DataError("every training sample was skipped; see the errors above")
     return PreparedData(preprocessor, task, datasets)
+
+
+def check_targets(splits: dict[str, list[Record]], task: Task) -> None:
+    """Raises a DataError naming the first row whose target the task cannot encode.
+
+    The datasets would raise the same error, but only after preprocessing (decoding every image and
+    clip) up to that row: targets are cheap to check first.
+    """
+    for records in splits.values():
+        for record in records:
+            try:
+                task.encode_target(record.target)
+            except ValueError as exc:
+                raise DataError(f"{record.where}: {exc}") from None
+
+
+SKIPPED_FILE = "skipped.jsonl"
+
+
+def write_skipped(data: PreparedData, folder: Path) -> Path | None:
+    """Writes ``folder/skipped.jsonl``, one line per skipped sample: split, file, row, id and reason.
+
+    With ``data.on_error: skip`` a run otherwise reports only how many samples it left out; the file
+    says which and why. When nothing was skipped, a list left by an earlier run in the same folder
+    is removed, since it would describe other data. Returns the file's path, or None.
+    """
+    path = Path(folder) / SKIPPED_FILE
+    lines = [json.dumps({"split": split, **entry}) for split, report in data.skipped.items()
+             for entry in report.entries()]
+    if not lines:
+        path.unlink(missing_ok=True)
+        return None
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def split_dataset(config: ExperimentConfig, records: list[Record], preprocessor: Preprocessor,

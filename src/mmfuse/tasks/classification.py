@@ -56,9 +56,15 @@ class ClassificationTask(HeadTask):
         return "accuracy", "max"
 
     def fit(self, targets: list[Any]) -> None:
+        """Label names from the non-empty targets; an empty one is reported with its row when encoded."""
         if self.labels:
             return
-        names = {_label_text(t) for t in targets}
+        names = set()
+        for target in targets:
+            try:
+                names.add(_label_text(target))
+            except ValueError:
+                continue
         # Integer-looking labels sort numerically so label 10 does not come before label 2.
         # Ties ("1", "01") are broken by the text, so the order never depends on set iteration order.
         self.labels = sorted(names, key=lambda s: (0, int(s), s) if _INTEGER.fullmatch(s) else (1, 0, s))
