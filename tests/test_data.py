@@ -335,6 +335,20 @@ def bad_table(media: Path) -> list[dict[str, Any]]:
     ]
 
 
+def test_preprocessor_counts_the_clips_it_crops(tmp_path: Path) -> None:
+    pre = collator_prep()  # max_seconds 1.0 at 16 kHz: 101 frames
+    write_wav(tmp_path / "long.wav", 2.0)
+    write_wav(tmp_path / "exact.wav", 1.0)
+    np.save(tmp_path / "spec.npy", np.zeros((40, 150), dtype=np.float32))
+    np.save(tmp_path / "short_spec.npy", np.zeros((40, 101), dtype=np.float32))
+    widths = [pre.encode("audio", str(tmp_path / name))["mel"].shape[1]  # type: ignore[index]
+              for name in ("long.wav", "exact.wav", "spec.npy", "short_spec.npy")]
+    assert widths == [101] * 4
+    assert pre.crops.count == 2 and pre.crops.longest_seconds == pytest.approx(2.0)
+    assert pre.crops.message(pre.audio) == ("2 audio clips were longer than data.audio.max_seconds and were cropped "
+                                            "to their first 1 s (the longest was 2 s)")
+
+
 def test_missing_image_names_manifest_row_id_and_path(media: Path) -> None:
     records = read_manifest(write_manifest(media / "train.jsonl", bad_table(media)), MODALITIES)
     pre, task = fitted(records), ClassificationTask(labels=["cat", "dog"])

@@ -168,3 +168,47 @@ def test_manifest_template_raises_on_bad_rows() -> None:
 
     template = yaml.safe_load((Path(__file__).parents[1] / "configs" / "manifest-template.yaml").read_text())
     assert template["data"]["on_error"] == "raise"
+
+
+def test_ids_shared_between_splits_are_an_error_unless_allowed(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Overlapping ids (a sample in train and in val or test) once went unnoticed."""
+    train = numbered("t", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    splits = {"train": train, "val": [*train[:2], *numbered("v", [1.0])], "test": [train[1], *train[4:]]}
+    raw = tiny_config(tmp_path, splits)
+    message = (r"^5 sample ids appear in more than one split \(train and val: 2, train and test: 4, val and test: 1\), "
+               r"e\.g\. t0, t1, t4, t5, t6; set data\.allow_overlap: true if that is intended$")
+    with pytest.raises(DataError, match=message):
+        prepare_data(validate_config(raw))
+    caplog.set_level("WARNING", logger="mmfuse")
+    data = prepare_data(validate_config(tiny_config(tmp_path, splits, allow_overlap=True)))
+    assert len(data.datasets["test"]) == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["5 sample ids appear in more than one split (train and val: 2, train and test: 4, "
+                        "val and test: 1), e.g. t0, t1, t4, t5, t6 (data.allow_overlap: true)"]
+    disjoint = {"train": train, "val": numbered("v", [1.0, 2.0])}
+    caplog.clear()
+    prepare_data(validate_config(tiny_config(tmp_path, disjoint)))
+    assert not caplog.records
+
+
+def test_cropped_clips_are_reported_once_per_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A long clip was cropped to data.audio.max_seconds without a word."""
+    import numpy as np
+    import soundfile as sf
+
+    sr = 8000
+    for name, seconds in (("long", 2.5), ("longer", 3.0), ("short", 0.5), ("exact", 1.0)):
+        sf.write(tmp_path / f"{name}.wav", np.full(int(seconds * sr), 0.1, dtype=np.float32), sr)
+    rows = [{"id": f"{n}{i}", "text": "a b", "audio": f"{n}.wav", "y": float(i)}
+            for i, n in enumerate(["long", "short", "exact", "longer", "short"])]
+    raw = tiny_config(tmp_path, {"train": rows[:3], "val": rows[3:]},
+                      audio={"sample_rate": sr, "n_mels": 8, "n_fft": 256, "hop_length": 128, "max_seconds": 1.0})
+    raw["data"]["modalities"]["audio"] = {"kind": "audio", "column": "audio"}
+    raw["encoders"]["audio"] = {"name": "audio_cnn", "dim": 4, "channels": [4]}
+    caplog.set_level("WARNING", logger="mmfuse")
+    data = prepare_data(validate_config(raw))
+    assert [s.inputs["audio"]["mel"].shape[1] for s in data.datasets["train"].samples] == [63, 32, 63]  # type: ignore[index]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["2 audio clips were longer than data.audio.max_seconds and were cropped to their first "
+                        "1 s (the longest was 3 s)"]

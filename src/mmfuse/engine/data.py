@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,9 @@ from mmfuse.data.manifest import Record, read_manifest
 from mmfuse.data.memory import ArrayDataset, ArrayLoader, cached_arrays
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.tasks import TASKS, Task
+
+log = logging.getLogger(__name__)
+"""Warnings about the data of a run (overlapping splits, cropped clips): printed once per run."""
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 
@@ -56,7 +60,28 @@ def load_records(config: ExperimentConfig) -> dict[str, list[Record]]:
         train = splits["train"]
         splits["val"] = [train[i] for i in sorted(order[:n_val])]
         splits["train"] = [train[i] for i in sorted(order[n_val:])]
+    check_overlap(splits, data.allow_overlap)
     return splits
+
+
+def check_overlap(splits: dict[str, list[Record]], allow: bool, examples: int = 5) -> None:
+    """Ids shared between splits: a DataError with the count and a few ids, or a warning if allowed.
+
+    A sample in train and in val or test makes their metrics measure memorisation; separate
+    manifests per split make that easy to do by accident (one manifest cannot: ids are unique).
+    """
+    names = [name for name in ("train", "val", "test") if name in splits]
+    ids = {name: {r.id for r in splits[name]} for name in names}
+    pairs = [(a, b, len(ids[a] & ids[b])) for i, a in enumerate(names) for b in names[i + 1:]]
+    shared = sorted(set().union(*(ids[a] & ids[b] for a, b, _ in pairs)))
+    if not shared:
+        return
+    counts = ", ".join(f"{a} and {b}: {n}" for a, b, n in pairs if n)
+    what = (f"{len(shared)} sample id{'s' if len(shared) > 1 else ''} appear{'' if len(shared) > 1 else 's'} "
+            f"in more than one split ({counts}), e.g. {', '.join(shared[:examples])}")
+    if not allow:
+        raise DataError(f"{what}; set data.allow_overlap: true if that is intended")
+    log.warning("%s (data.allow_overlap: true)", what)
 
 
 @dataclass
@@ -88,6 +113,9 @@ def prepare_data(config: ExperimentConfig) -> PreparedData:
     if config.data.on_error == "raise":
         check_targets(splits, task)
     datasets = {name: split_dataset(config, records, preprocessor, task) for name, records in splits.items()}
+    cropped = preprocessor.crops.message(config.data.audio)
+    if cropped:  # once per run, not once per clip
+        log.warning("%s", cropped)
     if len(datasets["train"]) == 0:
         raise DataError("every training sample was skipped; see the errors above")
     return PreparedData(preprocessor, task, datasets)
