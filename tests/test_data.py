@@ -16,6 +16,7 @@ from PIL import Image
 
 from mmfuse.config import AudioPrep, ImagePrep, ModalitySpec, TextPrep
 from mmfuse.core.errors import DataError
+from mmfuse.data.audio import SILENCE_LOG_MEL
 from mmfuse.data.dataset import Collator, MultimodalDataset, Sample, build_sample
 from mmfuse.data.manifest import Record, read_manifest
 from mmfuse.data.preprocess import Preprocessor
@@ -334,6 +335,20 @@ def bad_table(media: Path) -> list[dict[str, Any]]:
     ]
 
 
+def test_preprocessor_counts_the_clips_it_crops(tmp_path: Path) -> None:
+    pre = collator_prep()  # max_seconds 1.0 at 16 kHz: 101 frames
+    write_wav(tmp_path / "long.wav", 2.0)
+    write_wav(tmp_path / "exact.wav", 1.0)
+    np.save(tmp_path / "spec.npy", np.zeros((40, 150), dtype=np.float32))
+    np.save(tmp_path / "short_spec.npy", np.zeros((40, 101), dtype=np.float32))
+    widths = [pre.encode("audio", str(tmp_path / name))["mel"].shape[1]  # type: ignore[index]
+              for name in ("long.wav", "exact.wav", "spec.npy", "short_spec.npy")]
+    assert widths == [101] * 4
+    assert pre.crops.count == 2 and pre.crops.longest_seconds == pytest.approx(2.0)
+    assert pre.crops.message(pre.audio) == ("2 audio clips were longer than data.audio.max_seconds and were cropped "
+                                            "to their first 1 s (the longest was 2 s)")
+
+
 def test_missing_image_names_manifest_row_id_and_path(media: Path) -> None:
     records = read_manifest(write_manifest(media / "train.jsonl", bad_table(media)), MODALITIES)
     pre, task = fitted(records), ClassificationTask(labels=["cat", "dog"])
@@ -391,6 +406,29 @@ def test_non_numeric_regression_target_names_the_row(tmp_path: Path) -> None:
     assert good.target is not None and good.target.tolist() == [1.5]
     with pytest.raises(DataError, match=r"r.csv row 2 \(id b\): target 'abc' is not a number"):
         build_sample(records[1], pre, task)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_missing_multilabel_target_names_the_row_or_is_a_counted_skip(tmp_path: Path, suffix: str) -> None:
+    explicit_none: Any = [] if suffix == ".jsonl" else "[]"
+    rows = [{"id": "a", "text": "t", "tags": ["p", "q"] if suffix == ".jsonl" else "p|q"},
+            {"id": "b", "text": "t", "tags": explicit_none},
+            {"id": "c", "text": "t", "tags": None},
+            {"id": "d", "text": "t", "tags": "q"}]
+    manifest = write_manifest(tmp_path / f"m{suffix}", rows)
+    mods = {"text": MODALITIES["text"]}
+    records = read_manifest(manifest, mods, target_column="tags")
+    pre = Preprocessor(mods, TextPrep(), ImagePrep(), AudioPrep())
+    pre.fit(records)
+    task = MultilabelTask()
+    task.fit([r.target for r in records])
+    assert task.labels == ["p", "q"]
+    with pytest.raises(DataError, match=rf"m{suffix} row 3 \(id c\): the target is empty"):
+        MultimodalDataset(records, pre, task)
+    skipping = MultimodalDataset(records, pre, task, on_error="skip")
+    assert [s.id for s in skipping.samples] == ["a", "b", "d"] and skipping.report.count == 1
+    assert [s.target.tolist() for s in skipping.samples] == [[1, 1], [0, 0], [0, 1]]  # type: ignore[union-attr]
+    assert "row 3 (id c): the target is empty" in skipping.report.skipped[0]
 
 
 def test_skip_mode_counts_and_explains_every_skipped_sample(media: Path) -> None:
@@ -452,8 +490,51 @@ def test_collate_pads_text_masks_absent_and_pads_audio_to_max_frames() -> None:
     assert mel.shape == (3, 40, 101) and frame_mask.shape == (3, 101) and frame_mask.dtype == torch.bool
     assert frame_mask.sum(1).tolist() == [51, 0, 101]
     assert torch.equal(mel[0, :, :51], samples[0].inputs["audio"]["mel"])  # type: ignore[index]
-    assert torch.all(mel[0, :, 51:] == 0) and torch.all(mel[1] == 0)
+    assert torch.all(mel[0, :, 51:] == SILENCE_LOG_MEL) and torch.all(mel[1] == 0)  # padding: silence
     assert torch.equal(mel[2], samples[2].inputs["audio"]["mel"])  # type: ignore[index]
+
+
+def test_collate_pads_log_mel_with_what_a_silent_clip_gives(tmp_path: Path) -> None:
+    """Padding frames once held 0, the log-mel of a loud broadband sound; they must be silence."""
+    write_wav(tmp_path / "tone.wav", 0.25)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(SR, dtype=np.float32), SR, subtype="PCM_16")
+    for pad_mode in ("fixed", "longest"):
+        prep = collator_prep(pad_mode=pad_mode)
+        tone = prep.encode("audio", str(tmp_path / "tone.wav"))
+        silence = prep.encode("audio", str(silent))
+        assert tone is not None and silence is not None
+        frames = tone["mel"].shape[1]
+        assert frames == 0.25 * SR // 160 + 1 < silence["mel"].shape[1] == prep.audio.max_frames
+        samples = [Sample("tone", {"audio": tone, "text": None, "image": None}),
+                   Sample("silent", {"audio": silence, "text": None, "image": None}),
+                   Sample("none", {"audio": None, "text": None, "image": None})]
+        audio = Collator(prep, None)(samples).inputs["audio"]
+        mel, mask = audio["mel"], audio["frame_mask"]
+        assert mel.shape == (3, 40, prep.audio.max_frames) and mask.sum(1).tolist() == [frames, 101, 0]
+        assert torch.equal(mel[0, :, :frames], tone["mel"])
+        # Every padding frame is bit-identical to a frame of the real silent clip.
+        padding = mel[0, :, frames:]
+        assert torch.equal(padding, silence["mel"][:, frames:]), pad_mode
+        assert torch.equal(padding, torch.full_like(padding, SILENCE_LOG_MEL))
+        assert torch.equal(mel[2], torch.zeros_like(mel[2]))  # an absent row holds zeros (the Batch contract)
+
+
+def test_in_memory_arrays_pad_log_mel_with_silence_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path pads chunk-collated tensors to the split's longest: log-mel with silence too."""
+    from mmfuse.data import memory
+
+    monkeypatch.setattr(memory, "_BUILD_CHUNK", 2)
+    samples = [text_sample("a", [1], 30, True), text_sample("b", [1], None, True), text_sample("c", [1], 51, True)]
+    prep = collator_prep(pad_mode="longest")
+    dataset = MultimodalDataset([], prep, None)
+    dataset.samples = samples
+    arrays = memory.from_dataset(dataset, Collator(prep, None))
+    mel = arrays.inputs["audio"]["mel"]
+    assert mel.shape == (3, 40, 51) and arrays.inputs["audio"]["frame_mask"].sum(1).tolist() == [30, 0, 51]
+    assert torch.equal(mel[0, :, :30], samples[0].inputs["audio"]["mel"])  # type: ignore[index]
+    assert torch.all(mel[0, :, 30:] == SILENCE_LOG_MEL)  # 30 -> 30 in its chunk, then 30 -> 51 across chunks
+    assert torch.all(mel[1] == 0) and torch.equal(mel[2], samples[2].inputs["audio"]["mel"])  # type: ignore[index]
 
 
 def test_collate_audio_longest_pads_to_the_batch() -> None:
@@ -473,7 +554,7 @@ def test_collate_targets() -> None:
     assert target is not None and target.dtype == torch.long and target.tolist() == [1, 2, 0]
 
     multi = MultilabelTask(labels=["a", "b", "c"])
-    samples = [text_sample(str(i), [1], None, True, multi.encode_target(t)) for i, t in enumerate(["a|c", None, "b"])]
+    samples = [text_sample(str(i), [1], None, True, multi.encode_target(t)) for i, t in enumerate(["a|c", [], "b"])]
     target = Collator(collator_prep(), multi)(samples).target
     assert target is not None and target.dtype == torch.float32 and target.shape == (3, 3)
     assert target.tolist() == [[1, 0, 1], [0, 0, 0], [0, 1, 0]]

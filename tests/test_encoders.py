@@ -366,3 +366,126 @@ def test_feature_encoder_errors() -> None:
     assert seq.out_dim == 64
     with pytest.raises(ValueError, match=r"exceeds max_length 12"):
         seq(feature_inputs([FEATURE_STEPS + 1]), torch.ones(1, dtype=torch.bool))
+
+
+# ---- absent rows in training mode -----------------------------------------------------------------
+
+BUILTIN = [n for n in NAMES if ENCODERS.get(n).__module__ == "mmfuse.encoders.builtin"]
+"""The encoders of ``mmfuse.encoders.builtin`` on every kind each accepts (``lenet``: image and audio)."""
+
+
+def absent_garbage(kind: str, inputs: dict[str, Tensor], present: Tensor, fill: float) -> dict[str, Tensor]:
+    """``inputs`` with every absent row overwritten by ``fill`` (huge, NaN, inf) and marked as valid."""
+    out = {k: v.clone() for k, v in inputs.items()}
+    absent = ~present
+    if kind == "text":
+        out["input_ids"][absent] = torch.randint(1, VOCAB, out["input_ids"][absent].shape)
+        out["attention_mask"][absent] = True
+    else:
+        key = {"image": "pixels", "audio": "mel", "features": "values"}[kind]
+        out[key][absent] = fill
+        for mask in ("frame_mask", "mask"):
+            if mask in out:
+                out[mask][absent] = True
+    return out
+
+
+def _train_step(encoder: Encoder, inputs: dict[str, Tensor], present: Tensor,
+                state: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """One train-mode forward/backward from ``state``: pooled, tokens, buffers after, gradients."""
+    encoder.load_state_dict(state)
+    encoder.zero_grad()
+    encoder.train()
+    torch.manual_seed(0)  # the same dropout masks for every call
+    f = encoder(inputs, present)
+    loss = f.pooled.sum() + f.tokens.sum()
+    if loss.requires_grad:  # not when no row is present and nothing ran
+        loss.backward()
+    buffers = {k: v.clone() for k, v in encoder.named_buffers()}
+    grads = {k: p.grad.clone() for k, p in encoder.named_parameters() if p.grad is not None}
+    return f.pooled.detach(), f.tokens.detach(), buffers, grads
+
+
+@pytest.mark.parametrize(("name", "kind"), [(n, k) for n in BUILTIN for k in ACCEPTED[n]])
+def test_train_mode_absent_rows_cannot_move_present_rows(name: str, kind: str) -> None:
+    """BatchNorm (``lenet``) once took batch statistics over absent rows too: their inputs moved the
+    present rows' features by up to 2.3 and entered the running statistics. Now garbage, NaN or inf
+    in absent rows changes nothing: present rows' outputs, running stats, parameter gradients."""
+    torch.manual_seed(0)
+    # lenet's default 5 audio layers would pool the test's 16 mel bands away.
+    options = {"layers": 2} if (name, kind) == ("lenet", "audio") else {}
+    encoder = ENCODERS.create(name, context=CONTEXTS[kind], **options)
+    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    inputs = inputs_for(kind)
+    pooled, tokens, buffers, grads = _train_step(encoder, inputs, PRESENT, state)
+    assert torch.isfinite(pooled).all() and (pooled[PRESENT].abs().sum(dim=1) > 0).all()
+    for fill in (1e4,) if kind == "text" else (1e4, float("nan"), float("inf")):  # text: random ids
+        bad = absent_garbage(kind, inputs, PRESENT, fill)
+        b_pooled, b_tokens, b_buffers, b_grads = _train_step(encoder, bad, PRESENT, state)
+        assert torch.allclose(b_pooled[PRESENT], pooled[PRESENT], atol=1e-6, rtol=0), f"fill {fill}"
+        assert torch.allclose(b_tokens[PRESENT], tokens[PRESENT], atol=1e-6, rtol=0), f"fill {fill}"
+        assert torch.equal(b_pooled[~PRESENT], torch.zeros_like(b_pooled[~PRESENT]))
+        for key, value in buffers.items():
+            assert torch.allclose(b_buffers[key], value, atol=1e-6, rtol=0), f"fill {fill}: buffer {key}"
+        for key, value in grads.items():
+            assert torch.allclose(b_grads[key], value, atol=1e-5, rtol=1e-5), f"fill {fill}: gradient {key}"
+
+
+def test_lenet_batchnorm_running_stats_come_from_present_rows_only() -> None:
+    """The running statistics equal those of a batch that holds only the present rows."""
+    torch.manual_seed(0)
+    encoder = ENCODERS.create("lenet", context=CONTEXTS["image"], norm="batch")
+    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    inputs = inputs_for("image")
+    _, _, mixed, _ = _train_step(encoder, inputs, PRESENT, state)
+    rows = torch.nonzero(PRESENT).flatten().tolist()
+    _, _, alone, _ = _train_step(encoder, select(inputs, rows), PRESENT[rows], state)
+    means = [k for k in mixed if k.endswith("running_mean")]
+    assert means and all(not torch.equal(mixed[k], state[k]) for k in means)  # statistics did move
+    for key, value in alone.items():
+        assert torch.allclose(mixed[key], value, atol=1e-6, rtol=0), key
+    # A batch with no present row trains nothing and leaves the statistics untouched.
+    none = torch.zeros(3, dtype=torch.bool)
+    pooled, _, after, _ = _train_step(encoder, inputs_for("image", present=none), none, state)
+    assert torch.equal(pooled, torch.zeros_like(pooled))
+    for key, value in after.items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, state[key]), key
+
+
+# ---- finish_features ------------------------------------------------------------------------------
+
+
+def test_finish_features_turns_nan_and_inf_of_absent_rows_into_exact_zeros() -> None:
+    """``tokens * keep`` kept NaN (NaN * 0 = NaN); absent rows must come out as exact zeros."""
+    from mmfuse.encoders.base import finish_features
+
+    present = torch.tensor([True, False, False, True])
+    tokens = torch.randn(4, 3, 5)
+    tokens[1] = float("nan")
+    tokens[2, 0] = float("inf")
+    tokens[2, 1] = float("-inf")
+    pooled = torch.randn(4, 5)
+    pooled[1], pooled[2] = float("nan"), float("inf")
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    f = finish_features(tokens, mask, pooled, present)
+    assert torch.equal(f.tokens[~present], torch.zeros(2, 3, 5))
+    assert torch.equal(f.pooled[~present], torch.zeros(2, 5))
+    assert torch.equal(f.tokens[present], tokens[present]) and torch.equal(f.pooled[present], pooled[present])
+    assert f.mask.tolist() == [[True] * 3, [False] * 3, [False] * 3, [True] * 3]
+    assert torch.equal(f.present, present)
+
+
+def test_lenet_audio_sees_padding_as_silence() -> None:
+    """A padded clip reads as the clip followed by real silence, whatever the padding holds."""
+    from mmfuse.data.audio import SILENCE_LOG_MEL
+
+    encoder = ENCODERS.create("lenet", context=CONTEXTS["audio"], layers=2).eval()
+    padded = audio_inputs([17, 40, 25])
+    padded["mel"][~padded["frame_mask"][:, None, :].expand_as(padded["mel"])] = float("nan")
+    silent = {"mel": torch.where(padded["frame_mask"][:, None, :], padded["mel"], SILENCE_LOG_MEL),
+              "frame_mask": torch.ones_like(padded["frame_mask"])}
+    present = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        a, b = encoder(padded, present), encoder(silent, present)
+    assert torch.isfinite(a.pooled).all() and torch.equal(a.pooled, b.pooled)

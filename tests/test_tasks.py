@@ -153,13 +153,11 @@ def test_classification_fixed_labels_are_kept() -> None:
 
 def test_multilabel_fit_encode_from_strings_and_lists() -> None:
     task = MultilabelTask()
-    task.fit(["b|a", ["c"], "a", None, ""])
+    task.fit(["b|a", ["c"], "a", None, "", []])  # missing targets are reported per row, not fitted
     assert task.labels == ["a", "b", "c"]
     assert task.encode_target("a|c").tolist() == [1.0, 0.0, 1.0]
     assert task.encode_target(["b", " c "]).tolist() == [0.0, 1.0, 1.0]
     assert task.encode_target(" b | a ").tolist() == [1.0, 1.0, 0.0]
-    assert task.encode_target(None).tolist() == [0.0, 0.0, 0.0]
-    assert task.encode_target("").tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match=r"'d' is not one of the 3 training labels"):
         task.encode_target("a|d")
     semicolon = MultilabelTask(separator=";")
@@ -167,6 +165,21 @@ def test_multilabel_fit_encode_from_strings_and_lists() -> None:
     assert semicolon.encode_target("y;x").tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match=r"no labels"):
         MultilabelTask().fit([None, ""])
+
+
+def test_multilabel_missing_target_is_an_error_but_an_explicit_empty_list_is_no_labels() -> None:
+    """A missing target once became "no labels" silently; only an explicit [] means that now."""
+    task = MultilabelTask(labels=["a", "b"])
+    for missing in (None, float("nan"), "", "  "):
+        with pytest.raises(ValueError, match=r"the target is empty.*write \[\] for a sample with no labels"):
+            task.encode_target(missing)
+    for separators_only in ("|", " | "):
+        with pytest.raises(ValueError, match=r"target '.*' names no label"):
+            task.encode_target(separators_only)
+    assert task.encode_target([]).tolist() == [0.0, 0.0]  # JSON / Parquet: an empty list
+    assert task.encode_target(()).tolist() == [0.0, 0.0]
+    assert task.encode_target(" [] ").tolist() == [0.0, 0.0]  # CSV / TSV: the text []
+    assert task.encode_target(["b"]).tolist() == [0.0, 1.0]
 
 
 def test_multilabel_loss_decode_and_metrics() -> None:

@@ -32,6 +32,8 @@ def train(
         console.print(metrics_table("test", result.test_metrics))
     for split, count in result.skipped.items():
         console.print(f"[yellow]skipped {count} bad sample(s) in {split}[/] (data.on_error=skip)")
+    if result.skipped_file:
+        console.print(f"skipped rows and reasons: [bold]{result.skipped_file}[/]")
     console.print(f"model saved to [bold]{result.model_dir}[/] ({result.params:,} parameters, "
                   f"{result.train_seconds:.1f} s training)")
 

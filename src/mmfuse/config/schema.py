@@ -132,6 +132,8 @@ class DataConfig(StrictModel):
     audio: AudioPrep = Field(default_factory=AudioPrep)
     features: FeaturesPrep = Field(default_factory=FeaturesPrep)
     on_error: Literal["raise", "skip"] = "raise"
+    allow_overlap: bool = Field(False, description="let an id appear in more than one of train/val/test "
+                                "(a warning instead of an error)")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="carved from train when no val split")
     batch_size: int = Field(32, gt=0)
     num_workers: int = Field(0, ge=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,27 @@ SILENCE_LOG_MEL = math.log(LOG_FLOOR)
 _DECODE_ERRORS = (sf.SoundFileError, RuntimeError, OSError, ValueError, TypeError)
 
 
+@dataclass
+class CropTally:
+    """Clips cropped to ``max_seconds`` so far, so a run can say so once instead of once per clip."""
+
+    count: int = 0
+    longest_seconds: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.longest_seconds = max(self.longest_seconds, seconds)
+
+    def message(self, prep: AudioPrep) -> str | None:
+        """The one line a run prints about cropping, or None when nothing was cropped."""
+        if not self.count:
+            return None
+        clips = "1 audio clip was" if self.count == 1 else f"{self.count} audio clips were"
+        return (f"{clips} longer than data.audio.max_seconds and {'was' if self.count == 1 else 'were'} cropped "
+                f"to {'its' if self.count == 1 else 'their'} first {prep.max_seconds:g} s "
+                f"(the longest was {self.longest_seconds:.4g} s)")
+
+
 def load_audio(path: Path, prep: AudioPrep) -> torch.Tensor:
     """Decodes, resamples and crops ``path``; returns its (n_mels, frames <= max_frames) log-mel."""
     features = log_mel(load_waveform(path, prep), prep)
@@ -42,12 +64,17 @@ def load_audio(path: Path, prep: AudioPrep) -> torch.Tensor:
     return features
 
 
-def load_waveform(path: Path, prep: AudioPrep) -> np.ndarray:
-    """Mono float32 samples at ``prep.sample_rate``, cropped (from the start) to ``max_seconds``."""
+def load_waveform(path: Path, prep: AudioPrep, crops: CropTally | None = None) -> np.ndarray:
+    """Mono float32 samples at ``prep.sample_rate``, cropped (from the start) to ``max_seconds``.
+
+    A clip that is cropped is counted in ``crops`` (with its full length), for the run to report.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"audio file not found: {path}")
-    samples, sr = _read(path, prep.max_seconds)
+    samples, sr, total = _read(path, prep.max_seconds)
+    if crops is not None and total > prep.max_seconds * sr:
+        crops.add(total / sr)
     if samples.shape[0] == 0:
         raise DataError(f"audio file {path} has no samples")
     if not np.isfinite(samples).all():
@@ -68,8 +95,9 @@ def max_samples(prep: AudioPrep) -> int:
     return int(prep.max_seconds * prep.sample_rate)
 
 
-def _read(path: Path, max_seconds: float) -> tuple[np.ndarray, int]:
-    """(frames, channels) float32 and the file's rate, reading only what the crop will keep.
+def _read(path: Path, max_seconds: float) -> tuple[np.ndarray, int, int]:
+    """(frames, channels) float32, the file's rate and its length in frames, reading only what the
+    crop will keep.
 
     A small margin past ``max_seconds`` is read so resampling has real context at the crop edge
     and never comes out one sample short.
@@ -79,9 +107,10 @@ def _read(path: Path, max_seconds: float) -> tuple[np.ndarray, int]:
             sr = int(f.samplerate)
             limit = math.ceil(max_seconds * sr) + sr // 50 + 1
             data = f.read(frames=limit, dtype="float32", always_2d=True)
+            total = max(int(f.frames), data.shape[0])  # frames may be unknown (0) for some streams
     except _DECODE_ERRORS as exc:
         raise DataError(f"cannot decode audio {path}: {_reason(exc)}") from None
-    return data, sr
+    return data, sr, total
 
 
 def _resample(samples: np.ndarray, from_sr: int, to_sr: int) -> np.ndarray:

@@ -8,7 +8,7 @@ samples raise a DataError naming the row, or with ``on_error='skip'`` are skippe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from mmfuse.core.contracts import Batch, TargetCodec
 from mmfuse.core.errors import DataError
+from mmfuse.data.audio import SILENCE_LOG_MEL
 from mmfuse.data.manifest import Record
 from mmfuse.data.preprocess import ModalityInputs, Preprocessor
 
@@ -31,13 +32,31 @@ class Sample:
 
 @dataclass
 class SkipReport:
-    """Samples left out under on_error='skip', each with the reason, so nothing vanishes silently."""
+    """Samples left out under on_error='skip', each with the reason, so nothing vanishes silently.
+
+    ``skipped`` holds one message per sample (as the error would have read); ``rows`` the same as
+    records (file, row, id, reason) for the run folder's ``skipped.jsonl``.
+    """
 
     skipped: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def count(self) -> int:
         return len(self.skipped)
+
+    def add(self, record: Record, message: str) -> None:
+        """Records that ``record`` was skipped; ``message`` names the row, the reason follows it."""
+        self.skipped.append(message)
+        prefix = f"{record.where}: "
+        reason = message[len(prefix):] if message.startswith(prefix) else message
+        self.rows.append({"file": record.source.name, "row": record.row, "id": record.id, "reason": reason})
+
+    def entries(self) -> list[dict[str, Any]]:
+        """One record per skipped sample; messages only where the rows were not kept (older caches)."""
+        if len(self.rows) == len(self.skipped):
+            return list(self.rows)
+        return [{"reason": message} for message in self.skipped]
 
 
 def build_sample(record: Record, preprocessor: Preprocessor, task: TargetCodec | None) -> Sample:
@@ -68,7 +87,7 @@ class MultimodalDataset(Dataset[Sample]):
             except DataError as exc:
                 if on_error == "raise":
                     raise
-                self.report.skipped.append(str(exc))
+                self.report.add(record, str(exc))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -76,6 +95,10 @@ class MultimodalDataset(Dataset[Sample]):
     def __getitem__(self, index: int) -> Sample:
         return self.samples[index]
 
+
+PAD_VALUES: dict[str, float] = {"mel": SILENCE_LOG_MEL}
+"""The padding value of a collated input by name, zeros for any other: a log-mel frame past a clip's
+end is silence. Whoever pads collated tensors further (``mmfuse.data.memory``) pads with these."""
 
 CACHED_TOKENS, CACHED_MASK, CACHED_POOLED = "cached_tokens", "cached_mask", "cached_pooled"
 """Input names of a modality whose frozen encoder's outputs come from the feature cache: a sample
@@ -168,12 +191,22 @@ class Collator:
         return {"values": out, "mask": mask}
 
     def _collate_audio(self, values: list[ModalityInputs | None]) -> dict[str, Tensor]:
+        """log-mel (B, n_mels, frames): a clip shorter than ``frames`` is padded with what silence gives.
+
+        Padding with 0 would append the log-mel of a loud broadband sound (mel power 1) to every
+        short clip; ``SILENCE_LOG_MEL`` makes a padded clip look like the clip followed by silence,
+        bit for bit. Absent rows hold zeros, as for every modality.
+        """
         prep = self.preprocessor.audio
         if prep.features == "waveform":
             return self._collate_waveforms(values)
         mels = [torch.zeros(prep.n_mels, 0) if v is None else v["mel"] for v in values]
         frames = prep.max_frames if prep.pad_mode == "fixed" else max(1, *(m.shape[1] for m in mels))
-        out = torch.stack([F.pad(m[:, :frames], (0, frames - min(frames, m.shape[1]))) for m in mels])
+        out = torch.stack([
+            torch.zeros(prep.n_mels, frames) if v is None
+            else F.pad(m[:, :frames], (0, frames - min(frames, m.shape[1])), value=PAD_VALUES["mel"])
+            for v, m in zip(values, mels, strict=True)
+        ])
         mask = torch.zeros(len(mels), frames, dtype=torch.bool)
         for i, mel in enumerate(mels):
             mask[i, : min(frames, mel.shape[1])] = True

@@ -3,6 +3,10 @@
 One row is one sample: an id, any subset of the modality columns and (for training) a target.
 A null, NaN or empty field means "this sample lacks the modality", never an error. Relative paths
 resolve against the manifest's folder so a data set can be moved as a whole.
+
+A null, empty or blank target means "no target" (``Record.target`` is None); whether that is an
+error is the task's call. A number written as NaN or Infinity (JSON) stays a number, so that an
+error can show the value as written instead of a missing one.
 """
 
 from __future__ import annotations
@@ -109,6 +113,17 @@ def _check_columns(path: Path, rows: list[dict[str, Any]], required: list[str]) 
             )
 
 
+def _target(value: Any) -> Any:
+    """None for a null, empty or blank target, else the value as read (a JSON NaN stays NaN).
+
+    An empty label is 'no target' in every format (CSV already reads '' as missing); kept as ''
+    it would be fitted as a class of its own.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return value
+
+
 def _resolve(value: Any, kind: str, base: Path) -> str | None:
     if is_empty(value):
         return None
@@ -152,9 +167,7 @@ def read_manifest(
             row=index,
             id=sample_id,
             fields={m: _resolve(row.get(spec.column), spec.kind, path.parent) for m, spec in modalities.items()},
-            # An empty label is 'no target' in every format (CSV already reads '' as NaN); kept as ''
-            # it would be fitted as a class of its own.
-            target=None if not target_column or is_empty(row.get(target_column)) else row[target_column],
+            target=_target(row.get(target_column)) if target_column else None,
             split=None if not split_column or is_empty(row.get(split_column)) else str(row[split_column]).strip(),
         ))
     return records

@@ -35,7 +35,7 @@ from mmfuse.core.contracts import Batch, TargetCodec
 from mmfuse.core.errors import DataError
 from mmfuse.core.identity import code_identity, file_digest, library_versions
 from mmfuse.data.arrays import parse_reference
-from mmfuse.data.dataset import Collator, MultimodalDataset, Sample, SkipReport
+from mmfuse.data.dataset import PAD_VALUES, Collator, MultimodalDataset, Sample, SkipReport
 from mmfuse.data.manifest import Record
 from mmfuse.data.preprocess import Preprocessor
 
@@ -51,11 +51,11 @@ def cache_root(configured: Path | None = None) -> Path:
     return Path(env).expanduser() / "arrays" if env else Path.home() / ".cache" / "mmfuse" / "arrays"
 
 
-def _pad_to(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
+def _pad_to(tensor: Tensor, shape: tuple[int, ...], value: float = 0.0) -> Tensor:
     pads: list[int] = []
     for have, want in zip(reversed(tensor.shape), reversed(shape), strict=True):
         pads += [0, want - have]
-    return F.pad(tensor, pads) if any(pads) else tensor
+    return F.pad(tensor, pads, value=value) if any(pads) else tensor
 
 
 class ArrayDataset(MultimodalDataset):
@@ -161,14 +161,18 @@ def from_dataset(dataset: MultimodalDataset, collator: Collator) -> ArrayDataset
         raise DataError("cannot build in-memory arrays of an empty split")
     chunks = [collator([dataset[i] for i in range(s, min(len(dataset), s + _BUILD_CHUNK))])
               for s in range(0, len(dataset), _BUILD_CHUNK)]
+    present = {m: torch.cat([c.present[m] for c in chunks]) for m in chunks[0].present}
     inputs: dict[str, dict[str, Tensor]] = {}
     for modality, tensors in chunks[0].inputs.items():
         inputs[modality] = {}
         for name in tensors:
             parts = [c.inputs[modality][name] for c in chunks]
             shape = tuple(max(p.shape[d] for p in parts) for d in range(1, parts[0].ndim))
-            inputs[modality][name] = torch.cat([_pad_to(p, (p.shape[0], *shape)) for p in parts])
-    present = {m: torch.cat([c.present[m] for c in chunks]) for m in chunks[0].present}
+            value = PAD_VALUES.get(name, 0.0)  # as the collator pads (log-mel: silence)
+            stacked = torch.cat([_pad_to(p, (p.shape[0], *shape), value) for p in parts])
+            if value and modality in present:  # absent rows hold zeros, as the collator gives them
+                stacked[~present[modality]] = 0
+            inputs[modality][name] = stacked
     targets = [c.target for c in chunks]
     target = None if any(t is None for t in targets) else torch.cat(targets)  # type: ignore[arg-type]
     ids = [i for c in chunks for i in c.ids]
@@ -223,7 +227,8 @@ def cache_key(records: list[Record], preprocessor: Preprocessor, task: TargetCod
 
 
 def _save(folder: Path, data: ArrayDataset) -> None:
-    meta: dict[str, object] = {"ids": data.ids, "skipped": data.report.skipped, "tensors": []}
+    meta: dict[str, object] = {"ids": data.ids, "skipped": data.report.skipped, "skipped_rows": data.report.rows,
+                               "tensors": []}
     names: list[list[str]] = []
     flat: dict[str, Tensor] = {}
     for modality, tensors in data.inputs.items():
@@ -258,7 +263,8 @@ def _load(folder: Path) -> ArrayDataset:
             present[modality] = tensor
         else:
             target = tensor
-    return ArrayDataset(inputs, present, target, list(meta["ids"]), SkipReport(list(meta["skipped"])))
+    report = SkipReport(list(meta["skipped"]), list(meta.get("skipped_rows", [])))
+    return ArrayDataset(inputs, present, target, list(meta["ids"]), report)
 
 
 def cached_arrays(records: list[Record], preprocessor: Preprocessor, task: TargetCodec | None, on_error: str,

@@ -20,7 +20,7 @@ from mmfuse.core.contracts import EncoderContext
 from mmfuse.core.errors import DataError
 from mmfuse.data.array_rows import is_array_reference, load_image_array, load_spectrogram_array, spectrogram_tensor
 from mmfuse.data.arrays import load_array
-from mmfuse.data.audio import load_waveform, log_mel, log_mel_batch
+from mmfuse.data.audio import CropTally, load_waveform, log_mel, log_mel_batch
 from mmfuse.data.image import decode_image, image_to_tensor
 from mmfuse.data.manifest import Record
 from mmfuse.data.pretrained_prep import PretrainedTokenizer, image_prep_from_processor
@@ -50,6 +50,8 @@ class Preprocessor:
         self.features = features or FeaturesPrep()
         self.tokenizers = dict(tokenizers or {})
         self.feature_dims = dict(feature_dims or {})
+        self.crops = CropTally()
+        """Audio clips ``decode`` cropped to ``audio.max_seconds`` (not saved: a run reports it once)."""
 
     def kind(self, modality: str) -> str:
         return self.modalities[modality].kind
@@ -110,8 +112,11 @@ class Preprocessor:
             return decode_image(Path(value), self.image)
         if kind == "audio":
             if is_array_reference(value):  # a precomputed (n_mels, T) spectrogram
-                return load_spectrogram_array(value, self.audio)
-            return load_waveform(Path(value), self.audio)
+                spectrogram = load_spectrogram_array(value, self.audio)
+                if spectrogram.shape[1] > self.audio.max_frames:  # cropped by ``spectrogram_tensor``
+                    self.crops.add((spectrogram.shape[1] - 1) * self.audio.hop_length / self.audio.sample_rate)
+                return spectrogram
+            return load_waveform(Path(value), self.audio, self.crops)
         if kind == "features":
             return load_array(value)
         raise DataError(f"unknown modality kind '{kind}'")

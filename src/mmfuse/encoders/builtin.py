@@ -1,7 +1,10 @@
 """Small encoders that train from scratch on a CPU in seconds.
 
-They exist so the whole pipeline runs without pretrained weights; they use GroupNorm/LayerNorm
-(per-sample statistics) so that absent samples in a batch never influence present ones.
+They exist so the whole pipeline runs without pretrained weights. Absent samples in a batch never
+influence present ones, in training mode too: the encoders use GroupNorm/LayerNorm (per-sample
+statistics), ``lenet`` runs its network (BatchNorm by default) on the present rows only, and
+float inputs of absent rows are zeroed before any layer, so NaN or inf there cannot turn a weight
+gradient into NaN (a NaN row times a zero output gradient is still NaN).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from torch import Tensor, nn
 
 from mmfuse.core.contracts import EncoderContext, Features
 from mmfuse.core.errors import ConfigError
-from mmfuse.core.masking import masked_mean
+from mmfuse.core.masking import masked_mean, zero_absent
 from mmfuse.core.registry import ENCODERS
+from mmfuse.data.audio import SILENCE_LOG_MEL
 from mmfuse.encoders.base import Encoder, finish_features
 
 
@@ -104,7 +108,7 @@ class ImageCNNEncoder(Encoder):
         self.proj = nn.Linear(widths[-1], dim)
 
     def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:
-        grid = self.body(inputs["pixels"])  # (B, C, h, w)
+        grid = self.body(zero_absent(inputs["pixels"], present))  # (B, C, h, w)
         x = self.proj(grid.flatten(2).transpose(1, 2))
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         # Max over cells, not mean: a local cue (a corner, an edge) anywhere in the image should
@@ -186,7 +190,7 @@ class AudioCNNEncoder(Encoder):
         self.proj = nn.Linear(widths[-1], dim)
 
     def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:
-        mel, mask = inputs["mel"], inputs["frame_mask"]
+        mel, mask = zero_absent(inputs["mel"], present), inputs["frame_mask"] & present[:, None]
         grid = _standardise(mel, mask).unsqueeze(1)  # (B, 1, n_mels, F)
         for block in self.body:
             grid, mask = block(grid, mask)  # (B, C, n_mels', T'), (B, T')
@@ -236,9 +240,10 @@ def audio_cnn(context: EncoderContext, dim: int = 64, channels: tuple[int, ...] 
 # ``squeeze`` when the map is 1x1 and keeps other input sizes working.
 #
 # The registered ``lenet`` encoder reads an image modality (pixels (B, C, H, W)) or an audio modality
-# (mel (B, n_mels, T) seen as a one-channel image, padding frames zeroed). ``norm='batch'`` is
-# MultiBench's choice; ``norm='group'`` uses per-sample statistics, so absent or padded samples in a
-# batch never influence the others (the rest of mmfuse's encoders do that).
+# (mel (B, n_mels, T) seen as a one-channel image, padding frames set to the log-mel of silence, as
+# the collator pads). ``norm='batch'`` is MultiBench's choice; ``norm='group'`` uses per-sample
+# statistics. Either way the network runs on the present rows only, so in training mode BatchNorm's
+# batch statistics and running statistics come from present rows, never from absent ones.
 
 
 class LeNet(nn.Module):
@@ -276,12 +281,30 @@ class LeNetEncoder(Encoder):
     def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:
         if self.kind == "image":
             x = inputs["pixels"]
-        else:
-            x = (inputs["mel"] * inputs["frame_mask"][:, None, :].to(inputs["mel"].dtype)).unsqueeze(1)
-        pooled = self.net(x * self.scale if self.scale != 1.0 else x)
+        else:  # padding frames (and garbage there) become what silence gives
+            mel = inputs["mel"]
+            x = torch.where(inputs["frame_mask"][:, None, :], mel, torch.full((), SILENCE_LOG_MEL, dtype=mel.dtype,
+                                                                               device=mel.device)).unsqueeze(1)
+        pooled = self._present_rows(x * self.scale if self.scale != 1.0 else x, present)
         tokens = pooled[:, None, :]
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return finish_features(tokens, mask, pooled, present)
+
+    def _present_rows(self, x: Tensor, present: Tensor) -> Tensor:
+        """(B, out_dim) network outputs of the present rows; absent rows get zeros and never run.
+
+        In training mode BatchNorm normalises with the statistics of its whole batch and folds them
+        into its running statistics: fed every row, the absent rows' inputs (zeros from the collator,
+        or anything else) would move the present rows' features and the statistics kept for eval.
+        A batch without any present row runs nothing, so the statistics stay as they were.
+        """
+        out = x.new_zeros(x.shape[0], self.out_dim)
+        if bool(present.all()):
+            return self.net(x)
+        rows = present.nonzero().flatten()
+        if rows.numel():
+            out = out.index_copy(0, rows, self.net(x.index_select(0, rows)).to(out.dtype))
+        return out
 
 
 @ENCODERS.register("lenet")

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from mmfuse.config import ExperimentConfig
+from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.dataset import Collator, MultimodalDataset, SkipReport
 from mmfuse.data.manifest import Record, read_manifest
 from mmfuse.data.memory import ArrayDataset, ArrayLoader, cached_arrays
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.tasks import TASKS, Task
+
+log = logging.getLogger(__name__)
+"""Warnings about the data of a run (overlapping splits, cropped clips): printed once per run."""
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 
@@ -52,7 +60,28 @@ def load_records(config: ExperimentConfig) -> dict[str, list[Record]]:
         train = splits["train"]
         splits["val"] = [train[i] for i in sorted(order[:n_val])]
         splits["train"] = [train[i] for i in sorted(order[n_val:])]
+    check_overlap(splits, data.allow_overlap)
     return splits
+
+
+def check_overlap(splits: dict[str, list[Record]], allow: bool, examples: int = 5) -> None:
+    """Ids shared between splits: a DataError with the count and a few ids, or a warning if allowed.
+
+    A sample in train and in val or test makes their metrics measure memorisation; separate
+    manifests per split make that easy to do by accident (one manifest cannot: ids are unique).
+    """
+    names = [name for name in ("train", "val", "test") if name in splits]
+    ids = {name: {r.id for r in splits[name]} for name in names}
+    pairs = [(a, b, len(ids[a] & ids[b])) for i, a in enumerate(names) for b in names[i + 1:]]
+    shared = sorted(set().union(*(ids[a] & ids[b] for a, b, _ in pairs)))
+    if not shared:
+        return
+    counts = ", ".join(f"{a} and {b}: {n}" for a, b, n in pairs if n)
+    what = (f"{len(shared)} sample id{'s' if len(shared) > 1 else ''} appear{'' if len(shared) > 1 else 's'} "
+            f"in more than one split ({counts}), e.g. {', '.join(shared[:examples])}")
+    if not allow:
+        raise DataError(f"{what}; set data.allow_overlap: true if that is intended")
+    log.warning("%s (data.allow_overlap: true)", what)
 
 
 @dataclass
@@ -75,15 +104,54 @@ def prepare_data(config: ExperimentConfig) -> PreparedData:
                                 features=config.data.features)
     preprocessor.fit(splits["train"])
     task = TASKS.create(config.task.name, **config.task.options)
-    fit_targets = [r.target for r in splits["train"]]
+    # A JSON NaN target stays NaN in the records (errors show it as written); fitting sees it as missing.
+    fit_targets = [None if isinstance(t, float) and math.isnan(t) else t for t in (r.target for r in splits["train"])]
     try:
         task.fit([t for t in fit_targets if t is not None] if config.data.on_error == "skip" else fit_targets)
     except ValueError as exc:
         raise DataError(f"training targets (column '{config.data.target_column}'): {exc}") from None
+    if config.data.on_error == "raise":
+        check_targets(splits, task)
     datasets = {name: split_dataset(config, records, preprocessor, task) for name, records in splits.items()}
+    cropped = preprocessor.crops.message(config.data.audio)
+    if cropped:  # once per run, not once per clip
+        log.warning("%s", cropped)
     if len(datasets["train"]) == 0:
         raise DataError("every training sample was skipped; see the errors above")
     return PreparedData(preprocessor, task, datasets)
+
+
+def check_targets(splits: dict[str, list[Record]], task: Task) -> None:
+    """Raises a DataError naming the first row whose target the task cannot encode.
+
+    The datasets would raise the same error, but only after preprocessing (decoding every image and
+    clip) up to that row: targets are cheap to check first.
+    """
+    for records in splits.values():
+        for record in records:
+            try:
+                task.encode_target(record.target)
+            except ValueError as exc:
+                raise DataError(f"{record.where}: {exc}") from None
+
+
+SKIPPED_FILE = "skipped.jsonl"
+
+
+def write_skipped(data: PreparedData, folder: Path) -> Path | None:
+    """Writes ``folder/skipped.jsonl``, one line per skipped sample: split, file, row, id and reason.
+
+    With ``data.on_error: skip`` a run otherwise reports only how many samples it left out; the file
+    says which and why. When nothing was skipped, a list left by an earlier run in the same folder
+    is removed, since it would describe other data. Returns the file's path, or None.
+    """
+    path = Path(folder) / SKIPPED_FILE
+    lines = [json.dumps({"split": split, **entry}) for split, report in data.skipped.items()
+             for entry in report.entries()]
+    if not lines:
+        path.unlink(missing_ok=True)
+        return None
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def split_dataset(config: ExperimentConfig, records: list[Record], preprocessor: Preprocessor,

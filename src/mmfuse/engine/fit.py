@@ -22,7 +22,7 @@ from mmfuse.config import ExperimentConfig
 from mmfuse.core.errors import ConfigError
 from mmfuse.data.dataset import Collator
 from mmfuse.data.memory import ArrayDataset
-from mmfuse.engine.data import PreparedData, make_loader, prepare_data
+from mmfuse.engine.data import PreparedData, make_loader, prepare_data, write_skipped
 from mmfuse.engine.evaluate import evaluate
 from mmfuse.engine.module import FusionModule, lightning_output
 from mmfuse.model import MultimodalModel
@@ -44,6 +44,8 @@ class TrainResult:
     params: int
     epochs: int
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_file: Path | None = None
+    """``skipped.jsonl`` in the run folder when samples were skipped (``data.on_error: skip``)."""
 
 
 def fit(config: ExperimentConfig, data: PreparedData, save: bool = True) -> TrainResult:
@@ -83,6 +85,7 @@ def fit(config: ExperimentConfig, data: PreparedData, save: bool = True) -> Trai
     )
     if save:
         write_run_files(config, result)
+        result.skipped_file = write_skipped(data, out)
     return result
 
 

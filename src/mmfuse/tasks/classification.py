@@ -26,6 +26,8 @@ from mmfuse.core.registry import TASKS
 from mmfuse.tasks.base import HeadTask, Task
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+EXPLICIT_NO_LABELS = "[]"
+"""A multi-label target written as this text (CSV/TSV) means "no labels", like an empty JSON list."""
 
 
 def _label_text(raw: Any) -> str:
@@ -54,9 +56,15 @@ class ClassificationTask(HeadTask):
         return "accuracy", "max"
 
     def fit(self, targets: list[Any]) -> None:
+        """Label names from the non-empty targets; an empty one is reported with its row when encoded."""
         if self.labels:
             return
-        names = {_label_text(t) for t in targets}
+        names = set()
+        for target in targets:
+            try:
+                names.add(_label_text(target))
+            except ValueError:
+                continue
         # Integer-looking labels sort numerically so label 10 does not come before label 2.
         # Ties ("1", "01") are broken by the text, so the order never depends on set iteration order.
         self.labels = sorted(names, key=lambda s: (0, int(s), s) if _INTEGER.fullmatch(s) else (1, 0, s))
@@ -98,7 +106,14 @@ class ClassificationTask(HeadTask):
 
 
 class MultilabelTask(HeadTask):
-    """Any number of labels per sample, given as a list or a separator-joined string; sigmoid BCE."""
+    """Any number of labels per sample, given as a list or a separator-joined string; sigmoid BCE.
+
+    "No labels" must be written: an empty list (JSON/Parquet ``[]``) or the text ``[]`` (CSV/TSV,
+    whose cells are text). A missing target (null, NaN, an empty cell or blank text) is an error
+    naming the row, or a counted skip under ``data.on_error: skip``: an empty cell is as likely
+    a forgotten annotation as a sample with no labels, and reading it as all-negative would teach
+    the model wrong answers without a word.
+    """
 
     name = "multilabel"
 
@@ -116,15 +131,30 @@ class MultilabelTask(HeadTask):
         return "macro_f1", "max"
 
     def _split(self, raw: Any) -> list[str]:
-        if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+        """The labels of one target; raises ValueError for a missing one (see the class docstring)."""
+        if isinstance(raw, list | tuple):
+            return [str(i).strip() for i in raw if str(i).strip()]
+        if raw is None or (isinstance(raw, float) and math.isnan(raw)) or not str(raw).strip():
+            raise ValueError("the target is empty (write [] for a sample with no labels)")
+        text = str(raw).strip()
+        if text == EXPLICIT_NO_LABELS:
             return []
-        items = list(raw) if isinstance(raw, list | tuple) else str(raw).split(self.separator)
-        return [str(i).strip() for i in items if str(i).strip()]
+        labels = [part.strip() for part in text.split(self.separator) if part.strip()]
+        if not labels:
+            raise ValueError(f"target {raw!r} names no label (write [] for a sample with no labels)")
+        return labels
 
     def fit(self, targets: list[Any]) -> None:
+        """Label names from the usable targets; a missing one is reported with its row when encoded."""
         if self.labels:
             return
-        self.labels = sorted({label for t in targets for label in self._split(t)})
+        names: set[str] = set()
+        for target in targets:
+            try:
+                names.update(self._split(target))
+            except ValueError:
+                continue
+        self.labels = sorted(names)
         if not self.labels:
             raise ValueError("multilabel found no labels in the training data")
 

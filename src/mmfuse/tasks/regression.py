@@ -14,6 +14,15 @@ from mmfuse.core.registry import TASKS
 from mmfuse.tasks.base import HeadTask, Task
 
 
+def as_written(value: Any) -> str:
+    """A target as a manifest spells it: text quoted, NaN/Infinity as JSON writes them, lists itemwise."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(as_written(v) for v in value) + "]"
+    return repr(value)
+
+
 class _MeanPearson(PearsonCorrCoef):
     """Pearson correlation averaged over the K targets: one scalar, as logging and reports need."""
 
@@ -45,21 +54,36 @@ class RegressionTask(HeadTask):
         return "mae", "min"
 
     def _values(self, raw: Any) -> list[float]:
+        """The K finite numbers of one target; ValueError showing the bad value as written."""
+        if raw is None:
+            raise ValueError("the target is empty")
         values = list(raw) if isinstance(raw, list | tuple) else [raw]
         if len(values) != self.num_targets:
             raise ValueError(f"expected {self.num_targets} target value(s), got {len(values)}")
         try:
             floats = [float(v) for v in values]
         except (TypeError, ValueError):
-            raise ValueError(f"target {raw!r} is not a number") from None
+            raise ValueError(f"target {as_written(raw)} is not a number") from None
         if not all(math.isfinite(v) for v in floats):
-            raise ValueError(f"target {raw!r} is not a finite number")
+            raise ValueError(f"target {as_written(raw)} is not a finite number")
         return floats
 
     def fit(self, targets: list[Any]) -> None:
+        """Mean and std of the usable targets; a bad one is reported with its row when encoded.
+
+        Failing here would name no row, and would stop ``data.on_error: skip`` from skipping it.
+        """
         if not self.standardize:
             return
-        data = torch.tensor([self._values(t) for t in targets], dtype=torch.float64)
+        usable = []
+        for target in targets:
+            try:
+                usable.append(self._values(target))
+            except ValueError:
+                continue
+        if not usable:
+            raise ValueError("regression found no numeric target in the training data")
+        data = torch.tensor(usable, dtype=torch.float64)
         self.mean = data.mean(dim=0).tolist()
         self.std = data.std(dim=0).clamp(min=1e-8).nan_to_num(1.0).tolist()
 
