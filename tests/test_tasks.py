@@ -275,3 +275,12 @@ def test_regression_bad_targets_are_value_errors() -> None:
     single = RegressionTask()
     single.fit([3.0])
     assert all(math.isfinite(s) and s > 0 for s in single.std)
+
+
+@pytest.mark.parametrize("missing", [None, math.nan, "", "   "])
+def test_captioning_missing_caption_is_an_error_not_the_word_nan(missing: object) -> None:
+    task = TASKS.create("captioning")
+    task.fit(["a red circle", "a blue square"])
+    assert task.encode_target("a red circle").tolist()[1:-1] != []
+    with pytest.raises(ValueError, match="the caption is empty"):
+        task.encode_target(missing)

@@ -127,7 +127,7 @@ class CaptioningTask(Task):
 
     def fit(self, targets: list[Any]) -> None:
         """Word vocabulary of the training captions (ties alphabetical) and the most frequent caption."""
-        texts = [str(t) for t in targets if t is not None and str(t).strip()]
+        texts = [str(t) for t in targets if t is not None and t == t and str(t).strip()]  # t == t: not NaN
         if not texts:
             raise ValueError("captioning found no captions in the training data")
         counts = Counter(w for t in texts for w in words(t))
@@ -138,8 +138,8 @@ class CaptioningTask(Task):
         self.constant = min(captions, key=lambda c: (-captions[c], c))
 
     def encode_target(self, raw: Any) -> Tensor:
-        if raw is None or not str(raw).strip():
-            raise ValueError("the caption is empty")
+        if raw is None or (isinstance(raw, float) and math.isnan(raw)) or not str(raw).strip():
+            raise ValueError("the caption is empty")  # a JSON NaN / empty CSV cell is no caption, not "nan"
         ids = [self._ids.get(w, UNK) for w in words(str(raw))][: self.max_length - 1]
         return torch.tensor([BOS, *ids, EOS])
 
