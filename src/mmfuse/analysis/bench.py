@@ -2,31 +2,33 @@
 budget, over several seeds, with the results a paper table needs.
 
 The data is preprocessed once and shared by every run. Each run records its task metrics on the
-test split (validation when there is none), the main metric with modalities hidden at test time
-(without each modality, each alone, and the mean over those subsets), its parameter count,
-training time and peak memory. ``runs.csv`` is rewritten after every run, so an interrupted
-benchmark keeps what it finished.
+test split (validation when there is none; the task's main metric first), the main metric with
+modalities hidden at test time (without each modality, each alone, and the mean over those
+subsets), its parameter count, training time and peak memory. ``runs.csv`` is rewritten after
+every run, so an interrupted benchmark keeps what it finished.
+
+Every planned model is built once before any training, so a method or baseline the task cannot
+use is known in seconds, not after hours of training: see ``check_plan``.
 """
 
 from __future__ import annotations
 
-import csv
+import copy
+import inspect
 import itertools
-import math
 import os
 import resource
-import statistics
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
+from mmfuse.analysis.bench_results import UNIMODAL_SUFFIX, BenchRun, plot_bench, write_runs, write_summary
 from mmfuse.config import ExperimentConfig, FusionConfig
-from mmfuse.core.atomic import atomic_file
+from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.errors import ConfigError
 from mmfuse.data.dataset import MultimodalDataset
 from mmfuse.engine.data import PreparedData, prepare_data
@@ -35,29 +37,10 @@ from mmfuse.engine.fit import fit
 from mmfuse.fusion import FUSIONS
 from mmfuse.model import MultimodalModel
 
-UNIMODAL_SUFFIX = " only"
+NO_FUSION = "no fusion"
+"""The label of the one run per seed of a task that builds no fusion (contrastive alignment)."""
 
-
-@dataclass
-class BenchRun:
-    method: str
-    modalities: str
-    seed: int
-    modality_dropout: float
-    metrics: dict[str, float]
-    missing: dict[str, float] = field(default_factory=dict)
-    params: int = 0
-    train_seconds: float = 0.0
-    peak_memory_mb: float = 0.0
-
-    def row(self) -> dict[str, object]:
-        return {
-            "method": self.method, "modalities": self.modalities, "modality_dropout": self.modality_dropout,
-            "seed": self.seed, **{k: round(v, 6) for k, v in self.metrics.items()},
-            **{k: round(v, 6) for k, v in self.missing.items()},
-            "params": self.params, "train_seconds": round(self.train_seconds, 2),
-            "peak_memory_mb": round(self.peak_memory_mb, 1),
-        }
+Plan = list[tuple[str, float, ExperimentConfig]]
 
 
 def resolve_methods(spec: str) -> list[str]:
@@ -72,29 +55,100 @@ def resolve_methods(spec: str) -> list[str]:
     return methods
 
 
+def baseline_fusion(fusion: FusionConfig) -> FusionConfig:
+    """The fusion of a single-modality baseline: ``concat`` over the one modality.
+
+    Concat of one modality is a projection + MLP between the encoder and the task head: the
+    "encoder alone" baseline of fusion papers, and the same network whatever the benchmarked
+    method, so every method is compared with one reference. It keeps the options of the config's
+    fusion that concat also takes (``proj_dim``, ``hidden``, ``dropout``: in the built-in methods
+    they size the per-modality projection and the MLP before the output, and set the dropout), so
+    the baseline has the fused model's width and regularisation, plus ``out_dim``. The rest (rank,
+    heads, layers, gate...) shape how modalities interact, which one modality does not have, and
+    is dropped; so is a ``proj_dim`` below 1 (tfn's "no sub-network"), which concat cannot use.
+    """
+    accepted = set(inspect.signature(FUSIONS.get("concat")).parameters) - {"dims", "out_dim"}
+    kept = {key: value for key, value in fusion.options.items() if key in accepted
+            and not (key == "proj_dim" and isinstance(value, int) and value < 1)}
+    return FusionConfig(name="concat", out_dim=fusion.out_dim, **kept)
+
+
 def planned_runs(config: ExperimentConfig, methods: list[str], dropouts: list[float],
-                 unimodal: bool) -> list[tuple[str, float, ExperimentConfig]]:
+                 unimodal: bool) -> Plan:
     """(method label, modality dropout, config) per run, before seeds are applied.
 
+    A baseline (``"<modality> only"``) reads one modality through ``baseline_fusion`` and trains
+    without modality dropout: hiding its only modality would just blank samples. A method keeps the
+    config's fusion options when it is the config's method, else runs with its defaults.
     ``model_copy(update=...)`` skips validation on purpose: the data section keeps every modality
     (the prepared data is shared) while a unimodal run's model reads only one of them.
     """
     runs = []
     if unimodal and len(config.modalities) > 1:
+        trainer = config.trainer.model_copy(update={"modality_dropout": 0.0})
         for modality in config.modalities:
             solo = config.model_copy(deep=True, update={
                 "encoders": {modality: config.encoders[modality]},
-                "fusion": config.fusion.model_copy(update={"name": "concat"}),
+                "fusion": baseline_fusion(config.fusion), "trainer": trainer,
             })
             runs.append((f"{modality}{UNIMODAL_SUFFIX}", 0.0, solo))
     for method in methods:
-        # The config's fusion options belong to its own method; other methods run with their defaults.
         fusion = (config.fusion if method == config.fusion.name
                   else FusionConfig(name=method, out_dim=config.fusion.out_dim))
         for rate in dropouts:
             trainer = config.trainer.model_copy(update={"modality_dropout": rate})
             runs.append((method, rate, config.model_copy(deep=True, update={"fusion": fusion, "trainer": trainer})))
     return runs
+
+
+def check_plan(plan: Plan, data: PreparedData, skip_incompatible: bool = False) -> tuple[Plan, list[str]]:
+    """The runs that can train, and a note for each one left out, before anything trains.
+
+    Each distinct model is built once (and thrown away). A baseline the task cannot build (an
+    autoencoder imputes a modality from the others, contrastive alignment needs a pair) is left out
+    with a note. A method the task cannot use (``late`` outputs decisions, captioning needs
+    features) is left out with a note when ``skip_incompatible`` (``--methods all``), else it is a
+    ConfigError naming it. A task that builds no fusion gets one run per dropout rate, labelled
+    ``NO_FUSION``, instead of identical models under every method's name.
+    """
+    notes: list[str] = []
+    baselines = [run for run in plan if run[0].endswith(UNIMODAL_SUFFIX)]
+    fused = [run for run in plan if not run[0].endswith(UNIMODAL_SUFFIX)]
+    if not data.task.uses_fusion and fused:
+        names = sorted({label for label, _, _ in fused})
+        notes.append(f"task '{data.task.name}' builds no fusion: one run per seed, labelled '{NO_FUSION}', "
+                     f"instead of one per method ({', '.join(names)})")
+        first: dict[float, ExperimentConfig] = {}
+        for _, rate, config in fused:
+            first.setdefault(rate, config)
+        fused = [(NO_FUSION, rate, config) for rate, config in first.items()]
+    kept: Plan = []
+    built: dict[str, str | None] = {}  # label -> why it cannot be built (None: it can)
+    for label, rate, config in [*baselines, *fused]:
+        if label not in built:
+            built[label] = _build_error(config, data)
+            reason = built[label]
+            if reason is not None and label.endswith(UNIMODAL_SUFFIX):
+                notes.append(f"no '{label}' baseline: {reason}")
+            elif reason is not None and skip_incompatible:
+                notes.append(f"'{label}' left out: {reason}")
+            elif reason is not None:
+                raise ConfigError(f"--methods {label}: {reason}")
+        if built[label] is None:
+            kept.append((label, rate, config))
+    return kept, notes
+
+
+def _build_error(config: ExperimentConfig, data: PreparedData) -> str | None:
+    """Why the model of ``config`` cannot be built on ``data`` (a ConfigError's message), or None.
+
+    The task is copied: building a model fits the task's head to it (e.g. its modalities).
+    """
+    try:
+        MultimodalModel.from_config(config, data.preprocessor, copy.deepcopy(data.task))
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 class PeakMemory:
@@ -141,21 +195,21 @@ def missing_modality_scores(model: MultimodalModel, dataset: MultimodalDataset, 
     """The main metric with modalities hidden at test time: without each one, with each one alone
     (three or more modalities), and the mean over every such proper subset (``missing_mean``), the
     one number that says how well a model copes with missing modalities.
+
+    Each proper subset is evaluated once: "without m" and "only m" are among them. A task that
+    builds no fusion (contrastive alignment) gets none: hiding a modality there removes the pairs
+    being retrieved rather than testing how a fused prediction copes, and its metric is undefined.
     """
     modalities = list(model.modalities)
-    if len(modalities) < 2:
+    if len(modalities) < 2 or not model.task.uses_fusion:
         return {}
-    scores = {}
-    for modality in modalities:
-        scores[f"{metric}_without_{modality}"] = evaluate(model, dataset, absent=[modality])[metric]
+    subsets = [frozenset(c) for k in range(1, len(modalities)) for c in itertools.combinations(modalities, k)]
+    kept = {keep: evaluate(model, dataset, absent=[m for m in modalities if m not in keep])[metric]
+            for keep in subsets}
+    scores = {f"{metric}_without_{m}": kept[frozenset(modalities) - {m}] for m in modalities}
     if len(modalities) > 2:
-        for modality in modalities:
-            others = [m for m in modalities if m != modality]
-            scores[f"{metric}_only_{modality}"] = evaluate(model, dataset, absent=others)[metric]
-    subsets = [set(c) for k in range(1, len(modalities)) for c in itertools.combinations(modalities, k)]
-    subset_scores = [evaluate(model, dataset, absent=[m for m in modalities if m not in keep])[metric]
-                     for keep in subsets]
-    scores[f"{metric}_missing_mean"] = sum(subset_scores) / len(subset_scores)
+        scores.update({f"{metric}_only_{m}": kept[frozenset({m})] for m in modalities})
+    scores[f"{metric}_missing_mean"] = sum(kept.values()) / len(kept)
     return scores
 
 
@@ -169,6 +223,7 @@ def run_one(label: str, rate: float, config: ExperimentConfig, seed: int, data: 
     split = "test" if len(data.datasets.get("test", [])) else "val"
     metrics = result.test_metrics if split == "test" and result.test_metrics else result.val_metrics
     main_metric, _ = data.task.monitor
+    metrics = {main_metric: metrics[main_metric], **metrics}  # first: the column tables and plots show
     dataset = data.datasets[split]
     if config.data.cache:  # the frozen encoders' outputs for this split are cached already: all hits
         from mmfuse.engine.feature_cache import cache_datasets
@@ -182,14 +237,24 @@ def run_one(label: str, rate: float, config: ExperimentConfig, seed: int, data: 
 
 def run_bench(config: ExperimentConfig, methods: list[str], seeds: int, out_dir: Path,
               dropouts: list[float] | None = None, unimodal: bool = True,
-              on_run: Callable[[BenchRun, int, int], None] | None = None) -> list[BenchRun]:
-    """Trains every planned run for ``seeds`` seeds and writes the result files into ``out_dir``."""
+              on_run: Callable[[BenchRun, int, int], None] | None = None, skip_incompatible: bool = False,
+              on_note: Callable[[str], None] | None = None) -> list[BenchRun]:
+    """Trains every planned run for ``seeds`` seeds and writes the result files into ``out_dir``.
+
+    ``skip_incompatible`` (``--methods all``) leaves out methods the task cannot use instead of
+    failing; every run left out is told to ``on_note`` and listed in ``summary.md``.
+    """
     if seeds < 1:
         raise ConfigError("--seeds must be at least 1")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     data = prepare_data(config)
-    plan = planned_runs(config, methods, dropouts or [config.trainer.modality_dropout], unimodal)
+    plan, notes = check_plan(planned_runs(config, methods, dropouts or [config.trainer.modality_dropout], unimodal),
+                             data, skip_incompatible)
+    if not plan:
+        raise ConfigError("nothing to train: " + "; ".join(notes))
+    for note in notes:
+        if on_note:
+            on_note(note)
+    write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     total = len(plan) * seeds
     runs: list[BenchRun] = []
     for seed in range(config.seed, config.seed + seeds):
@@ -199,109 +264,6 @@ def run_bench(config: ExperimentConfig, methods: list[str], seeds: int, out_dir:
             write_runs(runs, out_dir / "runs.csv")
             if on_run:
                 on_run(run, len(runs), total)
-    write_summary(runs, out_dir)
+    write_summary(runs, out_dir, notes)
     plot_bench(runs, out_dir, data.task.monitor[0])
     return runs
-
-
-# ---- outputs ------------------------------------------------------------------------------------
-
-def write_runs(runs: list[BenchRun], path: Path) -> None:
-    rows = [r.row() for r in runs]
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with atomic_file(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-@dataclass
-class SummaryRow:
-    method: str
-    modalities: str
-    modality_dropout: float
-    seeds: int
-    mean: dict[str, float]
-    std: dict[str, float]
-
-
-def summarise(runs: list[BenchRun]) -> list[SummaryRow]:
-    """Mean and sample std over seeds for every numeric column, per (method, modality dropout)."""
-    groups: dict[tuple[str, float], list[BenchRun]] = {}
-    for run in runs:
-        groups.setdefault((run.method, run.modality_dropout), []).append(run)
-    summary = []
-    for (method, rate), group in groups.items():
-        numeric: dict[str, list[float]] = {}
-        for run in group:
-            for key, value in run.row().items():
-                if key not in ("method", "modalities", "modality_dropout", "seed") and isinstance(value, int | float):
-                    numeric.setdefault(key, []).append(float(value))
-        summary.append(SummaryRow(
-            method=method, modalities=group[0].modalities, modality_dropout=rate, seeds=len(group),
-            mean={k: statistics.fmean(v) for k, v in numeric.items()},
-            std={k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in numeric.items()},
-        ))
-    return summary
-
-
-def write_summary(runs: list[BenchRun], out_dir: Path) -> None:
-    summary = summarise(runs)
-    keys = list(dict.fromkeys(k for row in summary for k in row.mean))
-    with (out_dir / "summary.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "modalities", "modality_dropout", "seeds",
-                         *[f"{k}_{stat}" for k in keys for stat in ("mean", "std")]])
-        for row in summary:
-            writer.writerow([row.method, row.modalities, row.modality_dropout, row.seeds,
-                             *[_fmt(stat.get(k)) for k in keys for stat in (row.mean, row.std)]])
-    shown = [k for k in keys if k not in ("params", "loss")]
-    lines = ["| method | modalities | modality dropout | seeds | params | "
-             + " | ".join(shown) + " |", "|" + "---|" * (5 + len(shown))]
-    for row in summary:
-        cells = [f"{row.mean[k]:.3f} ± {row.std[k]:.3f}" if k in row.mean else "" for k in shown]
-        lines.append(f"| {row.method} | {row.modalities} | {row.modality_dropout:g} | {row.seeds} | "
-                     f"{int(row.mean.get('params', 0)):,} | " + " | ".join(cells) + " |")
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
-
-
-def _fmt(value: float | None) -> str:
-    return "" if value is None or math.isnan(value) else f"{value:.6g}"
-
-
-def plot_bench(runs: list[BenchRun], out_dir: Path, metric: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = summarise(runs)
-    labels = [r.method if r.modality_dropout == 0 else f"{r.method}\n(drop {r.modality_dropout:g})" for r in summary]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(summary)), 4))
-    colours = ["#9aa5b1" if r.method.endswith(UNIMODAL_SUFFIX) else "#2b6cb0" for r in summary]
-    ax.bar(labels, [r.mean[metric] for r in summary], yerr=[r.std[metric] for r in summary], color=colours, capsize=3)
-    ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
-    ax.set_title("mmfuse bench")
-    ax.tick_params(axis="x", labelrotation=45)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"bench_{metric}.png", dpi=120)
-    plt.close(fig)
-
-    fused = [r for r in summary if any(k.startswith(f"{metric}_without_") for k in r.mean)]
-    if not fused:
-        return
-    hidden = sorted({k for r in fused for k in r.mean if k.startswith(f"{metric}_without_")})
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(fused)), 4))
-    width = 0.8 / (len(hidden) + 1)
-    series = [(metric, "all present"), *[(k, k.removeprefix(f"{metric}_")) for k in hidden]]
-    for i, (key, name) in enumerate(series):
-        xs = [j + i * width for j in range(len(fused))]
-        ax.bar(xs, [r.mean.get(key, float("nan")) for r in fused], width=width, label=name.replace("_", " "))
-    ax.set_xticks([j + width * len(hidden) / 2 for j in range(len(fused))])
-    ax.set_xticklabels([lbl for r, lbl in zip(summary, labels, strict=True) if r in fused], rotation=45, ha="right")
-    ax.set_ylabel(f"test {metric}")
-    ax.set_title("missing a modality at test time")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"bench_missing_{metric}.png", dpi=120)
-    plt.close(fig)

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmfuse.analysis.bench import planned_runs
+from mmfuse.analysis.bench_results import UNIMODAL_SUFFIX, save_png
 from mmfuse.config import ExperimentConfig, load_config
 from mmfuse.config.presets import preset_path
+from mmfuse.core.atomic import atomic_file
 from mmfuse.engine.data import PreparedData, prepare_data
 from mmfuse.engine.fit import fit
 
@@ -49,8 +51,8 @@ def run_demo(out_dir: Path, overrides: list[str] | None = None, progress: bool =
 
 
 def write_results(rows: list[DemoRow], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "results.csv").open("w", newline="") as handle:
+    """``results.csv`` and ``results.png``, each written whole or not at all."""
+    with atomic_file(out_dir / "results.csv") as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", "modalities", "accuracy", "macro_f1", "params", "train_seconds"])
         for r in rows:
@@ -66,7 +68,7 @@ def plot_results(rows: list[DemoRow], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    colours = ["#9aa5b1" if "only" in r.method else "#2b6cb0" for r in rows]
+    colours = ["#9aa5b1" if r.method.endswith(UNIMODAL_SUFFIX) else "#2b6cb0" for r in rows]
     bars = ax.bar([r.method for r in rows], [r.accuracy for r in rows], color=colours)
     ax.bar_label(bars, labels=[f"{r.accuracy:.2f}" for r in rows], padding=2)
     ax.axhline(1 / 8, linestyle="--", color="grey", linewidth=1, label="chance (1/8)")
@@ -75,5 +77,4 @@ def plot_results(rows: list[DemoRow], path: Path) -> None:
     ax.set_title("mmfuse demo: single modalities vs. fusion (synthetic tri-modal data)")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path)

@@ -41,10 +41,10 @@ def demo(
 
 
 def _bench_table(runs: list[Any]) -> Table:
-    from mmfuse.analysis.bench import summarise
+    from mmfuse.analysis.bench_results import summarise
 
     summary = summarise(runs)
-    metric = next(iter(runs[0].metrics))
+    metric = next(iter(runs[0].metrics))  # the task's main metric: run_bench puts it first
     hidden = sorted({k for row in summary for k in row.mean if k.startswith(f"{metric}_without_")})
     if any(f"{metric}_missing_mean" in row.mean for row in summary):
         hidden.append(f"{metric}_missing_mean")
@@ -66,7 +66,8 @@ def _bench_table(runs: list[Any]) -> Table:
 def bench(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML (default: the demo preset).")]
     = None,
-    methods: Annotated[str, typer.Option(help="'all' or comma-separated fusion names.")] = "all",
+    methods: Annotated[str, typer.Option(
+        help="'all' (those the task can use) or comma-separated fusion names.")] = "all",
     seeds: Annotated[int, typer.Option(help="Seeds per method (config seed, +1, ...).")] = 3,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("mmfuse-bench"),
     modality_dropout: Annotated[str | None, typer.Option(
@@ -92,7 +93,11 @@ def bench(
         console.print(f"[{done}/{total}] {run.method} (dropout {run.modality_dropout:g}, seed {run.seed}): "
                       f"{metric} {run.metrics[metric]:.3f}, {run.train_seconds:.1f} s", highlight=False)
 
-    runs = run_bench(cfg, names, seeds, out, dropouts=rates, unimodal=unimodal, on_run=report)
+    def note(text: str) -> None:
+        console.print(f"[yellow]note:[/] {text}", highlight=False)
+
+    runs = run_bench(cfg, names, seeds, out, dropouts=rates, unimodal=unimodal, on_run=report,
+                     skip_incompatible=methods.strip() == "all", on_note=note)
     console.print(_bench_table(runs))
     console.print(f"{time.perf_counter() - started:.0f} s. Results: {out}/runs.csv, summary.csv, summary.md, "
                   f"bench_*.png, config.yaml")
