@@ -110,6 +110,24 @@ def test_predict_on_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "is not an mmfuse model folder" in result.output
 
 
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_corrupt_model_folder_exits_1_with_one_line(trained_model: Path, synth_manifest: Path, tmp_path: Path,
+                                                    command: str) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(trained_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy
+    args = ["--data", str(synth_manifest)] if command == "evaluate" else ["--text", "hi"]
+    result = runner.invoke(app, [command, "-m", str(broken), *args])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.exception is not None
+    assert f"error: {weights}: cannot read the weights" in " ".join(result.output.split())
+    (broken / "config.json").write_text("{oops")
+    result = runner.invoke(app, [command, "-m", str(broken), *args])
+    assert result.exit_code == 1
+    assert f"error: {broken / 'config.json'}: not valid JSON (line 1 column 2" in " ".join(result.output.split())
+
+
 def test_train_config_errors_name_the_key(synth_manifest: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path, synth_manifest)
     result = runner.invoke(app, ["train", "-c", str(config), "--set", "trainer.max_epoch=3"])
