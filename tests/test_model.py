@@ -403,3 +403,44 @@ def test_corrupt_model_folder_is_one_line_naming_the_file(saved_folder: Path, tm
     assert "\n" not in text
     assert text.startswith(str(folder / "")), text
     assert re.search(message, text), text
+
+
+# ---- saved folders: permissions follow the umask, leftovers of killed writers are removed ------------
+
+
+@pytest.mark.parametrize(("umask", "folder_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_saved_folder_permissions_follow_the_umask(records: list[Record], tmp_path: Path, umask: int,
+                                                   folder_mode: int, file_mode: int) -> None:
+    import os
+    import stat
+
+    model, _, _ = build_model(records)
+    previous = os.umask(umask)
+    try:
+        folder = model.save_pretrained(tmp_path / "model")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == folder_mode
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {CONFIG_FILE: file_mode, PREPROCESSING_FILE: file_mode, WEIGHTS_FILE: file_mode}
+
+
+def test_save_removes_the_staging_folder_of_a_killed_writer(records: list[Record], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid now names no process: the writer was killed mid-save
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".model.tmp-{finished.pid}-x"
+        live = tmp_path / f".model.tmp-{running.pid}-y"  # a concurrent writer still at work
+        for leftover in (stale, live):
+            leftover.mkdir()
+            (leftover / WEIGHTS_FILE).write_bytes(b"half")
+        model, _, _ = build_model(records)
+        model.save_pretrained(tmp_path / "model")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name])
+    finally:
+        running.kill()
+        running.wait()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mmfuse.config import ComponentConfig, EncoderConfig, ExperimentConfig, FusionConfig, TaskConfig
-from mmfuse.core.atomic import staged_folder
+from mmfuse.core.atomic import atomic_file, staged_folder, write_text_atomic
 from mmfuse.core.contracts import Batch, Features
 from mmfuse.core.errors import ConfigError, MMFuseError
 from mmfuse.core.version import __version__
@@ -138,15 +138,20 @@ class MultimodalModel(nn.Module):
     # ---- saving -------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Writes the model folder atomically: a crash never leaves a half-written model."""
+        """Writes the model folder atomically: a crash never leaves a half-written model.
+
+        Files get the permissions the umask gives (0644 under 022): ``save_file`` alone creates the
+        weights 0600, which hid a shared model from everyone but its trainer.
+        """
         directory = Path(directory)
         with staged_folder(directory) as staging:
             config = {"mmfuse_version": __version__, **self.spec.model_dump(mode="json")}
-            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            write_text_atomic(staging / CONFIG_FILE, json.dumps(config, indent=2))
             prep = {"preprocessor": self.preprocessor.state(), "task": self.task.state()}
-            (staging / PREPROCESSING_FILE).write_text(json.dumps(prep, indent=2))
+            write_text_atomic(staging / PREPROCESSING_FILE, json.dumps(prep, indent=2))
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+            with atomic_file(staging / WEIGHTS_FILE) as weights:
+                save_file(state, str(weights), metadata={"format": "pt"})
             self._save_assets(staging)
         return directory
 
