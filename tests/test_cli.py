@@ -139,6 +139,28 @@ def test_train_config_errors_name_the_key(synth_manifest: Path, tmp_path: Path) 
     assert result.exit_code == 1 and "config file not found" in result.output
 
 
+def test_train_takes_the_config_as_argument_and_cli_paths_are_cwd_relative(
+        synth_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    config = write_config(configs, Path("not-here.jsonl"), max_epochs=1)  # a YAML path: configs/not-here.jsonl
+    work = tmp_path / "work"
+    shutil.copytree(synth_manifest.parent, work / "data")
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["train", str(config), "-c", str(config)])
+    assert result.exit_code == 1
+    assert "give the config once: as an argument or with -c/--config, not both" in result.output
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1 and "give the experiment config: mmfuse train CONFIG.yaml" in result.output
+    # Positional config; --set and --out paths are relative to the working directory, not to configs/.
+    result = runner.invoke(app, ["train", str(config), "--set", "data.manifest=data/manifest.jsonl",
+                                 "--out", "run"])
+    assert result.exit_code == 0, result.output
+    assert (work / "run" / "model" / "model.safetensors").is_file() and not (configs / "run").exists()
+    saved = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    assert saved["data"]["manifest"] == str(work / "data" / "manifest.jsonl")
+
+
 def test_train_with_bad_samples_raise_or_skip(synth_manifest: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(synth_manifest.parent, data)

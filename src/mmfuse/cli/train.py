@@ -16,16 +16,26 @@ from mmfuse.core.errors import MMFuseError
 @app.command()
 @friendly_errors
 def train(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")],
+    config_arg: Annotated[Path | None, typer.Argument(metavar="CONFIG", help="Experiment YAML.",
+                                                      show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML (same as CONFIG).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set trainer.max_epochs=5")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (trainer.output_dir).")] = None,
 ) -> None:
-    """Train a model from a config; saves it to OUTPUT_DIR/model."""
+    """Train a model from a config; saves it to OUTPUT_DIR/model.
+
+    Data paths written in the YAML are relative to its folder; paths given here, to the current one.
+    """
     from mmfuse.config import load_config
     from mmfuse.engine.fit import train as run_training
 
-    overrides = list(set_ or []) + ([f"trainer.output_dir={out}"] if out else [])
-    cfg = load_config(config, overrides)
+    if config_arg is not None and config is not None:
+        raise MMFuseError("give the config once: as an argument or with -c/--config, not both")
+    config_path = config_arg if config_arg is not None else config
+    if config_path is None:
+        raise MMFuseError("give the experiment config: mmfuse train CONFIG.yaml (or -c CONFIG.yaml)")
+    overrides = list(set_ or []) + ([f"trainer.output_dir={json.dumps(str(out))}"] if out else [])  # quoted: --out 2024
+    cfg = load_config(config_path, overrides)
     result = run_training(cfg)
     console.print(metrics_table("validation", result.val_metrics))
     if result.test_metrics:

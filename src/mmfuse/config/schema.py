@@ -2,7 +2,8 @@
 
 An unknown key is an error naming it and the closest valid key; registry names (encoders, fusion,
 task) are checked against their registries, and their options against the factory's signature.
-Relative paths in a YAML file resolve against that file's folder, so a config works from any cwd.
+Relative data paths in a YAML file resolve against that file's folder, so a config works from any
+cwd; command-line paths and output folders resolve against the cwd (see ``load_config``).
 """
 
 from __future__ import annotations
