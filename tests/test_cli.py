@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from mmfuse import __version__
 from mmfuse.cli import app
+from mmfuse.config import load_config
 
 runner = CliRunner()
 
@@ -43,6 +44,19 @@ def trained_model(synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory
     assert result.exit_code == 0, result.output
     assert "model saved to" in result.output and "accuracy" in result.output
     return tmp / "run" / "model"
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 rows of the synthetic set (16 train, 4 val) with absolute file paths: a run takes a second or two."""
+    rows = [json.loads(line) for line in synth_manifest.read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"][:16]
+    val = [r for r in rows if r["split"] == "val" and r["label"] in {t["label"] for t in train}][:4]
+    for row in train + val:
+        row["image"], row["audio"] = (str(synth_manifest.parent / row[m]) for m in ("image", "audio"))
+    path = tmp_path_factory.mktemp("tiny") / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in train + val))
+    return path
 
 
 def test_version() -> None:
@@ -140,12 +154,13 @@ def test_train_config_errors_name_the_key(synth_manifest: Path, tmp_path: Path) 
 
 
 def test_train_takes_the_config_as_argument_and_cli_paths_are_cwd_relative(
-        synth_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     configs = tmp_path / "configs"
     configs.mkdir()
     config = write_config(configs, Path("not-here.jsonl"), max_epochs=1)  # a YAML path: configs/not-here.jsonl
     work = tmp_path / "work"
-    shutil.copytree(synth_manifest.parent, work / "data")
+    (work / "data").mkdir(parents=True)
+    shutil.copy(tiny_manifest, work / "data" / "manifest.jsonl")
     monkeypatch.chdir(work)
     result = runner.invoke(app, ["train", str(config), "-c", str(config)])
     assert result.exit_code == 1
@@ -159,6 +174,91 @@ def test_train_takes_the_config_as_argument_and_cli_paths_are_cwd_relative(
     assert (work / "run" / "model" / "model.safetensors").is_file() and not (configs / "run").exists()
     saved = yaml.safe_load((work / "run" / "config.yaml").read_text())
     assert saved["data"]["manifest"] == str(work / "data" / "manifest.jsonl")
+
+
+def test_train_never_overwrites_a_finished_run_without_the_flag(trained_model: Path, tiny_manifest: Path,
+                                                                 tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_model.parent, run)
+    (run / "notes.txt").write_text("mine")  # not a run file: never touched
+    config = run / "config.yaml"
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = runner.invoke(app, ["train", str(config), "--out", str(run)])
+    assert result.exit_code == 1
+    assert (f"{run} already holds a finished run (model/, metrics.json); pass --overwrite to replace it"
+            in " ".join(result.output.split()))
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    (run / "checkpoints" / "stale.ckpt").write_bytes(b"old")
+    result = runner.invoke(app, ["train", str(config), "--out", str(run), "--overwrite", "--set",
+                                 f"data.manifest={tiny_manifest}", "--set", "trainer.max_epochs=1", "--set", "seed=7"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 7
+    assert (run / "model" / "model.safetensors").read_bytes() != before[Path("model/model.safetensors")]
+    assert not (run / "checkpoints" / "stale.ckpt").exists() and (run / "notes.txt").read_text() == "mine"
+
+
+def test_a_killed_rerun_never_mixes_old_results_with_new_files(trained_model: Path, tiny_manifest: Path,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmfuse.engine.fit as engine
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_model.parent, run)
+
+    def killed(config: object, data: object, module: object, checkpoint: object, out: Path) -> None:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints" / "best.ckpt").write_bytes(b"new, half-trained")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_run_trainer", killed)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(load_config(run / "config.yaml", [f"trainer.output_dir={run}", "trainer.overwrite=true"]))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"], "old results left beside new checkpoints"
+    # An unfinished run is no finished run: a plain re-run (no --overwrite) may start over.
+    monkeypatch.undo()
+    result = runner.invoke(app, ["train", str(trained_model.parent / "config.yaml"), "--out", str(run),
+                                 "--set", f"data.manifest={tiny_manifest}", "--set", "trainer.max_epochs=1"])
+    assert result.exit_code == 0, result.output
+    assert (run / "metrics.json").is_file() and not (run / "checkpoints" / "best.ckpt").read_bytes().startswith(b"new")
+
+
+def test_threads_apply_to_training_and_evaluation(tiny_manifest: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import mmfuse.engine.evaluate
+    import mmfuse.engine.fit as engine
+    from mmfuse.engine.module import FusionModule
+
+    default = torch.get_num_threads()
+    wanted = 1 if default != 1 else 2
+    seen: list[tuple[str, int]] = []
+    step, evaluate = FusionModule.training_step, engine.evaluate
+
+    def counting_step(self: FusionModule, *args: object) -> object:
+        seen.append(("train", torch.get_num_threads()))
+        return step(self, *args)  # type: ignore[arg-type]
+
+    def counting_evaluate(*args: object, **kwargs: object) -> dict[str, float]:
+        seen.append(("evaluate", torch.get_num_threads()))
+        return evaluate(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FusionModule, "training_step", counting_step)
+    monkeypatch.setattr(engine, "evaluate", counting_evaluate)
+    config = write_config(tmp_path, tiny_manifest, max_epochs=1)
+    result = runner.invoke(app, ["train", str(config), "--out", str(tmp_path / "run"),
+                                 "--set", f"trainer.threads={wanted}"])
+    assert result.exit_code == 0, result.output
+    assert set(seen) == {("train", wanted), ("evaluate", wanted)}
+    assert torch.get_num_threads() == default, "restored after the run"
+    seen.clear()
+    monkeypatch.setattr(mmfuse.engine.evaluate, "evaluate", counting_evaluate)
+    result = runner.invoke(app, ["evaluate", "-m", str(tmp_path / "run" / "model"), "--data", str(tiny_manifest),
+                                 "--threads", str(wanted)])
+    assert result.exit_code == 0, result.output
+    assert seen == [("evaluate", wanted)] and torch.get_num_threads() == default
+    result = runner.invoke(app, ["train", str(config), "--set", "trainer.threads=0"])
+    assert result.exit_code == 1 and "trainer.threads: Input should be greater than 0" in result.output
 
 
 def test_train_with_bad_samples_raise_or_skip(synth_manifest: Path, tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ def train(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML (same as CONFIG).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set trainer.max_epochs=5")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (trainer.output_dir).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a finished run in the output folder (trainer.overwrite).")] = False,
 ) -> None:
     """Train a model from a config; saves it to OUTPUT_DIR/model.
 
@@ -35,6 +37,7 @@ def train(
     if config_path is None:
         raise MMFuseError("give the experiment config: mmfuse train CONFIG.yaml (or -c CONFIG.yaml)")
     overrides = list(set_ or []) + ([f"trainer.output_dir={json.dumps(str(out))}"] if out else [])  # quoted: --out 2024
+    overrides += ["trainer.overwrite=true"] if overwrite else []
     cfg = load_config(config_path, overrides)
     result = run_training(cfg)
     console.print(metrics_table("validation", result.val_metrics))
@@ -90,8 +93,18 @@ def evaluate(
     corruptions: Annotated[str | None, typer.Option(
         help="Comma-separated corruptions (default: all that fit the model's modalities): gaussian_noise, "
         "gaussian_blur, occlusion, white_noise, time_mask, typos, word_dropout.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads for torch (default: torch's, one per core); set on a shared machine.")] = None,
 ) -> None:
     """Evaluate a saved model on a manifest; --robustness adds missing-modality and noise studies."""
+    from mmfuse.engine.fit import torch_threads
+
+    with torch_threads(threads):
+        _evaluate(model, data, split, on_error, json_out, robustness, out, label_column, seed, levels, corruptions)
+
+
+def _evaluate(model: Path, data: Path, split: str | None, on_error: str, json_out: Path | None, robustness: bool,
+              out: Path | None, label_column: str | None, seed: int, levels: int, corruptions: str | None) -> None:
     from mmfuse.engine.evaluate import evaluate as run_evaluation
 
     started = time.perf_counter()
@@ -143,8 +156,18 @@ def predict(
     impute: Annotated[str | None, typer.Option(
         help="Autoencoder models: the modality to impute from the others (hidden from the model).")] = None,
     beam: Annotated[int | None, typer.Option(help="Captioning models: beam size (1 = greedy).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads for torch (default: torch's, one per core); set on a shared machine.")] = None,
 ) -> None:
     """Predict from any subset of the trained modalities; prints JSON."""
+    from mmfuse.engine.fit import torch_threads
+
+    with torch_threads(threads):
+        _predict(model, text, image, audio, input_, data, out, impute, beam)
+
+
+def _predict(model: Path, text: str | None, image: Path | None, audio: Path | None, input_: list[str] | None,
+             data: Path | None, out: Path | None, impute: str | None, beam: int | None) -> None:
     from mmfuse.core.errors import DataError
     from mmfuse.data.dataset import Collator, build_sample
     from mmfuse.data.manifest import Record

@@ -206,6 +206,10 @@ class TrainerConfig(StrictModel):
     unimodal_loss_weight: float = Field(
         0.0, ge=0.0, description="weight of per-modality auxiliary head losses (keeps every encoder learning)")
     output_dir: Path = Path("runs/experiment")
+    overwrite: bool = Field(False, description="replace a finished run in output_dir (CLI: --overwrite); "
+                            "otherwise training into it stops before any work")
+    threads: int | None = Field(None, gt=0, description="CPU threads of torch's intra-op pool while training "
+                                "and evaluating; null = torch's default (one per core)")
     progress_bar: bool = True
     verbose: bool = Field(False, description="show Lightning's info messages and warnings")
     log_every_n_steps: int = Field(10, gt=0)
