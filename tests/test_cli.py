@@ -104,6 +104,55 @@ def test_predict_a_whole_manifest(trained_model: Path, synth_manifest: Path, tmp
     assert lines[0]["id"] == "s00000" and lines[0]["modalities"] == ["audio", "image", "text"]
 
 
+def test_outputs_go_into_folders_that_do_not_exist_yet(trained_model: Path, tiny_manifest: Path,
+                                                       tmp_path: Path) -> None:
+    preds = tmp_path / "new" / "deeper" / "preds.jsonl"
+    result = runner.invoke(app, ["predict", "-m", str(trained_model), "--data", str(tiny_manifest), "-o", str(preds)])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["id"] for line in preds.read_text().splitlines()] == [
+        json.loads(line)["id"] for line in tiny_manifest.read_text().splitlines()]
+    metrics = tmp_path / "reports" / "a" / "metrics.json"
+    result = runner.invoke(app, ["evaluate", "-m", str(trained_model), "--data", str(tiny_manifest),
+                                 "--json", str(metrics)])
+    assert result.exit_code == 0, result.output
+    assert 0.0 <= json.loads(metrics.read_text())["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_an_unwritable_output_fails_before_any_work(trained_model: Path, tiny_manifest: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    from mmfuse.model import MultimodalModel
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(MultimodalModel, "from_pretrained", no_work)
+    (tmp_path / "a-file").write_text("")
+    target = tmp_path / "a-file" / "out.json"
+    option = "-o" if command == "predict" else "--json"
+    result = runner.invoke(app, [command, "-m", str(trained_model), "--data", str(tiny_manifest), option, str(target)])
+    assert result.exit_code == 1, result.output
+    expected = f"error: {option} {target}: cannot create the folder {tmp_path / 'a-file'}: File exists"
+    assert expected in " ".join(result.output.split())
+
+
+def test_predict_data_can_skip_bad_rows(trained_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in tiny_manifest.read_text().splitlines()]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows[2]["image"] = str(tmp_path / "broken.png")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["predict", "-m", str(trained_model), "--data", str(manifest)])
+    assert result.exit_code == 1 and "manifest.jsonl row 3" in result.output and "cannot decode image" in result.output
+    result = runner.invoke(app, ["predict", "-m", str(trained_model), "--data", str(manifest), "--on-error", "skip"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == [r["id"] for i, r in enumerate(rows)
+                                                                              if i != 2]
+    assert "skipped 1 bad sample(s)" in result.stderr and "row 3" in result.stderr
+    result = runner.invoke(app, ["predict", "-m", str(trained_model), "--data", str(manifest), "--on-error", "skp"])
+    assert result.exit_code == 1 and "--on-error must be raise or skip, got 'skp'" in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
-from mmfuse.cli.app import app, console, friendly_errors, metrics_table
+from mmfuse.cli.app import app, console, err_console, friendly_errors, metrics_table
 from mmfuse.core.errors import MMFuseError
 
 
@@ -47,6 +49,36 @@ def train(
         console.print(f"[yellow]skipped {count} bad sample(s) in {split}[/] (data.on_error=skip)")
     console.print(f"model saved to [bold]{result.model_dir}[/] ({result.params:,} parameters, "
                   f"{result.train_seconds:.1f} s training)")
+
+
+def _output_file(path: Path | None, option: str) -> Path | None:
+    """Creates the folder of an output file and checks that it is writable, before any work is done:
+    a mistyped or read-only folder must not cost a whole evaluation."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise MMFuseError(f"{option} {path}: is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MMFuseError(f"{option} {path}: cannot create the folder {path.parent}: "
+                          f"{exc.strerror or exc}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise MMFuseError(f"{option} {path}: the folder {path.parent} is not writable")
+    return path
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise MMFuseError(f"--on-error must be raise or skip, got '{on_error}'")
+
+
+def _report_skipped(report: Any, out: Console) -> None:
+    """How many rows --on-error skip left out, with the first reasons: nothing vanishes silently."""
+    if report.count:
+        out.print(f"[yellow]skipped {report.count} bad sample(s)[/]")
+        for reason in report.skipped[:5]:
+            out.print(f"  {reason}", highlight=False, soft_wrap=True)
 
 
 def _load_dataset(model_dir: Path, manifest: Path, split: str | None, on_error: str, with_targets: bool,
@@ -105,9 +137,12 @@ def evaluate(
 
 def _evaluate(model: Path, data: Path, split: str | None, on_error: str, json_out: Path | None, robustness: bool,
               out: Path | None, label_column: str | None, seed: int, levels: int, corruptions: str | None) -> None:
+    from mmfuse.core.atomic import write_text_atomic
     from mmfuse.engine.evaluate import evaluate as run_evaluation
 
     started = time.perf_counter()
+    _check_on_error(on_error)
+    json_out = _output_file(json_out, "--json")
     loaded, dataset = _load_dataset(model, data, split, on_error, with_targets=True, label_column=label_column)
     names = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions is not None else None
     if robustness:  # bad options fail before any work
@@ -122,12 +157,9 @@ def _evaluate(model: Path, data: Path, split: str | None, on_error: str, json_ou
         plan_corruptions(loaded, names)
     metrics = run_evaluation(loaded, dataset)
     console.print(metrics_table(f"{data.name}: {len(dataset)} samples", metrics))
-    if dataset.report.count:
-        console.print(f"[yellow]skipped {dataset.report.count} bad sample(s)[/]")
-        for reason in dataset.report.skipped[:5]:
-            console.print(f"  {reason}", highlight=False)
+    _report_skipped(dataset.report, console)
     if json_out:
-        json_out.write_text(json.dumps(metrics, indent=2))
+        write_text_atomic(json_out, json.dumps(metrics, indent=2))
     if robustness:
         from mmfuse.analysis.robustness import evaluation_records, report_tables, run_robustness
 
@@ -153,6 +185,7 @@ def predict(
     input_: Annotated[list[str] | None, typer.Option("--input", help="MODALITY=VALUE for any modality.")] = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Predict every row of a manifest.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSONL output for --data.")] = None,
+    on_error: Annotated[str, typer.Option(help="--data: raise | skip bad samples (counted and reported)")] = "raise",
     impute: Annotated[str | None, typer.Option(
         help="Autoencoder models: the modality to impute from the others (hidden from the model).")] = None,
     beam: Annotated[int | None, typer.Option(help="Captioning models: beam size (1 = greedy).")] = None,
@@ -163,11 +196,12 @@ def predict(
     from mmfuse.engine.fit import torch_threads
 
     with torch_threads(threads):
-        _predict(model, text, image, audio, input_, data, out, impute, beam)
+        _predict(model, text, image, audio, input_, data, out, impute, beam, on_error)
 
 
 def _predict(model: Path, text: str | None, image: Path | None, audio: Path | None, input_: list[str] | None,
-             data: Path | None, out: Path | None, impute: str | None, beam: int | None) -> None:
+             data: Path | None, out: Path | None, impute: str | None, beam: int | None, on_error: str) -> None:
+    from mmfuse.core.atomic import write_text_atomic
     from mmfuse.core.errors import DataError
     from mmfuse.data.dataset import Collator, build_sample
     from mmfuse.data.manifest import Record
@@ -175,15 +209,20 @@ def _predict(model: Path, text: str | None, image: Path | None, audio: Path | No
     from mmfuse.model import MultimodalModel
 
     if data is not None:
-        loaded, dataset = _load_dataset(model, data, None, "raise", with_targets=False)
+        _check_on_error(on_error)
+        out = _output_file(out, "-o")
+        loaded, dataset = _load_dataset(model, data, None, on_error, with_targets=False)
         _prediction_options(loaded, impute, beam)
         lines = [json.dumps(p) for p in predict_dataset(loaded, dataset)]
         if out:
-            out.write_text("\n".join(lines) + "\n")
+            write_text_atomic(out, "\n".join(lines) + "\n")
             console.print(f"wrote {len(lines)} predictions to {out}")
         else:
             print("\n".join(lines))
+        _report_skipped(dataset.report, err_console)  # stderr: stdout holds the predictions
         return
+    if out is not None:
+        raise MMFuseError("-o/--out writes the predictions of --data; without --data the prediction is printed")
     loaded = MultimodalModel.from_pretrained(model)
     _prediction_options(loaded, impute, beam)
     given: dict[str, str] = {}
