@@ -50,18 +50,25 @@ class TextPrep(StrictModel):
 
 
 class ImagePrep(StrictModel):
-    """Resize to size x size, then (x / 255 - mean) / std; mean/std are one value or one per channel.
+    """Resize, centre-crop to size x size, then (x / 255 - mean) / std (one value or one per channel).
 
-    ``processor`` takes size, mean and std from a pretrained image processor (a hub name or a
-    folder with preprocessor_config.json) when the preprocessing is fitted; the resolved values are
-    what the saved model records.
+    ``resize: squash`` (the default) resizes to resize_size x resize_size, distorting a non-square
+    image; ``shortest_edge`` resizes the shorter side to resize_size and keeps the aspect ratio, as
+    CLIP/ConvNeXt processors do. A resize_size above size is then centre-cropped to size x size.
+    ``processor`` takes all of these from a pretrained image processor (a hub name or a folder with
+    preprocessor_config.json) when the preprocessing is fitted: a pretrained model sees its images
+    framed as in its training. The resolved values are what the saved model records.
     """
 
-    size: int = Field(32, gt=0, description="images are resized to size x size")
+    size: int = Field(32, gt=0, description="images come out size x size")
     mode: Literal["rgb", "grayscale"] = "rgb"
     mean: float | tuple[float, ...] = 0.5
     std: float | tuple[float, ...] = 0.5
-    processor: str | None = Field(None, description="take size/mean/std from this image processor")
+    resize: Literal["squash", "shortest_edge"] = Field(
+        "squash", description="squash: to resize_size x resize_size; shortest_edge: the shorter side to resize_size")
+    resize_size: int | None = Field(None, gt=0, description="before the centre crop to size; null = size (no crop)")
+    resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bilinear"
+    processor: str | None = Field(None, description="take size/crop/resample/mean/std from this image processor")
 
     @model_validator(mode="after")
     def _per_channel(self) -> ImagePrep:
@@ -72,6 +79,8 @@ class ImagePrep(StrictModel):
                 raise ValueError(f"{name} needs 1 or {self.channels} values for mode '{self.mode}', got {len(values)}")
             if name == "std" and min(values) <= 0:
                 raise ValueError("std must be positive")
+        if self.resize_size is not None and self.resize_size < self.size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than the crop size {self.size}")
         return self
 
     @property
