@@ -77,7 +77,12 @@ def check_output_dir(config: ExperimentConfig) -> Path:
 
 
 def _clear_run_files(out: Path) -> None:
-    """Deletes an earlier run's files (results first), so what the folder holds is this run's only."""
+    """Deletes an earlier run's files (results first), so what the folder holds is this run's only.
+
+    A ``config.yaml`` with no other run file beside it is the user's own config, not a run's: kept.
+    """
+    if not any((out / name).exists() for name in RUN_FILES if name != "config.yaml"):
+        return
     for name in RUN_FILES:
         path = out / name
         if path.is_dir() and not path.is_symlink():
