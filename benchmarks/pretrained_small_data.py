@@ -124,7 +124,8 @@ def experiment(manifest: Path, out: Path, kind: str, modalities: list[str], seed
         "seed": seed, "data": data, "encoders": {m: encoders[m] for m in modalities},
         "fusion": {"name": "concat", "out_dim": 128}, "task": {"name": "classification"},
         "optim": {"lr": lr, "weight_decay": 0.01},
-        "trainer": {"max_epochs": epochs, "patience": patience, "output_dir": str(out), "progress_bar": False},
+        "trainer": {"max_epochs": epochs, "patience": patience, "output_dir": str(out), "progress_bar": False,
+                    "overwrite": True},  # a re-run of the benchmark replaces its own runs
     }
     from mmfuse.config import validate_config
     from mmfuse.engine.fit import train

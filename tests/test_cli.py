@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from mmfuse import __version__
 from mmfuse.cli import app
+from mmfuse.config import load_config
 
 runner = CliRunner()
 
@@ -43,6 +44,19 @@ def trained_model(synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory
     assert result.exit_code == 0, result.output
     assert "model saved to" in result.output and "accuracy" in result.output
     return tmp / "run" / "model"
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 rows of the synthetic set (16 train, 4 val) with absolute file paths: a run takes a second or two."""
+    rows = [json.loads(line) for line in synth_manifest.read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"][:16]
+    val = [r for r in rows if r["split"] == "val" and r["label"] in {t["label"] for t in train}][:4]
+    for row in train + val:
+        row["image"], row["audio"] = (str(synth_manifest.parent / row[m]) for m in ("image", "audio"))
+    path = tmp_path_factory.mktemp("tiny") / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in train + val))
+    return path
 
 
 def test_version() -> None:
@@ -90,6 +104,55 @@ def test_predict_a_whole_manifest(trained_model: Path, synth_manifest: Path, tmp
     assert lines[0]["id"] == "s00000" and lines[0]["modalities"] == ["audio", "image", "text"]
 
 
+def test_outputs_go_into_folders_that_do_not_exist_yet(trained_model: Path, tiny_manifest: Path,
+                                                       tmp_path: Path) -> None:
+    preds = tmp_path / "new" / "deeper" / "preds.jsonl"
+    result = runner.invoke(app, ["predict", "-m", str(trained_model), "--data", str(tiny_manifest), "-o", str(preds)])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["id"] for line in preds.read_text().splitlines()] == [
+        json.loads(line)["id"] for line in tiny_manifest.read_text().splitlines()]
+    metrics = tmp_path / "reports" / "a" / "metrics.json"
+    result = runner.invoke(app, ["evaluate", "-m", str(trained_model), "--data", str(tiny_manifest),
+                                 "--json", str(metrics)])
+    assert result.exit_code == 0, result.output
+    assert 0.0 <= json.loads(metrics.read_text())["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_an_unwritable_output_fails_before_any_work(trained_model: Path, tiny_manifest: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    from mmfuse.model import MultimodalModel
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(MultimodalModel, "from_pretrained", no_work)
+    (tmp_path / "a-file").write_text("")
+    target = tmp_path / "a-file" / "out.json"
+    option = "-o" if command == "predict" else "--json"
+    result = runner.invoke(app, [command, "-m", str(trained_model), "--data", str(tiny_manifest), option, str(target)])
+    assert result.exit_code == 1, result.output
+    expected = f"error: {option} {target}: cannot create the folder {tmp_path / 'a-file'}: File exists"
+    assert expected in " ".join(result.output.split())
+
+
+def test_predict_data_can_skip_bad_rows(trained_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in tiny_manifest.read_text().splitlines()]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows[2]["image"] = str(tmp_path / "broken.png")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["predict", "-m", str(trained_model), "--data", str(manifest)])
+    assert result.exit_code == 1 and "manifest.jsonl row 3" in result.output and "cannot decode image" in result.output
+    result = runner.invoke(app, ["predict", "-m", str(trained_model), "--data", str(manifest), "--on-error", "skip"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == [r["id"] for i, r in enumerate(rows)
+                                                                              if i != 2]
+    assert "skipped 1 bad sample(s)" in result.stderr and "row 3" in result.stderr
+    result = runner.invoke(app, ["predict", "-m", str(trained_model), "--data", str(manifest), "--on-error", "skp"])
+    assert result.exit_code == 1 and "--on-error must be raise or skip, got 'skp'" in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -110,6 +173,24 @@ def test_predict_on_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "is not an mmfuse model folder" in result.output
 
 
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_corrupt_model_folder_exits_1_with_one_line(trained_model: Path, synth_manifest: Path, tmp_path: Path,
+                                                    command: str) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(trained_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy
+    args = ["--data", str(synth_manifest)] if command == "evaluate" else ["--text", "hi"]
+    result = runner.invoke(app, [command, "-m", str(broken), *args])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.exception is not None
+    assert f"error: {weights}: cannot read the weights" in " ".join(result.output.split())
+    (broken / "config.json").write_text("{oops")
+    result = runner.invoke(app, [command, "-m", str(broken), *args])
+    assert result.exit_code == 1
+    assert f"error: {broken / 'config.json'}: not valid JSON (line 1 column 2" in " ".join(result.output.split())
+
+
 def test_train_config_errors_name_the_key(synth_manifest: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path, synth_manifest)
     result = runner.invoke(app, ["train", "-c", str(config), "--set", "trainer.max_epoch=3"])
@@ -119,6 +200,114 @@ def test_train_config_errors_name_the_key(synth_manifest: Path, tmp_path: Path) 
     assert result.exit_code == 1 and "valid choices: attention, bottleneck, coattention, concat" in result.output
     result = runner.invoke(app, ["train", "-c", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 1 and "config file not found" in result.output
+
+
+def test_train_takes_the_config_as_argument_and_cli_paths_are_cwd_relative(
+        tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    config = write_config(configs, Path("not-here.jsonl"), max_epochs=1)  # a YAML path: configs/not-here.jsonl
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copy(tiny_manifest, work / "data" / "manifest.jsonl")
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["train", str(config), "-c", str(config)])
+    assert result.exit_code == 1
+    assert "give the config once: as an argument or with -c/--config, not both" in result.output
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1 and "give the experiment config: mmfuse train CONFIG.yaml" in result.output
+    # Positional config; --set and --out paths are relative to the working directory, not to configs/.
+    result = runner.invoke(app, ["train", str(config), "--set", "data.manifest=data/manifest.jsonl",
+                                 "--out", "run"])
+    assert result.exit_code == 0, result.output
+    assert (work / "run" / "model" / "model.safetensors").is_file() and not (configs / "run").exists()
+    saved = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    assert saved["data"]["manifest"] == str(work / "data" / "manifest.jsonl")
+
+
+def test_train_never_overwrites_a_finished_run_without_the_flag(trained_model: Path, tiny_manifest: Path,
+                                                                 tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_model.parent, run)
+    (run / "notes.txt").write_text("mine")  # not a run file: never touched
+    config = run / "config.yaml"
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = runner.invoke(app, ["train", str(config), "--out", str(run)])
+    assert result.exit_code == 1
+    assert (f"{run} already holds a finished run (model/, metrics.json); pass --overwrite to replace it"
+            in " ".join(result.output.split()))
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    (run / "checkpoints" / "stale.ckpt").write_bytes(b"old")
+    result = runner.invoke(app, ["train", str(config), "--out", str(run), "--overwrite", "--set",
+                                 f"data.manifest={tiny_manifest}", "--set", "trainer.max_epochs=1", "--set", "seed=7"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 7
+    assert (run / "model" / "model.safetensors").read_bytes() != before[Path("model/model.safetensors")]
+    assert not (run / "checkpoints" / "stale.ckpt").exists() and (run / "notes.txt").read_text() == "mine"
+
+
+def test_a_killed_rerun_never_mixes_old_results_with_new_files(trained_model: Path, tiny_manifest: Path,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmfuse.engine.fit as engine
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_model.parent, run)
+
+    def killed(config: object, data: object, module: object, checkpoint: object, out: Path) -> None:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints" / "best.ckpt").write_bytes(b"new, half-trained")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_run_trainer", killed)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(load_config(run / "config.yaml", [f"trainer.output_dir={run}", "trainer.overwrite=true"]))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"], "old results left beside new checkpoints"
+    # An unfinished run is no finished run: a plain re-run (no --overwrite) may start over.
+    monkeypatch.undo()
+    result = runner.invoke(app, ["train", str(trained_model.parent / "config.yaml"), "--out", str(run),
+                                 "--set", f"data.manifest={tiny_manifest}", "--set", "trainer.max_epochs=1"])
+    assert result.exit_code == 0, result.output
+    assert (run / "metrics.json").is_file() and not (run / "checkpoints" / "best.ckpt").read_bytes().startswith(b"new")
+
+
+def test_threads_apply_to_training_and_evaluation(tiny_manifest: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import mmfuse.engine.evaluate
+    import mmfuse.engine.fit as engine
+    from mmfuse.engine.module import FusionModule
+
+    default = torch.get_num_threads()
+    wanted = 1 if default != 1 else 2
+    seen: list[tuple[str, int]] = []
+    step, evaluate = FusionModule.training_step, engine.evaluate
+
+    def counting_step(self: FusionModule, *args: object) -> object:
+        seen.append(("train", torch.get_num_threads()))
+        return step(self, *args)  # type: ignore[arg-type]
+
+    def counting_evaluate(*args: object, **kwargs: object) -> dict[str, float]:
+        seen.append(("evaluate", torch.get_num_threads()))
+        return evaluate(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FusionModule, "training_step", counting_step)
+    monkeypatch.setattr(engine, "evaluate", counting_evaluate)
+    config = write_config(tmp_path, tiny_manifest, max_epochs=1)
+    result = runner.invoke(app, ["train", str(config), "--out", str(tmp_path / "run"),
+                                 "--set", f"trainer.threads={wanted}"])
+    assert result.exit_code == 0, result.output
+    assert set(seen) == {("train", wanted), ("evaluate", wanted)}
+    assert torch.get_num_threads() == default, "restored after the run"
+    seen.clear()
+    monkeypatch.setattr(mmfuse.engine.evaluate, "evaluate", counting_evaluate)
+    result = runner.invoke(app, ["evaluate", "-m", str(tmp_path / "run" / "model"), "--data", str(tiny_manifest),
+                                 "--threads", str(wanted)])
+    assert result.exit_code == 0, result.output
+    assert seen == [("evaluate", wanted)] and torch.get_num_threads() == default
+    result = runner.invoke(app, ["train", str(config), "--set", "trainer.threads=0"])
+    assert result.exit_code == 1 and "trainer.threads: Input should be greater than 0" in result.output
 
 
 def test_train_with_bad_samples_raise_or_skip(synth_manifest: Path, tmp_path: Path) -> None:

@@ -225,7 +225,7 @@ def test_relative_data_paths_resolve_against_the_yaml_folder(tmp_path: Path, mon
     folder = tmp_path / "project" / "configs"
     folder.mkdir(parents=True)
     data = raw(data={"train": "../data/train.jsonl", "val": "val.jsonl", "test": str(tmp_path / "abs.jsonl")})
-    path = write_yaml(folder / "exp.yaml", data)
+    write_yaml(folder / "exp.yaml", data)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -235,8 +235,30 @@ def test_relative_data_paths_resolve_against_the_yaml_folder(tmp_path: Path, mon
     assert config.data.test == tmp_path / "abs.jsonl"
     single = write_yaml(folder / "manifest.yaml", raw(data={"manifest": "m.csv"}))
     assert load_config(single).data.manifest == (folder / "m.csv").resolve()
-    # An overridden path is resolved the same way.
-    assert load_config(path, ["data.val=other.jsonl"]).data.val == (folder / "other.jsonl").resolve()
+
+
+def test_command_line_paths_resolve_against_the_working_directory(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rule: data files written in the YAML are relative to the YAML; everything else (any --set
+    path, and the folders a run writes) is relative to where mmfuse runs."""
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    path = write_yaml(folder / "exp.yaml", raw(data={"manifest": "data/m.jsonl"},
+                                               trainer={"output_dir": "runs/yaml-run"}))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    config = load_config(path)
+    assert config.data.manifest == folder / "data" / "m.jsonl"
+    assert config.trainer.output_dir.resolve() == cwd / "runs" / "yaml-run"
+    config = load_config(path, ["data.manifest=mine/m.jsonl", "trainer.output_dir=out/run",
+                                f"data.test={tmp_path / 'abs.jsonl'}"])
+    assert config.data.manifest == cwd / "mine" / "m.jsonl"
+    assert config.trainer.output_dir.resolve() == cwd / "out" / "run"
+    assert config.data.test == tmp_path / "abs.jsonl"
+    split = load_config(write_yaml(folder / "split.yaml", raw(data={"train": "t.jsonl", "val": "v.jsonl"})),
+                        ["data.val=../v2.jsonl"])
+    assert (split.data.train, split.data.val) == (folder / "t.jsonl", tmp_path / "v2.jsonl")
 
 
 # ---- data sources and modalities ---------------------------------------------------------------------

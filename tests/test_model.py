@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -317,3 +318,129 @@ def test_two_text_modalities(tmp_path: Path) -> None:
     loaded = MultimodalModel.from_pretrained(model.save_pretrained(tmp_path / "m"))
     with torch.no_grad():
         assert torch.equal(loaded(batch), out)
+
+
+# ---- corrupted or incomplete model folders: one clear line naming the file ---------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_folder(records: list[Record], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, _, _ = build_model(records)
+    return model.save_pretrained(tmp_path_factory.mktemp("saved") / "model")
+
+
+def _edit_json(name: str, edit: Any) -> Any:
+    def corrupt(folder: Path) -> None:
+        data = json.loads((folder / name).read_text())
+        edit(data)
+        (folder / name).write_text(json.dumps(data))
+    return corrupt
+
+
+def _edit_weights(edit: Any) -> Any:
+    def corrupt(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = load_file(str(folder / WEIGHTS_FILE))
+        edit(state)
+        save_file(state, str(folder / WEIGHTS_FILE))
+    return corrupt
+
+
+def _truncate(folder: Path) -> None:
+    raw = (folder / WEIGHTS_FILE).read_bytes()
+    (folder / WEIGHTS_FILE).write_bytes(raw[: len(raw) // 2])
+
+
+def _first_key(state: dict[str, torch.Tensor], prefix: str) -> str:
+    return next(k for k in sorted(state) if k.startswith(prefix) and state[k].ndim == 2)
+
+
+CORRUPTIONS: dict[str, tuple[Any, str]] = {
+    "truncated weights": (_truncate, rf"{WEIGHTS_FILE}: cannot read the weights .*corrupt or incomplete"),
+    "weights not safetensors": (lambda f: (f / WEIGHTS_FILE).write_bytes(b"\x00" * 7),
+                                rf"{WEIGHTS_FILE}: cannot read the weights"),
+    "config bad json": (lambda f: (f / CONFIG_FILE).write_text('{"fusion": '),
+                        rf"{CONFIG_FILE}: not valid JSON \(line 1 column 12"),
+    "config not utf-8": (lambda f: (f / CONFIG_FILE).write_bytes(b"\xff\xfe{}"), rf"{CONFIG_FILE}: not valid JSON"),
+    "config not an object": (lambda f: (f / CONFIG_FILE).write_text("[1, 2]"),
+                             rf"{CONFIG_FILE}: the top level must be a JSON object"),
+    "config missing key": (_edit_json(CONFIG_FILE, lambda d: d.pop("encoders")),
+                           rf"{CONFIG_FILE}: invalid model config: encoders: Field required"),
+    "config bad option": (_edit_json(CONFIG_FILE, lambda d: d["encoders"]["image"].update(dim="wide")),
+                          rf"{CONFIG_FILE}: invalid option 'encoders.image.dim'"),
+    "config unknown encoder": (_edit_json(CONFIG_FILE, lambda d: d["encoders"]["image"].update(name="image_cnm")),
+                               rf"{CONFIG_FILE}: unknown encoder 'image_cnm'"),
+    "preprocessing bad json": (lambda f: (f / PREPROCESSING_FILE).write_text("{"),
+                               rf"{PREPROCESSING_FILE}: not valid JSON"),
+    "preprocessing missing key": (_edit_json(PREPROCESSING_FILE, lambda d: d.pop("task")),
+                                  rf"{PREPROCESSING_FILE}: missing key 'task'"),
+    "preprocessing missing nested key": (_edit_json(PREPROCESSING_FILE, lambda d: d["preprocessor"].pop("image")),
+                                         rf"{PREPROCESSING_FILE}: missing key 'image'"),
+    "preprocessing wrong type": (_edit_json(PREPROCESSING_FILE, lambda d: d["task"].update(labels=3)),
+                                 rf"{PREPROCESSING_FILE}: invalid content"),
+    "tensor of the wrong shape": (
+        _edit_weights(lambda s: s.update({_first_key(s, "head"): torch.zeros(2, 3)})),
+        rf"{WEIGHTS_FILE}: tensor 'head\.[\w.]+' has shape \(2, 3\) but {CONFIG_FILE} needs \(\d+, \d+\)"),
+    "tensor missing": (_edit_weights(lambda s: s.pop(_first_key(s, "encoders.image"))),
+                       rf"{WEIGHTS_FILE}: lacks tensor 'encoders\.image\.[\w.]+' that {CONFIG_FILE} needs"),
+    "unexpected tensor": (_edit_weights(lambda s: s.update({"extra.weight": torch.zeros(1)})),
+                          rf"{WEIGHTS_FILE}: has tensor 'extra\.weight' that {CONFIG_FILE} does not describe"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corrupt_model_folder_is_one_line_naming_the_file(saved_folder: Path, tmp_path: Path, case: str) -> None:
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_folder, folder)
+    corrupt, message = CORRUPTIONS[case]
+    corrupt(folder)
+    with pytest.raises(MMFuseError) as info:
+        MultimodalModel.from_pretrained(folder)
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(str(folder / "")), text
+    assert re.search(message, text), text
+
+
+# ---- saved folders: permissions follow the umask, leftovers of killed writers are removed ------------
+
+
+@pytest.mark.parametrize(("umask", "folder_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_saved_folder_permissions_follow_the_umask(records: list[Record], tmp_path: Path, umask: int,
+                                                   folder_mode: int, file_mode: int) -> None:
+    import os
+    import stat
+
+    model, _, _ = build_model(records)
+    previous = os.umask(umask)
+    try:
+        folder = model.save_pretrained(tmp_path / "model")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == folder_mode
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {CONFIG_FILE: file_mode, PREPROCESSING_FILE: file_mode, WEIGHTS_FILE: file_mode}
+
+
+def test_save_removes_the_staging_folder_of_a_killed_writer(records: list[Record], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid now names no process: the writer was killed mid-save
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".model.tmp-{finished.pid}-x"
+        live = tmp_path / f".model.tmp-{running.pid}-y"  # a concurrent writer still at work
+        for leftover in (stale, live):
+            leftover.mkdir()
+            (leftover / WEIGHTS_FILE).write_bytes(b"half")
+        model, _, _ = build_model(records)
+        model.save_pretrained(tmp_path / "model")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name])
+    finally:
+        running.kill()
+        running.wait()

@@ -174,6 +174,53 @@ def test_pretrained_preprocessing(tiny: dict[str, Path], records: list[Record]) 
     assert torch.allclose(wave[0, : lengths[0]], torch.from_numpy(data), atol=1e-6)
 
 
+def _hf_processor(kind: str) -> Any:
+    from transformers import CLIPImageProcessor, ConvNextImageProcessor, DeiTImageProcessor, ViTImageProcessor
+
+    return {
+        # shortest edge -> 32 (bicubic), centre crop 32 x 32
+        "clip": lambda: CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        # ConvNeXt below 384: shortest edge -> int(28 / 0.875) = 32, centre crop 28 x 28
+        "convnext": lambda: ConvNextImageProcessor(size={"shortest_edge": 28}, crop_pct=0.875),
+        # ConvNeXt from 384 up: a square resize, no crop
+        "convnext-large": lambda: ConvNextImageProcessor(size={"shortest_edge": 384}),
+        # square 36 x 36 (bicubic), centre crop 32 x 32
+        "deit": lambda: DeiTImageProcessor(size={"height": 36, "width": 36}, crop_size={"height": 32, "width": 32}),
+        # a plain square resize (bilinear)
+        "vit": lambda: ViTImageProcessor(size={"height": 24, "width": 24}),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["clip", "convnext", "convnext-large", "deit", "vit"])
+def test_image_preprocessing_matches_the_hf_image_processor(tmp_path: Path, kind: str) -> None:
+    """Non-square images: resized and centre-cropped as the processor does, never squashed unless it squashes."""
+    from transformers import AutoImageProcessor
+
+    from mmfuse.config import ImagePrep
+    from mmfuse.data.image import load_image
+    from mmfuse.data.pretrained_prep import image_prep_from_processor
+
+    _hf_processor(kind).save_pretrained(str(tmp_path / kind))
+    processor = AutoImageProcessor.from_pretrained(str(tmp_path / kind))  # what a user's folder loads as
+    prep = image_prep_from_processor(ImagePrep(processor=str(tmp_path / kind)))
+    rng = np.random.default_rng(0)
+    for height, width in ((45, 80), (91, 40)) if kind != "convnext-large" else ((300, 500),):
+        coarse = Image.fromarray(rng.integers(0, 256, size=(height // 4, width // 4, 3), dtype=np.uint8))
+        path = tmp_path / f"{height}x{width}.png"
+        coarse.resize((width, height), Image.Resampling.BICUBIC).save(path)  # smooth, non-square content
+        ours = load_image(path, prep)
+        with Image.open(path) as image:
+            theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
+        assert ours.shape == theirs.shape, (height, width)
+        std = torch.tensor(prep.std if isinstance(prep.std, tuple) else (prep.std,)).view(-1, 1, 1)
+        difference = ((ours - theirs) * std * 255).abs()  # in 8-bit pixel levels
+        # PIL (mmfuse) and torchvision (the processor) interpolate alike up to rounding.
+        assert float(difference.mean()) < 0.5 and float(difference.max()) <= 3, (kind, height, width)
+        squashed = load_image(path, prep.model_copy(update={"resize": "squash", "resize_size": None}))
+        if kind not in ("convnext-large", "vit"):  # a crop is not a squash: the test tells them apart
+            assert float(((squashed - theirs) * std * 255).abs().mean()) > 5
+
+
 def test_normalize_dbfs_scales_the_clip(tiny: dict[str, Path], records: list[Record]) -> None:
     raw = raw_config(tiny)
     raw["data"]["audio"]["normalize_dbfs"] = -30

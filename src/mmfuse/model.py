@@ -13,13 +13,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import torch
 from pydantic import BaseModel, ConfigDict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mmfuse.config import ComponentConfig, EncoderConfig, ExperimentConfig, FusionConfig, TaskConfig
-from mmfuse.core.atomic import staged_folder
+from mmfuse.core.atomic import atomic_file, staged_folder, write_text_atomic
 from mmfuse.core.contracts import Batch, Features
 from mmfuse.core.errors import ConfigError, MMFuseError
 from mmfuse.core.version import __version__
@@ -136,15 +138,20 @@ class MultimodalModel(nn.Module):
     # ---- saving -------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Writes the model folder atomically: a crash never leaves a half-written model."""
+        """Writes the model folder atomically: a crash never leaves a half-written model.
+
+        Files get the permissions the umask gives (0644 under 022): ``save_file`` alone creates the
+        weights 0600, which hid a shared model from everyone but its trainer.
+        """
         directory = Path(directory)
         with staged_folder(directory) as staging:
             config = {"mmfuse_version": __version__, **self.spec.model_dump(mode="json")}
-            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            write_text_atomic(staging / CONFIG_FILE, json.dumps(config, indent=2))
             prep = {"preprocessor": self.preprocessor.state(), "task": self.task.state()}
-            (staging / PREPROCESSING_FILE).write_text(json.dumps(prep, indent=2))
+            write_text_atomic(staging / PREPROCESSING_FILE, json.dumps(prep, indent=2))
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+            with atomic_file(staging / WEIGHTS_FILE) as weights:
+                save_file(state, str(weights), metadata={"format": "pt"})
             self._save_assets(staging)
         return directory
 
@@ -159,19 +166,96 @@ class MultimodalModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> MultimodalModel:
+        """Rebuilds a saved model. A corrupt or incomplete folder (a truncated weights file, broken
+        JSON, a missing key, tensors that do not fit the architecture) raises ``MMFuseError`` with one
+        line naming the file and what is wrong: such folders come from interrupted copies and
+        hand edits, and a user must learn which file to replace, not read a traceback."""
         directory = Path(directory)
         for name in (CONFIG_FILE, PREPROCESSING_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
                 raise MMFuseError(f"{directory} is not an mmfuse model folder: {name} is missing")
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        config.pop("mmfuse_version", None)
-        spec = ModelSpec.model_validate(config)
-        prep = json.loads((directory / PREPROCESSING_FILE).read_text())
-        preprocessor = Preprocessor.from_state(prep["preprocessor"], directory)
-        task = TASKS.create(spec.task.name, **spec.task.options)
-        task.load_state(prep["task"])
-        model = cls(spec, preprocessor, task, assets=directory)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device="cpu"))
+        config_file, prep_file, weights_file = (directory / CONFIG_FILE, directory / PREPROCESSING_FILE,
+                                                directory / WEIGHTS_FILE)
+        spec = _read_spec(config_file)
+        prep = _read_json(prep_file)
+        try:
+            preprocessor = Preprocessor.from_state(prep["preprocessor"], directory)
+            task = TASKS.create(spec.task.name, **spec.task.options)
+            task.load_state(prep["task"])
+        except KeyError as exc:
+            raise MMFuseError(f"{prep_file}: missing key {exc}") from None
+        except (TypeError, ValueError, AttributeError) as exc:  # pydantic's ValidationError is a ValueError
+            raise MMFuseError(f"{prep_file}: invalid content: {_one_line(exc)}") from exc
+        weights = _read_weights(weights_file)
+        try:
+            model = cls(spec, preprocessor, task, assets=directory)
+        except MMFuseError as exc:
+            raise type(exc)(f"{config_file}: {exc}") from None
+        _check_weights(model, weights, weights_file)
+        model.load_state_dict(weights)
         model.to(map_location)  # load_state_dict copies into the CPU-built parameters
         model.eval()
         return model
+
+
+# ---- reading a saved folder ---------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MMFuseError(f"{path}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); "
+                          "the file is corrupt or was edited by hand") from None
+    except UnicodeDecodeError:
+        raise MMFuseError(f"{path}: not valid JSON (not UTF-8 text); the file is corrupt") from None
+    if not isinstance(data, dict):
+        raise MMFuseError(f"{path}: the top level must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _read_spec(path: Path) -> ModelSpec:
+    """The architecture, with registry names and options checked as a YAML config's are."""
+    config = _read_json(path)
+    config.pop("mmfuse_version", None)
+    try:
+        spec = ModelSpec.model_validate(config)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise MMFuseError(f"{path}: invalid model config: {problems}") from None
+    try:
+        for modality, encoder in spec.encoders.items():
+            ENCODERS.validate_options(encoder.name, encoder.options, where=f"encoders.{modality}")
+        FUSIONS.validate_options(spec.fusion.name, spec.fusion.options, where="fusion")
+        TASKS.validate_options(spec.task.name, spec.task.options, where="task")
+    except MMFuseError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+    return spec
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MMFuseError(f"{path}: cannot read the weights ({_one_line(exc)}); the file is corrupt or "
+                          "incomplete (an interrupted copy?)") from None
+
+
+def _check_weights(model: nn.Module, weights: dict[str, Tensor], path: Path) -> None:
+    """Names the first tensor that does not fit, instead of torch's multi-line report."""
+    expected = model.state_dict()
+    for key, value in expected.items():
+        if key not in weights:
+            raise MMFuseError(f"{path}: lacks tensor '{key}' that {CONFIG_FILE} needs; the weights belong to "
+                              "another model or the file is incomplete")
+        if tuple(weights[key].shape) != tuple(value.shape):
+            raise MMFuseError(f"{path}: tensor '{key}' has shape {tuple(weights[key].shape)} but {CONFIG_FILE} "
+                              f"needs {tuple(value.shape)}; the weights belong to another model")
+    for key in weights:
+        if key not in expected:
+            raise MMFuseError(f"{path}: has tensor '{key}' that {CONFIG_FILE} does not describe; the weights "
+                              "belong to another model")

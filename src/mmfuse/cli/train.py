@@ -3,29 +3,44 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
-from mmfuse.cli.app import app, console, friendly_errors, metrics_table
+from mmfuse.cli.app import app, console, err_console, friendly_errors, metrics_table
 from mmfuse.core.errors import MMFuseError
 
 
 @app.command()
 @friendly_errors
 def train(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")],
+    config_arg: Annotated[Path | None, typer.Argument(metavar="CONFIG", help="Experiment YAML.",
+                                                      show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML (same as CONFIG).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set trainer.max_epochs=5")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (trainer.output_dir).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a finished run in the output folder (trainer.overwrite).")] = False,
 ) -> None:
-    """Train a model from a config; saves it to OUTPUT_DIR/model."""
+    """Train a model from a config; saves it to OUTPUT_DIR/model.
+
+    Data paths written in the YAML are relative to its folder; paths given here, to the current one.
+    """
     from mmfuse.config import load_config
     from mmfuse.engine.fit import train as run_training
 
-    overrides = list(set_ or []) + ([f"trainer.output_dir={out}"] if out else [])
-    cfg = load_config(config, overrides)
+    if config_arg is not None and config is not None:
+        raise MMFuseError("give the config once: as an argument or with -c/--config, not both")
+    config_path = config_arg if config_arg is not None else config
+    if config_path is None:
+        raise MMFuseError("give the experiment config: mmfuse train CONFIG.yaml (or -c CONFIG.yaml)")
+    overrides = list(set_ or []) + ([f"trainer.output_dir={json.dumps(str(out))}"] if out else [])  # quoted: --out 2024
+    overrides += ["trainer.overwrite=true"] if overwrite else []
+    cfg = load_config(config_path, overrides)
     result = run_training(cfg)
     console.print(metrics_table("validation", result.val_metrics))
     if result.test_metrics:
@@ -36,6 +51,36 @@ def train(
         console.print(f"skipped rows and reasons: [bold]{result.skipped_file}[/]")
     console.print(f"model saved to [bold]{result.model_dir}[/] ({result.params:,} parameters, "
                   f"{result.train_seconds:.1f} s training)")
+
+
+def _output_file(path: Path | None, option: str) -> Path | None:
+    """Creates the folder of an output file and checks that it is writable, before any work is done:
+    a mistyped or read-only folder must not cost a whole evaluation."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise MMFuseError(f"{option} {path}: is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MMFuseError(f"{option} {path}: cannot create the folder {path.parent}: "
+                          f"{exc.strerror or exc}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise MMFuseError(f"{option} {path}: the folder {path.parent} is not writable")
+    return path
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise MMFuseError(f"--on-error must be raise or skip, got '{on_error}'")
+
+
+def _report_skipped(report: Any, out: Console) -> None:
+    """How many rows --on-error skip left out, with the first reasons: nothing vanishes silently."""
+    if report.count:
+        out.print(f"[yellow]skipped {report.count} bad sample(s)[/]")
+        for reason in report.skipped[:5]:
+            out.print(f"  {reason}", highlight=False, soft_wrap=True)
 
 
 def _load_dataset(model_dir: Path, manifest: Path, split: str | None, on_error: str, with_targets: bool,
@@ -82,11 +127,24 @@ def evaluate(
     corruptions: Annotated[str | None, typer.Option(
         help="Comma-separated corruptions (default: all that fit the model's modalities): gaussian_noise, "
         "gaussian_blur, occlusion, white_noise, time_mask, typos, word_dropout.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads for torch (default: torch's, one per core); set on a shared machine.")] = None,
 ) -> None:
     """Evaluate a saved model on a manifest; --robustness adds missing-modality and noise studies."""
+    from mmfuse.engine.fit import torch_threads
+
+    with torch_threads(threads):
+        _evaluate(model, data, split, on_error, json_out, robustness, out, label_column, seed, levels, corruptions)
+
+
+def _evaluate(model: Path, data: Path, split: str | None, on_error: str, json_out: Path | None, robustness: bool,
+              out: Path | None, label_column: str | None, seed: int, levels: int, corruptions: str | None) -> None:
+    from mmfuse.core.atomic import write_text_atomic
     from mmfuse.engine.evaluate import evaluate as run_evaluation
 
     started = time.perf_counter()
+    _check_on_error(on_error)
+    json_out = _output_file(json_out, "--json")
     loaded, dataset = _load_dataset(model, data, split, on_error, with_targets=True, label_column=label_column)
     names = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions is not None else None
     if robustness:  # bad options fail before any work
@@ -101,12 +159,9 @@ def evaluate(
         plan_corruptions(loaded, names)
     metrics = run_evaluation(loaded, dataset)
     console.print(metrics_table(f"{data.name}: {len(dataset)} samples", metrics))
-    if dataset.report.count:
-        console.print(f"[yellow]skipped {dataset.report.count} bad sample(s)[/]")
-        for reason in dataset.report.skipped[:5]:
-            console.print(f"  {reason}", highlight=False)
+    _report_skipped(dataset.report, console)
     if json_out:
-        json_out.write_text(json.dumps(metrics, indent=2))
+        write_text_atomic(json_out, json.dumps(metrics, indent=2))
     if robustness:
         from mmfuse.analysis.robustness import evaluation_records, report_tables, run_robustness
 
@@ -132,11 +187,23 @@ def predict(
     input_: Annotated[list[str] | None, typer.Option("--input", help="MODALITY=VALUE for any modality.")] = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Predict every row of a manifest.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSONL output for --data.")] = None,
+    on_error: Annotated[str, typer.Option(help="--data: raise | skip bad samples (counted and reported)")] = "raise",
     impute: Annotated[str | None, typer.Option(
         help="Autoencoder models: the modality to impute from the others (hidden from the model).")] = None,
     beam: Annotated[int | None, typer.Option(help="Captioning models: beam size (1 = greedy).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads for torch (default: torch's, one per core); set on a shared machine.")] = None,
 ) -> None:
     """Predict from any subset of the trained modalities; prints JSON."""
+    from mmfuse.engine.fit import torch_threads
+
+    with torch_threads(threads):
+        _predict(model, text, image, audio, input_, data, out, impute, beam, on_error)
+
+
+def _predict(model: Path, text: str | None, image: Path | None, audio: Path | None, input_: list[str] | None,
+             data: Path | None, out: Path | None, impute: str | None, beam: int | None, on_error: str) -> None:
+    from mmfuse.core.atomic import write_text_atomic
     from mmfuse.core.errors import DataError
     from mmfuse.data.dataset import Collator, build_sample
     from mmfuse.data.manifest import Record
@@ -144,15 +211,20 @@ def predict(
     from mmfuse.model import MultimodalModel
 
     if data is not None:
-        loaded, dataset = _load_dataset(model, data, None, "raise", with_targets=False)
+        _check_on_error(on_error)
+        out = _output_file(out, "-o")
+        loaded, dataset = _load_dataset(model, data, None, on_error, with_targets=False)
         _prediction_options(loaded, impute, beam)
         lines = [json.dumps(p) for p in predict_dataset(loaded, dataset)]
         if out:
-            out.write_text("\n".join(lines) + "\n")
+            write_text_atomic(out, "\n".join(lines) + "\n")
             console.print(f"wrote {len(lines)} predictions to {out}")
         else:
             print("\n".join(lines))
+        _report_skipped(dataset.report, err_console)  # stderr: stdout holds the predictions
         return
+    if out is not None:
+        raise MMFuseError("-o/--out writes the predictions of --data; without --data the prediction is printed")
     loaded = MultimodalModel.from_pretrained(model)
     _prediction_options(loaded, impute, beam)
     given: dict[str, str] = {}

@@ -66,10 +66,31 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 
 
 _PATH_KEYS = ("manifest", "train", "val", "test")
+"""The data files a config reads: the only paths that resolve against the YAML file's folder."""
+
+
+def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in _PATH_KEYS:
+            if isinstance(data.get(key), str):
+                given = Path(data[key]).expanduser()
+                data[key] = str(given if given.is_absolute() else (base / given).resolve())
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Reads a YAML config, applies ``--set`` overrides and validates it."""
+    """Reads a YAML config, applies ``--set`` overrides and validates it.
+
+    How relative paths resolve, one rule: **the data files written in the YAML file**
+    (``data.manifest``, ``data.train``, ``data.val``, ``data.test``) **resolve against the YAML
+    file's folder**, so a config and its data move together and work from any working directory;
+    **every other relative path resolves against the current working directory**: anything given on
+    the command line (``--set data.manifest=x.jsonl``, ``--out``, the config path itself), as every
+    CLI user expects, and the folders a run writes (``trainer.output_dir``, cache folders), so
+    ``mmfuse train -c configs/x.yaml`` writes ``runs/...`` where it is run, never inside ``configs/``.
+    Data paths from overrides are made absolute here, so the run's saved ``config.yaml`` is usable
+    from anywhere.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -79,11 +100,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    _resolve_data_paths(raw, path.parent)  # what the YAML says: against its folder
     for assignment in overrides or []:
         apply_override(raw, assignment)
-    data = raw.get("data")
-    if isinstance(data, dict):
-        for key in _PATH_KEYS:
-            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
-                data[key] = str((path.parent / data[key]).resolve())
+    _resolve_data_paths(raw, Path.cwd())  # only command-line values are still relative
     return validate_config(raw)

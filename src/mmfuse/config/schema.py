@@ -2,7 +2,8 @@
 
 An unknown key is an error naming it and the closest valid key; registry names (encoders, fusion,
 task) are checked against their registries, and their options against the factory's signature.
-Relative paths in a YAML file resolve against that file's folder, so a config works from any cwd.
+Relative data paths in a YAML file resolve against that file's folder, so a config works from any
+cwd; command-line paths and output folders resolve against the cwd (see ``load_config``).
 """
 
 from __future__ import annotations
@@ -49,18 +50,25 @@ class TextPrep(StrictModel):
 
 
 class ImagePrep(StrictModel):
-    """Resize to size x size, then (x / 255 - mean) / std; mean/std are one value or one per channel.
+    """Resize, centre-crop to size x size, then (x / 255 - mean) / std (one value or one per channel).
 
-    ``processor`` takes size, mean and std from a pretrained image processor (a hub name or a
-    folder with preprocessor_config.json) when the preprocessing is fitted; the resolved values are
-    what the saved model records.
+    ``resize: squash`` (the default) resizes to resize_size x resize_size, distorting a non-square
+    image; ``shortest_edge`` resizes the shorter side to resize_size and keeps the aspect ratio, as
+    CLIP/ConvNeXt processors do. A resize_size above size is then centre-cropped to size x size.
+    ``processor`` takes all of these from a pretrained image processor (a hub name or a folder with
+    preprocessor_config.json) when the preprocessing is fitted: a pretrained model sees its images
+    framed as in its training. The resolved values are what the saved model records.
     """
 
-    size: int = Field(32, gt=0, description="images are resized to size x size")
+    size: int = Field(32, gt=0, description="images come out size x size")
     mode: Literal["rgb", "grayscale"] = "rgb"
     mean: float | tuple[float, ...] = 0.5
     std: float | tuple[float, ...] = 0.5
-    processor: str | None = Field(None, description="take size/mean/std from this image processor")
+    resize: Literal["squash", "shortest_edge"] = Field(
+        "squash", description="squash: to resize_size x resize_size; shortest_edge: the shorter side to resize_size")
+    resize_size: int | None = Field(None, gt=0, description="before the centre crop to size; null = size (no crop)")
+    resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bilinear"
+    processor: str | None = Field(None, description="take size/crop/resample/mean/std from this image processor")
 
     @model_validator(mode="after")
     def _per_channel(self) -> ImagePrep:
@@ -71,6 +79,8 @@ class ImagePrep(StrictModel):
                 raise ValueError(f"{name} needs 1 or {self.channels} values for mode '{self.mode}', got {len(values)}")
             if name == "std" and min(values) <= 0:
                 raise ValueError("std must be positive")
+        if self.resize_size is not None and self.resize_size < self.size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than the crop size {self.size}")
         return self
 
     @property
@@ -207,6 +217,10 @@ class TrainerConfig(StrictModel):
     unimodal_loss_weight: float = Field(
         0.0, ge=0.0, description="weight of per-modality auxiliary head losses (keeps every encoder learning)")
     output_dir: Path = Path("runs/experiment")
+    overwrite: bool = Field(False, description="replace a finished run in output_dir (CLI: --overwrite); "
+                            "otherwise training into it stops before any work")
+    threads: int | None = Field(None, gt=0, description="CPU threads of torch's intra-op pool while training "
+                                "and evaluating; null = torch's default (one per core)")
     progress_bar: bool = True
     verbose: bool = Field(False, description="show Lightning's info messages and warnings")
     log_every_n_steps: int = Field(10, gt=0)

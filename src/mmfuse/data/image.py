@@ -1,4 +1,4 @@
-"""Image decoding and normalisation: any file Pillow reads -> a (C, size, size) float32 tensor.
+"""Image decoding, resizing and normalisation: any file Pillow reads -> a (C, size, size) float32 tensor.
 
 Real data sets mix modes (RGBA screenshots, palette GIFs, 16-bit greyscale scans, rotated phone
 photos), so every image is brought to one mode and one size before batching. A file that cannot be
@@ -19,6 +19,9 @@ from mmfuse.core.errors import DataError
 
 _HIGH_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+             "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
 
 
 def load_image(path: Path, prep: ImagePrep) -> torch.Tensor:
@@ -73,10 +76,32 @@ def _high_bit_to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(scaled).astype(np.uint8))
 
 
-def _to_tensor(image: Image.Image, prep: ImagePrep) -> torch.Tensor:
-    """Resizes (bilinear) and normalises: (x / 255 - mean) / std, channels first."""
+def resize_and_crop(image: Image.Image, prep: ImagePrep) -> Image.Image:
+    """The ``size`` x ``size`` image: resized as ``prep.resize`` says, then centre-cropped.
+
+    Sizes and offsets follow Hugging Face image processors exactly (the long side of a
+    shortest-edge resize is truncated, the crop's top-left offset rounded down), so a pretrained
+    model sees the framing it was trained on and not a squashed image.
+    """
+    target = prep.resize_size or prep.size
+    width, height = image.size
+    if prep.resize == "shortest_edge":
+        short, long = min(width, height), max(width, height)
+        new_long = int(target * long / short)
+        new_size = (target, new_long) if width <= height else (new_long, target)
+    else:
+        new_size = (target, target)
+    if image.size != new_size:
+        image = image.resize(new_size, _RESAMPLE[prep.resample])
     if image.size != (prep.size, prep.size):
-        image = image.resize((prep.size, prep.size), Image.Resampling.BILINEAR)
+        left, top = (image.width - prep.size) // 2, (image.height - prep.size) // 2
+        image = image.crop((left, top, left + prep.size, top + prep.size))
+    return image
+
+
+def _to_tensor(image: Image.Image, prep: ImagePrep) -> torch.Tensor:
+    """Resizes and crops (``resize_and_crop``) and normalises: (x / 255 - mean) / std, channels first."""
+    image = resize_and_crop(image, prep)
     array = np.asarray(image, dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = array[:, :, None]

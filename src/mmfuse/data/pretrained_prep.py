@@ -91,10 +91,11 @@ class PretrainedTokenizer:
 
 
 def image_prep_from_processor(prep: ImagePrep) -> ImagePrep:
-    """``prep`` with size, mean and std taken from its ``processor`` (unchanged when it has none).
+    """``prep`` with the framing (resize, crop, resample), mean and std of its ``processor``.
 
-    Square resizing to the processor's crop (or resize) height: ``ImagePrep`` resizes without
-    cropping, which keeps the whole image; models with a fixed input size need only that size.
+    Unchanged when it has none. The framing follows the processor: a CLIP-style processor resizes
+    the shorter side and centre-crops, a ViT-style one resizes to a square; squashing a non-square
+    photo for a model trained on crops would feed it distorted objects.
     """
     if not prep.processor:
         return prep
@@ -110,8 +111,7 @@ def image_prep_from_processor(prep: ImagePrep) -> ImagePrep:
 
 
 def processor_settings(processor: Any, where: str) -> dict[str, Any]:
-    """size / mean / std (per channel) / mode of a Hugging Face image processor."""
-    size = _processor_size(processor, where)
+    """size / resize / resize_size / resample / mean / std (per channel) / mode of a HF image processor."""
     if getattr(processor, "do_normalize", True):
         mean = tuple(float(v) for v in _as_list(processor.image_mean))
         std = tuple(float(v) for v in _as_list(processor.image_std))
@@ -119,22 +119,69 @@ def processor_settings(processor: Any, where: str) -> dict[str, Any]:
         mean, std = (0.0,), (1.0,)
     if not getattr(processor, "do_rescale", True):
         raise ConfigError(f"data.image.processor '{where}' does not rescale pixels to [0, 1]; mmfuse always does")
-    return {"size": size, "mean": mean, "std": std, "mode": "rgb"}
+    return {**_framing(processor, where), "mean": mean, "std": std, "mode": "rgb"}
+
+
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 def _as_list(value: Any) -> list[float]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _processor_size(processor: Any, where: str) -> int:
-    for attr in ("crop_size", "size"):
-        size = getattr(processor, attr, None)
-        if size is None or (attr == "crop_size" and not getattr(processor, "do_center_crop", False)):
-            continue
-        if isinstance(size, int):
-            return size
-        info = dict(size) if not isinstance(size, dict) else size
-        for key in ("height", "shortest_edge"):
-            if info.get(key):
-                return int(info[key])
+def _size(value: Any, processor: Any) -> dict[str, int]:
+    """A processor's size setting as a plain dict (it may be an int, a dict or a ``SizeDict``)."""
+    if value is None:
+        return {}
+    if isinstance(value, int):
+        square = getattr(processor, "default_to_square", True)
+        return {"height": value, "width": value} if square else {"shortest_edge": value}
+    items = value.items() if isinstance(value, dict) else vars(value).items()
+    return {k: int(v) for k, v in items if v is not None and k in ("height", "width", "shortest_edge")}
+
+
+def _square(size: dict[str, int], what: str, where: str) -> int:
+    if size.get("height") != size.get("width"):
+        raise ConfigError(f"data.image.processor '{where}': its {what} {size['height']}x{size['width']} is not "
+                          "square; mmfuse feeds square images")
+    return size["height"]
+
+
+def _framing(processor: Any, where: str) -> dict[str, Any]:
+    """How the processor frames an image: Hugging Face's resize, crop_pct and centre-crop semantics.
+
+    - ``size: {height, width}`` resizes to that square (ViT; DeiT/BEiT then centre-crop ``crop_size``);
+    - ``size: {shortest_edge}`` resizes the shorter side, keeping the aspect ratio, then centre-crops
+      ``crop_size`` (CLIP); without a crop the output would not be square, so it is cropped to a
+      ``shortest_edge`` square;
+    - ``crop_pct`` (ConvNeXt below 384 px): the shorter side to int(shortest_edge / crop_pct), then a
+      ``shortest_edge`` crop; ConvNeXt from 384 px up resizes to the square, no crop.
+    """
+    size = _size(getattr(processor, "size", None), processor)
+    crop = _size(getattr(processor, "crop_size", None), processor) if getattr(processor, "do_center_crop", False) \
+        else {}
+    resample = _RESAMPLE_NAMES.get(int(getattr(processor, "resample", 2) or 2), "bilinear")
+    crop_pct = getattr(processor, "crop_pct", None)
+    final = _square(crop, "crop_size", where) if crop.get("height") else None
+    if "shortest_edge" in size:
+        edge = size["shortest_edge"]
+        if crop_pct and not crop:
+            if type(processor).__name__.startswith("ConvNext") and edge >= 384:
+                return {"size": edge, "resize": "squash", "resize_size": None, "resample": resample}
+            return {"size": edge, "resize": "shortest_edge", "resize_size": int(edge / crop_pct),
+                    "resample": resample}
+        final = final or edge
+        resize_size = int(edge / crop_pct) if crop_pct else edge
+        if final > resize_size:
+            raise ConfigError(f"data.image.processor '{where}': its crop_size {final} is larger than its "
+                              f"shortest_edge {resize_size}")
+        return {"size": final, "resize": "shortest_edge", "resize_size": resize_size, "resample": resample}
+    if "height" in size:
+        square = _square(size, "size", where)
+        final = final or square
+        if final > square:
+            raise ConfigError(f"data.image.processor '{where}': its crop_size {final} is larger than its size "
+                              f"{square}")
+        return {"size": final, "resize": "squash", "resize_size": square if square != final else None,
+                "resample": resample}
     raise ConfigError(f"data.image.processor '{where}': cannot tell its image size")

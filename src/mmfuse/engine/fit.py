@@ -2,13 +2,22 @@
 
 ``train(config)`` is the whole job: data -> fitted preprocessing -> model -> Trainer.fit with
 best-checkpoint selection and early stopping -> test metrics -> ``save_pretrained``.
+
+The run folder (``trainer.output_dir``) ends up holding ``checkpoints/``, ``logs/``, ``model/``,
+``config.yaml`` and, written last, ``metrics.json``. A folder holding a finished run (``model/`` or
+``metrics.json``) is never trained into unless ``trainer.overwrite`` (``--overwrite``) is set, and
+the files of an earlier run are deleted before training starts (results first), so a run killed
+half-way never leaves old metrics beside new checkpoints. Other files in the folder are left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +28,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from mmfuse.config import ExperimentConfig
+from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.errors import ConfigError
 from mmfuse.data.dataset import Collator
 from mmfuse.data.memory import ArrayDataset
@@ -48,8 +58,71 @@ class TrainResult:
     """``skipped.jsonl`` in the run folder when samples were skipped (``data.on_error: skip``)."""
 
 
+RUN_FILES = ("metrics.json", "model", "config.yaml", "checkpoints", "logs")
+"""What a run writes into its folder; deleted in this order, the finished run's results first."""
+FINISHED_MARKERS = ("model", "metrics.json")
+
+
+def check_output_dir(config: ExperimentConfig) -> Path:
+    """The run folder; refuses one that holds a finished run unless ``trainer.overwrite`` is set.
+
+    Called before any work, so a forgotten ``--overwrite`` costs nothing and destroys nothing.
+    """
+    out = Path(config.trainer.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"trainer.output_dir {out} is a file, not a folder")
+    finished = [f"{name}/" if (out / name).is_dir() else name for name in FINISHED_MARKERS if (out / name).exists()]
+    if finished and not config.trainer.overwrite:
+        raise ConfigError(f"{out} already holds a finished run ({', '.join(finished)}); pass --overwrite to "
+                          "replace it (config: trainer.overwrite: true) or choose another output folder")
+    return out
+
+
+def _clear_run_files(out: Path) -> None:
+    """Deletes an earlier run's files (results first), so what the folder holds is this run's only.
+
+    A ``config.yaml`` with no other run file beside it is the user's own config, not a run's: kept.
+    """
+    if not any((out / name).exists() for name in RUN_FILES if name != "config.yaml"):
+        return
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Runs the block with ``threads`` intra-op CPU threads (None: leave torch's setting alone).
+
+    torch starts one thread per core, which on a shared machine fights every other process for the
+    same cores (and slows all of them); a fixed count keeps a run to its share. The inter-op pool
+    can be sized only once per process, before its first use: it is set when still possible and
+    otherwise left as it is. The intra-op count is restored afterwards.
+    """
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # "cannot set number of interop threads after parallel work"
+        torch.set_num_interop_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def fit(config: ExperimentConfig, data: PreparedData, save: bool = True) -> TrainResult:
     """Trains one model on already-prepared data (the demo and benchmarks reuse one PreparedData)."""
+    with torch_threads(config.trainer.threads):
+        return _fit(config, data, save)
+
+
+def _fit(config: ExperimentConfig, data: PreparedData, save: bool) -> TrainResult:
+    out = check_output_dir(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     model = MultimodalModel.from_config(config, data.preprocessor, data.task)
     if config.data.cache:  # frozen encoders' outputs from disk: the encoders never run while training
@@ -66,7 +139,7 @@ def fit(config: ExperimentConfig, data: PreparedData, save: bool = True) -> Trai
         data = dataclasses.replace(data, datasets=cached)
     module = FusionModule(model, config.optim, config.trainer.modality_dropout,
                           config.trainer.unimodal_loss_weight)
-    out = Path(config.trainer.output_dir)
+    _clear_run_files(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = _checkpoint_callback(config, data.task, out)
     with lightning_output(config.trainer.verbose):
@@ -143,15 +216,21 @@ def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionMod
 
 
 def write_run_files(config: ExperimentConfig, result: TrainResult) -> None:
-    """The resolved config and the metrics, so a run folder documents itself."""
-    (result.output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    """The resolved config and the metrics, so a run folder documents itself; metrics.json comes last.
+
+    ``trainer.overwrite`` is left out: re-running a saved config must not replace a run silently.
+    """
+    resolved = config.model_dump(mode="json", exclude={"trainer": {"overwrite"}})
+    write_text_atomic(result.output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     summary = {
         "val": result.val_metrics, "test": result.test_metrics, "train_seconds": round(result.train_seconds, 2),
         "params": result.params, "epochs": result.epochs, "skipped": result.skipped,
     }
-    (result.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(result.output_dir / "metrics.json", json.dumps(summary, indent=2))
 
 
 def train(config: ExperimentConfig) -> TrainResult:
-    """The whole training job for one config."""
-    return fit(config, prepare_data(config))
+    """The whole training job for one config (a finished run in the way stops it before the data work)."""
+    check_output_dir(config)
+    with torch_threads(config.trainer.threads):
+        return fit(config, prepare_data(config))
