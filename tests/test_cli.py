@@ -72,6 +72,13 @@ def test_list_shows_registries() -> None:
 
 
 def test_evaluate_prints_metrics_and_writes_json(trained_model: Path, synth_manifest: Path, tmp_path: Path) -> None:
+    """--split evaluates exactly the rows of that split: the count printed is the test split's size,
+    not the manifest's, and the metrics are those of a direct evaluation of only the test rows."""
+    from mmfuse.data.dataset import MultimodalDataset
+    from mmfuse.data.manifest import read_manifest
+    from mmfuse.engine.evaluate import evaluate
+    from mmfuse.model import MultimodalModel
+
     out = tmp_path / "metrics.json"
     result = runner.invoke(app, ["evaluate", "-m", str(trained_model), "--data", str(synth_manifest),
                                  "--split", "test", "--json", str(out)])
@@ -80,6 +87,21 @@ def test_evaluate_prints_metrics_and_writes_json(trained_model: Path, synth_mani
     assert set(metrics) >= {"accuracy", "macro_f1", "precision", "recall", "loss"}
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert f"{metrics['accuracy']:.4f}" in result.output
+
+    rows = [json.loads(line) for line in synth_manifest.read_text().splitlines()]
+    n_test = sum(r["split"] == "test" for r in rows)
+    assert 0 < n_test < len(rows)
+    shown = " ".join(result.output.split())  # the table title may wrap
+    assert f"{synth_manifest.name}: {n_test} samples" in shown
+    assert f": {len(rows)} samples" not in shown
+
+    model = MultimodalModel.from_pretrained(trained_model)
+    everything = read_manifest(synth_manifest, model.preprocessor.modalities,
+                               target_column=model.spec.target_column, split_column="split")
+    records = [r for r in everything if r.split == "test"]
+    assert len(records) == n_test
+    direct = evaluate(model, MultimodalDataset(records, model.preprocessor, model.task))
+    assert metrics == pytest.approx(direct, abs=1e-5)
 
 
 def test_predict_with_two_of_three_modalities(trained_model: Path, synth_manifest: Path) -> None:
@@ -326,9 +348,39 @@ def test_train_with_bad_samples_raise_or_skip(synth_manifest: Path, tmp_path: Pa
     assert "skipped 2 bad sample(s) in train" in result.output
 
 
-def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["--debug", "train", "-c", str(tmp_path / "missing.yaml")])
-    assert result.exit_code != 0 and result.exception is not None
+def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --debug a user error is one red line and exit 1; with --debug the exception escapes
+    with its traceback (Python/Typer print it) instead of being turned into that line."""
+    import importlib
+    import traceback
+
+    from rich.console import Console
+
+    from mmfuse.core.errors import ConfigError
+
+    # A console that emits colour codes even into CliRunner's pipe, so "red" can be checked.
+    cli_app = importlib.import_module("mmfuse.cli.app")
+    monkeypatch.setattr(cli_app, "err_console", Console(stderr=True, force_terminal=True, color_system="standard",
+                                                        width=400))
+    missing = tmp_path / "missing.yaml"
+    message = f"config file not found: {missing}"
+
+    result = runner.invoke(app, ["train", "-c", str(missing)])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not an escaped exception
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("\x1b[1;31merror:\x1b[0m") and lines[0].endswith(message), repr(lines[0])
+    assert "Traceback" not in result.output and "ConfigError" not in result.output
+
+    result = runner.invoke(app, ["--debug", "train", "-c", str(missing)])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, ConfigError) and str(result.exception) == message
+    assert "error:" not in result.output  # not swallowed into the one-line form
+    shown = "".join(traceback.format_exception(*result.exc_info))
+    assert shown.startswith("Traceback") and f"ConfigError: {message}" in shown
+    assert "load_config" in shown  # the frames down to where it was raised
 
 
 def test_data_synth_writes_files(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,10 @@ def test_shipped_synthetic_config_trains_one_epoch(path: Path, tmp_path: Path,
     config = load_config(path, ["data.synthetic.n_samples=80", "trainer.max_epochs=1", "trainer.progress_bar=false",
                                 f"trainer.output_dir={tmp_path / 'run'}"])
     result = train(config)
-    assert result.test_metrics is not None and all(v == v for v in result.test_metrics.values())  # no NaN
+    assert result.test_metrics, "no test metrics"
+    for name, value in result.test_metrics.items():  # NaN, +inf and -inf all fail isfinite
+        assert math.isfinite(value), f"{path.name}: test {name} = {value}"
+        assert name not in ("loss", "mae", "rmse") or value >= 0.0, f"{path.name}: test {name} = {value} < 0"
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
@@ -145,6 +149,52 @@ def test_wrong_type_names_the_key() -> None:
     data = raw()
     data["data"]["image"] = {"mode": "cmyk"}
     assert "data.image.mode" in error_of(data)
+
+
+INF, NAN = float("inf"), float("nan")
+# Known gaps, kept visible: pydantic accepts +-inf for a float field with only a lower bound (lr,
+# weight_decay, ...), and registry options carry no bounds at all. strict=True makes the test fail
+# once the schema rejects them (StrictModel / validate_options with allow_inf_nan=False), so the
+# marker is dropped then.
+ACCEPTS_INF = pytest.mark.xfail(strict=True, reason="schema accepts inf where only a lower bound is set")
+
+# (section path, key, bad value); the error must name "section.key" and be one line.
+INVALID_VALUES = [
+    *[("optim", "lr", v) for v in (NAN, -INF, -1e-3, 0.0, "fast", [0.1], {"value": 0.1})],
+    pytest.param("optim", "lr", INF, marks=ACCEPTS_INF, id="optim.lr-inf"),
+    *[("optim", "weight_decay", v) for v in (NAN, -INF, -0.01, "none")],
+    pytest.param("optim", "weight_decay", INF, marks=ACCEPTS_INF, id="optim.weight_decay-inf"),
+    *[("optim", "gradient_clip", v) for v in (NAN, -INF, -1.0, 0.0)],
+    pytest.param("optim", "gradient_clip", INF, marks=ACCEPTS_INF, id="optim.gradient_clip-inf"),
+    *[("trainer", "max_epochs", v) for v in (NAN, INF, -INF, -1, 0, 2.5, "many", [3])],
+    *[("trainer", "patience", v) for v in (INF, -2, 0, "soon")],
+    *[("trainer", "modality_dropout", v) for v in (NAN, INF, -INF, -0.1, 1.0, "half")],
+    *[("trainer", "unimodal_loss_weight", v) for v in (NAN, -INF, -1.0)],
+    pytest.param("trainer", "unimodal_loss_weight", INF, marks=ACCEPTS_INF, id="trainer.unimodal_loss_weight-inf"),
+    *[("data", "batch_size", v) for v in (NAN, INF, -8, 0, "big")],
+    *[("data", "val_fraction", v) for v in (NAN, INF, -INF, -0.1, 1.0)],
+    *[("data.audio", "f_min", v) for v in (NAN, -INF, -1.0)],
+    *[("data.audio", "max_seconds", v) for v in (NAN, -INF, -1.0, 0.0)],
+    pytest.param("data.audio", "max_seconds", INF, marks=ACCEPTS_INF, id="data.audio.max_seconds-inf"),
+    *[("data.audio", "normalize_dbfs", v) for v in (NAN, INF, 3.0)],
+    pytest.param("data.audio", "normalize_dbfs", -INF, marks=ACCEPTS_INF, id="data.audio.normalize_dbfs--inf"),
+    *[("task", "head_dropout", v) for v in (NAN, INF, -INF, -0.1, 1.0)],
+    *[("task", "head_hidden", v) for v in (NAN, INF, -1, "wide")],
+    *[("fusion", "out_dim", v) for v in (NAN, INF, -INF, -1, 0, "x")],
+    *[("fusion", "hidden", v) for v in (NAN, INF, -INF, "wide", [64])],  # a registry option of concat
+    pytest.param("fusion", "dropout", INF, marks=ACCEPTS_INF, id="fusion.dropout-inf"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "value"), INVALID_VALUES)
+def test_invalid_value_is_rejected_and_names_the_key(section: str, key: str, value: Any) -> None:
+    data = raw(task={"name": "classification"})
+    node = data
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[key] = value
+    message = error_of(data)
+    assert f"{section}.{key}" in message, message
 
 
 def test_unknown_fusion_lists_valid_choices() -> None:

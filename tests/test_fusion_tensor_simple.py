@@ -137,17 +137,54 @@ def test_gated_gates_renormalised_over_present(gate: str) -> None:
     assert not torch.allclose(gates[0, 0], gates[0, 0, :1].expand(fusion.proj_dim))
 
 
-def test_gated_two_modalities_is_the_gmu() -> None:
-    """For M=2 the softmax gate is GMU's h = z * h_1 + (1 - z) * h_2 with z = sigmoid(l_1 - l_2)."""
+def _gmu_by_hand(fusion: GatedFusion, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arevalo et al. 2017, eqs. (1)-(4), for M=2, from the module's weights only:
+
+    h_1 = tanh(W_1 x_1), h_2 = tanh(W_2 x_2), z = sigmoid(W_z [x_1; x_2] + b_z), h = z h_1 + (1 - z) h_2.
+
+    W_1/W_2 are the transforms (Linear, then this library's LayerNorm, written out by hand). The
+    module's gate Linear emits one logit row block per modality and normalises them with a softmax
+    over the two; softmax(l_1, l_2)_1 = sigmoid(l_1 - l_2), so the paper's single W_z is the first
+    block minus the second. Returns (z, h).
+    """
+    def transform(m: str, x: torch.Tensor) -> torch.Tensor:
+        linear, norm = fusion.transform[m][0], fusion.transform[m][1]
+        a = x @ linear.weight.T + linear.bias
+        a = (a - a.mean(-1, keepdim=True)) / torch.sqrt(a.var(-1, unbiased=False, keepdim=True) + norm.eps)
+        return torch.tanh(a * norm.weight + norm.bias)
+
+    p = fusion.proj_dim
+    w, b = fusion.gate.weight, fusion.gate.bias  # (2P, D_1 + D_2), (2P,)
+    w_z, b_z = w[:p] - w[p:], b[:p] - b[p:]
+    z = torch.sigmoid(torch.cat([x1, x2], dim=-1) @ w_z.T + b_z)  # the gate reads the INPUTS x
+    return z, z * transform("image", x1) + (1 - z) * transform("text", x2)
+
+
+def test_gated_two_modalities_is_the_published_gmu() -> None:
     dims = {"image": 5, "text": 7}
-    fusion = build("gated", dims=dims)
+    fusion = build("gated", dims=dims, proj_dim=6)
+    assert isinstance(fusion, GatedFusion)
+    # Inputs of a large scale: tanh(h) saturates, so a gate that read h instead of x would differ.
     features = make_features(dims, {"image": 2, "text": 3}, {"image": [True] * 4, "text": [True] * 4})
+    x1, x2 = 3.0 * features["image"].pooled, 3.0 * features["text"].pooled
+    features = {m: Features(tokens=f.tokens, mask=f.mask, pooled=x, present=f.present)
+                for (m, f), x in zip(features.items(), (x1, x2), strict=True)}
     with torch.no_grad():
-        h = [torch.tanh(fusion.transform[m](features[m].pooled)) for m in sorted(dims)]
-        logits = fusion.gate(torch.cat(h, dim=-1)).view(4, 2, -1)
-        z = torch.sigmoid(logits[:, 0] - logits[:, 1])
-        expected = fusion.mix(z * h[0] + (1 - z) * h[1])
-        assert torch.allclose(fusion(features), expected, atol=1e-5)
+        z, h = _gmu_by_hand(fusion, x1, x2)
+        gates = fusion.modality_weights(features)
+        assert torch.allclose(gates[:, 0], z, atol=1e-6) and torch.allclose(gates[:, 1], 1 - z, atol=1e-6)
+        assert torch.allclose(fusion(features), fusion.mix(h), atol=1e-5)
+
+
+def test_gated_sigmoid_option_is_the_m_modality_gmu_renormalised() -> None:
+    """gate="sigmoid": the paper's M-modality z_m = sigmoid(W_zm [x_1; ...; x_M]), renormalised."""
+    dims = {"image": 5, "text": 7}
+    fusion = build("gated", dims=dims, proj_dim=6, gate="sigmoid")
+    features = make_features(dims, {"image": 2, "text": 3}, {"image": [True] * 4, "text": [True] * 4})
+    x = torch.cat([features["image"].pooled, features["text"].pooled], dim=-1)
+    with torch.no_grad():
+        z = torch.sigmoid(x @ fusion.gate.weight.T + fusion.gate.bias).view(4, 2, 6)
+        assert torch.allclose(fusion.modality_weights(features), z / z.sum(dim=1, keepdim=True), atol=1e-6)
 
 
 def test_gated_missing_embedding_only_feeds_the_gate_of_rows_that_lack_it() -> None:
@@ -256,18 +293,28 @@ def test_lmf_every_parameter_trains() -> None:
         assert not torch.equal(param.detach(), before[name]), f"{name} did not change after a step"
 
 
-def test_lmf_equals_the_low_rank_formula_by_hand() -> None:
-    fusion = build("lmf", rank=2)
+def test_lmf_equals_tfn_with_a_rank_r_weight_tensor() -> None:
+    """Liu et al. 2018, eq. (5)-(6): LMF is TFN's h = W . Z + b with W = sum_r w_r (x)_m W_m^(r).
+
+    The full weight tensor W (P+1, P+1, P+1, F) is built from LMF's factors, the full TFN product
+    Z = [p_1; 1] (x) [p_2; 1] (x) [p_3; 1] (B, P+1, P+1, P+1) is formed explicitly, and their
+    contraction must be LMF's output, which never forms either.
+    """
+    rank, proj_dim = 3, 4
+    fusion = build("lmf", rank=rank, proj_dim=proj_dim)
     features = make_features(DIMS3, TOKENS3, PRESENCE3)
     with torch.no_grad():
-        product = torch.ones(2, 6, OUT_DIM)
-        for m in MODS:
-            f = features[m]
-            p = torch.where(f.present[:, None], fusion.project[m](f.pooled), fusion.missing[m])
-            p1 = torch.cat([p, torch.ones(6, 1)], dim=-1)
-            product = product * torch.stack([p1 @ fusion.factors[m][r] for r in range(2)])
-        expected = (fusion.fusion_weights[:, None, None] * product).sum(dim=0) + fusion.fusion_bias
+        a, b, c = (fusion.factors[m] for m in MODS)  # each (rank, P+1, F)
+        weight = torch.einsum("r,rif,rjf,rkf->ijkf", fusion.fusion_weights, a, b, c)
+        assert weight.shape == (proj_dim + 1,) * 3 + (OUT_DIM,)
+        ones = torch.ones(6, 1)
+        p1 = [torch.cat([torch.where(features[m].present[:, None], fusion.project[m](features[m].pooled),
+                                     fusion.missing[m]), ones], dim=-1) for m in MODS]
+        product = torch.einsum("bi,bj,bk->bijk", *p1)  # TFN's tensor, with the appended 1s
+        expected = torch.einsum("bijk,ijkf->bf", product, weight) + fusion.fusion_bias
         assert torch.allclose(fusion(features), expected, atol=1e-5)
+        # The constant corner of Z is 1, so W's corner is the bias-like term TFN keeps.
+        assert torch.equal(product[:, -1, -1, -1], torch.ones(6))
 
 
 @pytest.mark.parametrize("rank", [1, 4, 8])

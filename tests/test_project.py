@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -33,7 +34,33 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     assert test_command in ci_lines
 
 
-def test_bf16_mixed_precision_trains(synth_manifest: Path, tmp_path: Path) -> None:
+def test_bf16_mixed_precision_trains(synth_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.precision: bf16 must reach the computation: training forwards run under bf16 autocast
+    (the logits come out bfloat16) while the weights stay float32, and the run still gives finite metrics."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    import mmfuse.engine.fit as fit_module
+    from mmfuse.model import MultimodalModel
+
+    seen: list[torch.dtype] = []
+    forward = MultimodalModel.forward
+
+    def recording_forward(self: MultimodalModel, batch: Any) -> torch.Tensor:
+        out = forward(self, batch)
+        if self.training:
+            seen.append(out.dtype)
+        return out
+
+    trainers: list[Any] = []
+    run_trainer = fit_module._run_trainer
+
+    def recording_run(*args: Any, **kwargs: Any) -> Any:
+        trainer, seconds = run_trainer(*args, **kwargs)
+        trainers.append(trainer)
+        return trainer, seconds
+
+    monkeypatch.setattr(MultimodalModel, "forward", recording_forward)
+    monkeypatch.setattr(fit_module, "_run_trainer", recording_run)
     config = validate_config({
         "data": {"manifest": str(synth_manifest), "target_column": "shape", "batch_size": 32},
         "encoders": {"image": {"name": "image_cnn", "dim": 16, "channels": [8]},
@@ -42,6 +69,9 @@ def test_bf16_mixed_precision_trains(synth_manifest: Path, tmp_path: Path) -> No
                     "progress_bar": False},
     })
     result = fit(config, prepare_data(config), save=False)
+    assert seen and set(seen) == {torch.bfloat16}, f"training forwards produced {set(seen)}"
+    (trainer,) = trainers
+    assert isinstance(trainer.precision_plugin, MixedPrecision) and trainer.precision_plugin.precision == "bf16-mixed"
     assert all(torch.isfinite(torch.tensor(v)) for v in result.val_metrics.values())
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # mixed: weights stay fp32
 

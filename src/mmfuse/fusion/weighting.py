@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from mmfuse.core.contracts import Features
 from mmfuse.core.errors import ConfigError
 from mmfuse.core.layers import mlp
-from mmfuse.core.masking import MissingEmbedding, present_pooled, stack_presence
+from mmfuse.core.masking import present_pooled, stack_presence
 from mmfuse.core.registry import FUSIONS
 from mmfuse.fusion.base import Fusion, check_positive, masked_softmax, projector
 
@@ -103,15 +103,21 @@ class GatedFusion(Fusion):
     """Gated Multimodal Unit (Arevalo et al. 2017, "Gated Multimodal Units for Information Fusion"),
     generalised from two to M modalities.
 
-    pooled (B, D_m) per modality -> h_m = tanh(LayerNorm(W_m x_m)) (B, proj_dim) -> gate logits
-    = W_z [g_1; ...; g_M] (B, M, proj_dim), where g_m = h_m for a present modality and a learned
-    per-modality "missing" embedding for an absent one (so the gate input is always defined) ->
-    per-feature gates z over modalities -> h = sum_m z_m * h_m (B, proj_dim) -> MLP -> (B, out_dim).
+    As in the paper, the hidden states and the gates read different things: pooled x_m (B, D_m) ->
+    h_m = tanh(LayerNorm(W_m x_m)) (B, proj_dim), while the gate logits W_z [x~_1; ...; x~_M]
+    (B, M, proj_dim) read the *inputs* themselves, so a modality's weight can depend on raw
+    evidence that its own tanh projection has squashed away. x~_m = x_m for a present modality and a
+    learned per-modality "missing" embedding in input space (D_m) for an absent one, so the gate
+    input is always defined and never holds an absent row's values (NaN included). Then per-feature
+    gates z over modalities -> h = sum_m z_m * h_m (B, proj_dim) -> MLP -> (B, out_dim). The
+    LayerNorm inside tanh is this library's addition (every fusion projects with Linear+LayerNorm).
 
     ``gate="softmax"`` (default) normalises the gates over the present modalities with a masked
-    softmax; for two modalities that is exactly the GMU's z, 1 - z. ``gate="sigmoid"`` uses
-    independent sigmoid gates, renormalised to sum to 1 over the present modalities. Either way an
-    absent modality's h_m gets gate 0 and a sample with nothing present feeds zeros to the MLP.
+    softmax; for two modalities that is exactly the GMU's z = sigmoid(W_z [x_1; x_2]) and 1 - z,
+    with W_z the difference of the two modalities' gate rows. ``gate="sigmoid"`` is the paper's
+    M-modality form, independent z_m = sigmoid(W_zm [x~]), renormalised to sum to 1 over the present
+    modalities. Either way an absent modality's h_m gets gate 0 and a sample with nothing present
+    feeds zeros to the MLP.
 
     Options: proj_dim (64), gate ("softmax" | "sigmoid"), hidden (MLP hidden, 0 = linear; 128),
     dropout (0.1). ``modality_weights(features)`` returns the gates (B, M, proj_dim).
@@ -126,19 +132,20 @@ class GatedFusion(Fusion):
         self.gate_kind = gate
         self.proj_dim = proj_dim
         self.transform = nn.ModuleDict({m: projector(d, proj_dim) for m, d in self.dims.items()})
-        self.missing = MissingEmbedding(self.modalities, proj_dim)
+        # Stand-ins for absent inputs live in input space, because that is what the gate reads.
+        self.missing = nn.ParameterDict({m: nn.Parameter(0.02 * torch.randn(d)) for m, d in self.dims.items()})
         n = len(self.modalities)
-        self.gate = nn.Linear(n * proj_dim, n * proj_dim)
+        self.gate = nn.Linear(sum(self.dims.values()), n * proj_dim)
         self.mix = mlp(proj_dim, hidden, out_dim, dropout)
 
     def _hidden_and_gates(self, features: dict[str, Features]) -> tuple[Tensor, Tensor, Tensor]:
-        hidden = torch.stack([torch.tanh(self.transform[m](present_pooled(features[m]))) for m in self.modalities],
-                             dim=1)  # (B, M, P)
+        inputs = {m: present_pooled(features[m]) for m in self.modalities}  # absent rows already zero
+        hidden = torch.stack([torch.tanh(self.transform[m](x)) for m, x in inputs.items()], dim=1)  # (B, M, P)
         present = stack_presence(features, self.modalities)
         keep = present.unsqueeze(-1)
-        missing = self.missing.stacked(self.modalities, hidden.dtype)  # (M, P)
-        gate_in = torch.where(keep, hidden, missing.unsqueeze(0))
-        logits = self.gate(gate_in.flatten(1)).view(hidden.shape)
+        gate_in = torch.cat([torch.where(features[m].present[:, None], x, self.missing[m].to(x.dtype))
+                             for m, x in inputs.items()], dim=-1)  # (B, sum D_m)
+        logits = self.gate(gate_in).view(hidden.shape)
         if self.gate_kind == "softmax":
             gates = masked_softmax(logits, present)
         else:
