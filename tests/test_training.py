@@ -159,6 +159,7 @@ def test_skip_mode_skips_bad_regression_targets_and_writes_them_to_the_run_folde
     # A later run in the same folder with nothing to skip leaves no stale list behind.
     clean = tiny_config(tmp_path, {"train": numbered("t", [1.0, 2.0, 3.0]), "val": numbered("v", [1.0])},
                         on_error="skip")
+    clean["trainer"]["overwrite"] = True  # the folder holds the finished first run
     again = fit(validate_config(clean), prepare_data(validate_config(clean)))
     assert again.skipped == {} and again.skipped_file is None and not (tmp_path / "run" / "skipped.jsonl").exists()
 

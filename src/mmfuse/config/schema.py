@@ -21,7 +21,7 @@ ModalityKind = Literal["text", "image", "audio", "features"]
 class StrictModel(BaseModel):
     """Rejects unknown keys with a 'did you mean' hint instead of pydantic's generic message."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

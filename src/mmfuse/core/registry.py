@@ -108,7 +108,8 @@ class Registry(Generic[T]):
                     f"valid options: {', '.join(sorted(fields)) or '(none)'}"
                 )
         model = pydantic.create_model(  # type: ignore[call-overload]
-            f"{name}_options", __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+            f"{name}_options",
+            __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False),
             **fields,
         )
         try:
