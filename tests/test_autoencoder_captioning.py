@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,16 +143,6 @@ def test_autoencoder_imputation_beats_mean_baseline(tmp_path: Path) -> None:
     assert metrics is not None
     assert metrics["text_words_absent_nmse"] < 0.9 and metrics["audio_features_absent_nmse"] < 0.5
 
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models: a second intra-op thread only adds overhead (4x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def latent_pair_manifest(folder: Path, n: int = 300, seed: int = 0) -> Path:

@@ -6,7 +6,6 @@ Also the ``sentiment`` task's MOSI metrics, checked against numbers computed by 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,16 +179,6 @@ def test_train_one_epoch_save_reload_identical(example: Path, tmp_path: Path) ->
     predictions = reloaded.predict(batch)
     assert predictions[0]["sentiment"] in ("positive", "negative") and isinstance(predictions[0]["value"], float)
 
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models: a second intra-op thread only adds overhead (4x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.usefixtures("one_thread")

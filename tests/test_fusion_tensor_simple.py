@@ -7,8 +7,6 @@ and each must learn a small synthetic task.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -351,16 +349,6 @@ def synthetic_task(n: int, seed: int, kind: str) -> tuple[dict[str, Features], t
     features = {m: Features(tokens=v[:, None], mask=ones[:, None], pooled=v, present=ones) for m, v in x.items()}
     return features, y
 
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """These models are tiny: extra intra-op threads only add overhead (and thrash on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.usefixtures("one_thread")
