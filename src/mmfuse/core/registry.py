@@ -60,7 +60,7 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
-            if name in self._factories and self._factories[name] is not factory:
+            if name in self._factories:
                 raise ValueError(f"{self.kind} '{name}' is already registered")
             self._factories[name] = factory
             return factory
