@@ -1,0 +1,1 @@
+"""``mmfuse serve``: a saved model behind an HTTP endpoint, with a web page, limits and metrics."""
