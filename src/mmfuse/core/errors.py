@@ -23,6 +23,10 @@ class DataError(MMFuseError):
     """A manifest, file or sample cannot be read or is invalid."""
 
 
+class InputTooLarge(DataError):
+    """An input exceeds a size limit (pixels, seconds, bytes): refused before it is decoded in full."""
+
+
 def closest(word: str, choices: Iterable[str]) -> str | None:
     """The closest valid spelling of ``word``, so errors can say 'did you mean ...?'."""
     matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

@@ -10,6 +10,7 @@ gives ``n // hop_length + 1`` frames, so a clip of exactly ``max_seconds`` fills
 from __future__ import annotations
 
 import functools
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from scipy.signal import resample_poly
 
 from mmfuse.config import AudioPrep
-from mmfuse.core.errors import ConfigError, DataError
+from mmfuse.core.errors import ConfigError, DataError, InputTooLarge
 
 LOG_FLOOR = 1e-6
 """Added to mel power before the log: silence maps to log(1e-6) ~ -13.8 instead of -inf.
@@ -72,18 +73,34 @@ def load_waveform(path: Path, prep: AudioPrep, crops: CropTally | None = None) -
     path = Path(path)
     if not path.is_file():
         raise DataError(f"audio file not found: {path}")
-    samples, sr, total = _read(path, prep.max_seconds)
+    samples, sr, total = _read(path, str(path), prep.max_seconds)
+    return _finish(samples, sr, total, str(path), prep, crops)
+
+
+def decode_waveform_bytes(data: bytes, label: str, prep: AudioPrep, max_seconds: float | None = None) -> np.ndarray:
+    """``load_waveform`` of an uploaded file held in memory (the HTTP server's inputs); ``label``
+    names it in errors. A clip whose header says it lasts more than ``max_seconds`` raises
+    ``InputTooLarge`` (only the kept crop is ever decoded, so memory stays bounded either way)."""
+    samples, sr, total = _read(io.BytesIO(data), label, prep.max_seconds)
+    if max_seconds is not None and total / sr > max_seconds:
+        raise InputTooLarge(f"audio {label} lasts {total / sr:.4g} s; the limit is {max_seconds:g} s")
+    return _finish(samples, sr, total, label, prep, None)
+
+
+def _finish(samples: np.ndarray, sr: int, total: int, label: str, prep: AudioPrep,
+            crops: CropTally | None) -> np.ndarray:
+    """(frames, channels) as read -> the mono waveform at ``prep.sample_rate``, cropped."""
     if crops is not None and total > prep.max_seconds * sr:
         crops.add(total / sr)
     if samples.shape[0] == 0:
-        raise DataError(f"audio file {path} has no samples")
+        raise DataError(f"audio file {label} has no samples")
     if not np.isfinite(samples).all():
-        raise DataError(f"audio file {path} has non-finite samples (NaN or inf)")
+        raise DataError(f"audio file {label} has non-finite samples (NaN or inf)")
     mono = samples.mean(axis=1, dtype=np.float32)
     if sr != prep.sample_rate:
         if not prep.resample:
             raise DataError(
-                f"{path}: sample rate {sr} Hz, expected {prep.sample_rate} Hz "
+                f"{label}: sample rate {sr} Hz, expected {prep.sample_rate} Hz "
                 "(set data.audio.resample: true to resample)"
             )
         mono = _resample(mono, sr, prep.sample_rate)
@@ -95,7 +112,7 @@ def max_samples(prep: AudioPrep) -> int:
     return int(prep.max_seconds * prep.sample_rate)
 
 
-def _read(path: Path, max_seconds: float) -> tuple[np.ndarray, int, int]:
+def _read(source: Path | io.BytesIO, label: str, max_seconds: float) -> tuple[np.ndarray, int, int]:
     """(frames, channels) float32, the file's rate and its length in frames, reading only what the
     crop will keep.
 
@@ -103,13 +120,13 @@ def _read(path: Path, max_seconds: float) -> tuple[np.ndarray, int, int]:
     and never comes out one sample short.
     """
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(source if isinstance(source, io.BytesIO) else str(source)) as f:
             sr = int(f.samplerate)
             limit = math.ceil(max_seconds * sr) + sr // 50 + 1
             data = f.read(frames=limit, dtype="float32", always_2d=True)
             total = max(int(f.frames), data.shape[0])  # frames may be unknown (0) for some streams
     except _DECODE_ERRORS as exc:
-        raise DataError(f"cannot decode audio {path}: {_reason(exc)}") from None
+        raise DataError(f"cannot decode audio {label}: {_reason(exc)}") from None
     return data, sr, total
 
 

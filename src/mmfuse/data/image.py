@@ -8,6 +8,7 @@ can skip it or the CLI can report it in one line.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mmfuse.config import ImagePrep
-from mmfuse.core.errors import DataError
+from mmfuse.core.errors import DataError, InputTooLarge
 
 _HIGH_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -38,13 +39,27 @@ def decode_image(path: Path, prep: ImagePrep) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file not found: {path}")
+    return _decode(path, str(path), prep, None)
+
+
+def decode_image_bytes(data: bytes, label: str, prep: ImagePrep, max_pixels: int | None = None) -> Image.Image:
+    """``decode_image`` of an uploaded file held in memory (the HTTP server's inputs); ``label`` names
+    it in errors. An image of more than ``max_pixels`` raises ``InputTooLarge`` from its header,
+    before any pixel is decoded: a small PNG can claim gigapixels (a decompression bomb)."""
+    return _decode(io.BytesIO(data), label, prep, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, label: str, prep: ImagePrep, max_pixels: int | None) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise InputTooLarge(f"image {label} has {img.width}x{img.height} = {img.width * img.height:,} "
+                                    f"pixels; the limit is {max_pixels:,}")
             img.load()  # decode now: Image.open only reads the header, so truncation shows up here
             upright = ImageOps.exif_transpose(img)
             return _to_mode(upright, prep)
     except _DECODE_ERRORS as exc:
-        raise DataError(f"cannot decode image {path}: {_reason(exc)}") from None
+        raise DataError(f"cannot decode image {label}: {_reason(exc)}") from None
 
 
 def image_to_tensor(image: Image.Image, prep: ImagePrep) -> torch.Tensor:
