@@ -1,0 +1,160 @@
+"""A ``POST /predict`` body -> one raw value per modality, every client mistake a ``BadRequest``.
+
+Two body formats carry the same fields, one per modality the model reads, named after it:
+``multipart/form-data`` (``text`` as a field, ``image``/``audio`` as files; what a browser form
+sends) and ``application/json`` (text as a string, image/audio as base64, features as nested
+lists). An empty field counts as not given, because a browser form sends every field, chosen or
+not. Anything else is refused with the status a client can act on: 415 for another content type,
+422 for an unknown field, a modality the model lacks or a value of the wrong type.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+FieldValue = str | bytes | list[Any]
+"""text -> str; image/audio -> the file's bytes; features -> a (D,) or (T, D) nested list, or .npy bytes."""
+
+MODALITY_KINDS = ("text", "image", "audio", "features")
+
+
+class BadRequest(Exception):
+    """A request the server refuses, with the HTTP status and one line for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Field:
+    """One given modality: its value and how the client named it (a file name, for errors)."""
+
+    value: FieldValue
+    label: str
+
+
+async def read_fields(request: Request, kinds: dict[str, str]) -> dict[str, Field]:
+    """The request's fields, keyed by modality; ``kinds`` maps each modality the model reads to its kind."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        fields = await _multipart_fields(request, kinds)
+    elif content_type == "application/json":
+        fields = await _json_fields(request, kinds)
+    else:
+        raise BadRequest(415, f"content type '{content_type or '(none)'}' is not accepted; send "
+                              "multipart/form-data or application/json")
+    if not fields:
+        raise BadRequest(422, f"give at least one input; this model reads {', '.join(kinds)}")
+    return fields
+
+
+def _check_name(name: str, kinds: dict[str, str]) -> None:
+    if name in kinds:
+        return
+    reads = ", ".join(kinds)
+    if name in MODALITY_KINDS:
+        raise BadRequest(422, f"this model was not trained with '{name}'; it reads {reads}")
+    raise BadRequest(422, f"unknown field '{name}'; this model reads {reads}")
+
+
+async def _multipart_fields(request: Request, kinds: dict[str, str]) -> dict[str, Field]:
+    try:
+        form = await request.form(max_files=len(kinds) + 1, max_fields=len(kinds) + 1)
+    except BadRequest:  # the body cap, raised while the body streams in
+        raise
+    except Exception as exc:  # python-multipart's errors have no common base that starlette exports
+        raise BadRequest(422, f"malformed multipart body: {' '.join(str(exc).split()) or type(exc).__name__}") from None
+    try:
+        fields: dict[str, Field] = {}
+        for name, value in form.multi_items():
+            _check_name(name, kinds)
+            if name in fields:
+                raise BadRequest(422, f"field '{name}' is given twice")
+            if isinstance(value, UploadFile):
+                data = await value.read()
+                if not data and not value.filename:
+                    continue  # a form's file input left empty
+                fields[name] = Field(_file_value(name, kinds[name], data, value.filename or name),
+                                     value.filename or name)
+            elif value.strip():
+                fields[name] = Field(_form_text_value(name, kinds[name], value), name)
+        return fields
+    finally:
+        await form.close()
+
+
+def _file_value(name: str, kind: str, data: bytes, filename: str) -> FieldValue:
+    if kind == "text":
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(422, f"field '{name}': file {filename} is not UTF-8 text") from None
+    return data
+
+
+def _form_text_value(name: str, kind: str, value: str) -> FieldValue:
+    if kind == "text":
+        return value
+    if kind == "features":
+        return _features_list(name, _parse_json(name, value))
+    raise BadRequest(422, f"field '{name}' must be a file upload ({kind}), not a text value")
+
+
+def _parse_json(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(422, f"field '{name}': not valid JSON ({exc.msg})") from None
+
+
+async def _json_fields(request: Request, kinds: dict[str, str]) -> dict[str, Field]:
+    body = await request.body()
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise BadRequest(422, f"the body is not valid JSON ({reason})") from None
+    if not isinstance(payload, dict):
+        raise BadRequest(422, f"the JSON body must be an object of fields, not {type(payload).__name__}")
+    fields: dict[str, Field] = {}
+    for name, value in payload.items():
+        _check_name(name, kinds)
+        if value is None or value == "":
+            continue
+        kind = kinds[name]
+        if kind == "text":
+            if not isinstance(value, str):
+                raise BadRequest(422, f"field '{name}' must be a string, not {type(value).__name__}")
+            if value.strip():
+                fields[name] = Field(value, name)
+        elif kind == "features":
+            fields[name] = Field(_features_list(name, value), name)
+        else:
+            fields[name] = Field(_base64(name, kind, value), name)
+    return fields
+
+
+def _base64(name: str, kind: str, value: Any) -> bytes:
+    """Base64 (a ``data:...;base64,`` URL prefix is allowed), strictly: stray characters are an error."""
+    if not isinstance(value, str):
+        raise BadRequest(422, f"field '{name}' must be a base64 string of the {kind} file, not {type(value).__name__}")
+    text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(422, f"field '{name}' is not valid base64") from None
+
+
+def _features_list(name: str, value: Any) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise BadRequest(422, f"field '{name}' must be a non-empty (D,) or (T, D) list of numbers")
+    return value
