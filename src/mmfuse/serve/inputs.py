@@ -1,7 +1,7 @@
 """A ``POST /predict`` body -> one raw value per modality, every client mistake a ``BadRequest``.
 
 Two body formats carry the same fields, one per modality the model reads, named after it:
-``multipart/form-data`` (``text`` as a field, ``image``/``audio`` as files; what a browser form
+``multipart/form-data`` (or a url-encoded form, for text only; ``text`` as a field, ``image``/``audio`` as files; what a browser form
 sends) and ``application/json`` (text as a string, image/audio as base64, features as nested
 lists). An empty field counts as not given, because a browser form sends every field, chosen or
 not. Anything else is refused with the status a client can act on: 415 for another content type,
@@ -45,13 +45,13 @@ class Field:
 async def read_fields(request: Request, kinds: dict[str, str]) -> dict[str, Field]:
     """The request's fields, keyed by modality; ``kinds`` maps each modality the model reads to its kind."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         fields = await _multipart_fields(request, kinds)
     elif content_type == "application/json":
         fields = await _json_fields(request, kinds)
     else:
         raise BadRequest(415, f"content type '{content_type or '(none)'}' is not accepted; send "
-                              "multipart/form-data or application/json")
+                              "multipart/form-data (or a url-encoded form) or application/json")
     if not fields:
         raise BadRequest(422, f"give at least one input; this model reads {', '.join(kinds)}")
     return fields
