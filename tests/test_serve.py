@@ -15,16 +15,14 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+from fastapi.testclient import TestClient
 from PIL import Image
+from serve_helpers import train_small_model
 from typer.testing import CliRunner
 
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-from serve_helpers import train_small_model  # noqa: E402
-
-from mmfuse.cli import app  # noqa: E402
-from mmfuse.serve.app import create_app  # noqa: E402
-from mmfuse.serve.settings import ServeSettings  # noqa: E402
+from mmfuse.cli import app
+from mmfuse.serve.app import create_app
+from mmfuse.serve.settings import ServeSettings
 
 runner = CliRunner()
 

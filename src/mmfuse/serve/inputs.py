@@ -1,11 +1,12 @@
 """A ``POST /predict`` body -> one raw value per modality, every client mistake a ``BadRequest``.
 
 Two body formats carry the same fields, one per modality the model reads, named after it:
-``multipart/form-data`` (or a url-encoded form, for text only; ``text`` as a field, ``image``/``audio`` as files; what a browser form
-sends) and ``application/json`` (text as a string, image/audio as base64, features as nested
-lists). An empty field counts as not given, because a browser form sends every field, chosen or
-not. Anything else is refused with the status a client can act on: 415 for another content type,
-422 for an unknown field, a modality the model lacks or a value of the wrong type.
+``multipart/form-data`` (``text`` as a field, ``image``/``audio`` as files: what a browser form
+sends; a url-encoded form can carry text only) and ``application/json`` (text as a string,
+image/audio as base64, features as nested lists). An empty field counts as not given, because a
+browser form sends every field, chosen or not. Anything else is refused with the status a client
+can act on: 415 for another content type, 422 for an unknown field, a modality the model lacks or
+a value of the wrong type.
 """
 
 from __future__ import annotations
