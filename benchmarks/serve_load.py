@@ -70,10 +70,10 @@ def build_requests(manifest: Path, n: int, malformed: float, seed: int) -> list[
     rng = random.Random(seed)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     files = {(r["id"], m): (manifest.parent / r[m]).read_bytes() for r in rows[:64] for m in ("image", "audio")}
-    specs = []
-    for i in range(n):
+    specs: list[dict[str, Any]] = []
+    for _ in range(n):
         if rng.random() < malformed:
-            kind = MALFORMED_KINDS[i % len(MALFORMED_KINDS)]
+            kind = MALFORMED_KINDS[sum(s["malformed"] for s in specs) % len(MALFORMED_KINDS)]
             specs.append({"kind": kind, "malformed": True, "request": _malformed(kind)})
             continue
         row = rows[rng.randrange(64)]
