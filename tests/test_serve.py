@@ -299,3 +299,40 @@ def test_serve_command_refuses_a_folder_that_is_not_a_model(tmp_path: Path) -> N
     result = runner.invoke(app, ["serve", str(tmp_path)])
     assert result.exit_code == 1
     assert "not an mmfuse model folder: config.json is missing" in result.output
+
+
+def test_the_serve_command_answers_and_exits_1_when_the_model_cannot_load(model_dir: Path, tmp_path: Path) -> None:
+    """The real command in a subprocess: it serves; a corrupt model folder ends it with one clear line."""
+    import subprocess
+    import sys
+
+    import httpx
+    from serve_helpers import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "mmfuse.cli", "serve", str(model_dir), "--port", str(port), "--threads", "1"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        info = httpx.get(f"http://127.0.0.1:{port}/info").json()
+        assert info["modalities"] == {"audio": "audio", "image": "image", "text": "text"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("preprocessing.json", "model.safetensors"):
+        (broken / name).write_bytes((model_dir / name).read_bytes())
+    (broken / "config.json").write_text("{not json")
+    failed = subprocess.run([*command[:4], str(broken), "--port", str(free_port())], capture_output=True, text=True,
+                            timeout=120)
+    assert failed.returncode == 1
+    assert "config.json: not valid JSON" in failed.stderr
