@@ -18,7 +18,10 @@ called directly, not through ``torch.onnx.export``'s fallbacks, because its last
 from __future__ import annotations
 
 import json
+import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +95,7 @@ def _trace(model: MultimodalModel, inputs: list[GraphInput], opset: int | None) 
     graph = GraphModel(model, inputs)
     args = flat_arguments(example_batch(model, inputs, size=3), model.modalities, inputs)
     try:
-        with graph_capture(), torch.no_grad(), warnings.catch_warnings():
+        with graph_capture(), torch.no_grad(), warnings.catch_warnings(), _quiet_loggers("torch.onnx", "onnxscript"):
             warnings.simplefilter("ignore")  # the exporter's advice is for its developers, not our users
             program = torch.export.export(graph, args, dynamic_shapes=shapes, strict=False)
             exported = torch.onnx.export(program, (), dynamo=True, opset_version=opset, verbose=False,
@@ -106,6 +109,21 @@ def _trace(model: MultimodalModel, inputs: list[GraphInput], opset: int | None) 
         model.train(was_training)
     assert exported is not None
     return exported.model_proto
+
+
+@contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Silences the exporter's logged warnings and tracebacks (a failed opset conversion logs both);
+    what matters reaches the user as one MMFuseError."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _name_axes(proto: Any, inputs: list[GraphInput]) -> None:
