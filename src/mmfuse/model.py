@@ -24,6 +24,7 @@ from mmfuse.config import ComponentConfig, EncoderConfig, ExperimentConfig, Fusi
 from mmfuse.core.atomic import atomic_file, staged_folder, write_text_atomic
 from mmfuse.core.contracts import Batch, Features
 from mmfuse.core.errors import ConfigError, MMFuseError
+from mmfuse.core.tracing import eager_all, eager_any
 from mmfuse.core.version import __version__
 from mmfuse.data.dataset import CACHED_MASK, CACHED_POOLED, CACHED_TOKENS
 from mmfuse.data.preprocess import Preprocessor
@@ -100,24 +101,28 @@ class MultimodalModel(nn.Module):
         return cls(ModelSpec.from_experiment(config), preprocessor, task)
 
     def encode(self, batch: Batch) -> dict[str, Features]:
-        """Features per modality; modalities the batch lacks entirely become all-absent features."""
-        size = batch.size
+        """Features per modality; modalities the batch lacks entirely become all-absent features.
+
+        Skipping the encoder of a modality no row has is an eager shortcut (``eager_any``): a graph
+        being exported runs every encoder and relies on the presence masks instead.
+        """
         device = next(self.parameters()).device
         features = {}
         for m in self.modalities:
             encoder = self._encoder(m)
-            if m in batch.inputs and bool(batch.present[m].any()):
+            if m in batch.inputs and eager_any(batch.present[m]):
                 inputs = batch.inputs[m]
                 if CACHED_POOLED in inputs:  # outputs of a frozen encoder, read from the feature cache
                     present = batch.present[m]
                     tokens, mask, pooled = inputs[CACHED_TOKENS], inputs[CACHED_MASK], inputs[CACHED_POOLED]
                     # With every row present, finish_features would only multiply by ones.
-                    features[m] = (Features(tokens, mask, pooled, present) if bool(present.all())
+                    features[m] = (Features(tokens, mask, pooled, present) if eager_all(present)
                                    else finish_features(tokens, mask, pooled, present))
                 else:
                     features[m] = encoder(inputs, batch.present[m])
             else:
-                features[m] = absent_features(size, encoder.out_dim, device, torch.float32)
+                # batch.size only here: its len() would fix the batch size of an exported graph
+                features[m] = absent_features(batch.size, encoder.out_dim, device, torch.float32)
         return features
 
     def forward(self, batch: Batch) -> Tensor:

@@ -23,6 +23,8 @@ class Encoder(nn.Module):
     kind: str = ""
     out_dim: int
     _frozen_all: bool = False
+    export_blocker: str = ""
+    """Why a graph export (ONNX) cannot follow this encoder, in words for the user; empty when it can."""
 
     def freeze(self) -> Encoder:
         """Stops every parameter from training and keeps the module in eval mode from now on.

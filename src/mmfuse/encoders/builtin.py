@@ -20,6 +20,7 @@ from mmfuse.core.contracts import EncoderContext, Features
 from mmfuse.core.errors import ConfigError
 from mmfuse.core.masking import masked_mean, zero_absent
 from mmfuse.core.registry import ENCODERS
+from mmfuse.core.tracing import capturing_graph, eager_all
 from mmfuse.data.audio import SILENCE_LOG_MEL
 from mmfuse.encoders.base import Encoder, finish_features
 
@@ -63,6 +64,9 @@ class TextGRUEncoder(Encoder):
     """Token embeddings + a bidirectional GRU; tokens are the per-step outputs projected to dim."""
 
     kind = "text"
+    export_blocker = ("its packed GRU needs each text's length as a Python number, and the exporter unrolls "
+                      "a GRU over a fixed number of steps, so no graph can serve texts of any length; "
+                      "train with text_transformer to export")
 
     def __init__(self, vocab_size: int, dim: int, layers: int, dropout: float) -> None:
         super().__init__()
@@ -146,7 +150,7 @@ class _MaskedConvBlock(nn.Module):
         keep = mask[:, None, None, :]
         x = self.conv(x)
         batch, channels, freq, steps = x.shape
-        padded = not bool(mask.all())
+        padded = not eager_all(mask)
         if padded:
             # GroupNorm over the valid frames only, folded into one per-channel scale and shift.
             # Statistics in float32 whatever the autocast dtype, as nn.GroupNorm does.
@@ -164,12 +168,28 @@ class _MaskedConvBlock(nn.Module):
         else:  # no padding in the batch: plain GroupNorm gives the same result, faster
             x = nn.functional.gelu(self.norm(x))
         # An odd last frame gets a pooling window of its own, as if the clip were unpadded.
-        if steps % 2:
-            x = nn.functional.pad(x, (0, 1), value=torch.finfo(x.dtype).min)
-            mask = nn.functional.pad(mask, (0, 1), value=False)
-        x = nn.functional.max_pool2d(x, 2)
-        mask = mask.reshape(batch, -1, 2).any(dim=-1)
+        if capturing_graph():
+            x, mask = _pool_any_length(x, mask)
+        else:
+            if steps % 2:
+                x = nn.functional.pad(x, (0, 1), value=torch.finfo(x.dtype).min)
+                mask = nn.functional.pad(mask, (0, 1), value=False)
+            x = nn.functional.max_pool2d(x, 2)
+            mask = mask.reshape(batch, -1, 2).any(dim=-1)
         return (x.masked_fill(~mask[:, None, None, :], 0.0) if padded else x), mask
+
+
+def _pool_any_length(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The 2x2 max-pool of ``_MaskedConvBlock`` without a branch on the parity of the frame count.
+
+    A graph being exported has a symbolic frame count, so ``if steps % 2`` cannot be traced: always
+    append one padding frame and pool with floor rounding, which drops that frame again when the
+    count was even. The windows, and so the values, are those of the eager path.
+    """
+    x = nn.functional.pad(x, (0, 1), value=torch.finfo(x.dtype).min)
+    mask = nn.functional.pad(mask, (0, 1), value=False)
+    pooled_mask = nn.functional.max_pool2d(mask[:, None, None, :].float(), (1, 2))[:, 0, 0] > 0
+    return nn.functional.max_pool2d(x, 2), pooled_mask
 
 
 class AudioCNNEncoder(Encoder):
@@ -298,9 +318,11 @@ class LeNetEncoder(Encoder):
         or anything else) would move the present rows' features and the statistics kept for eval.
         A batch without any present row runs nothing, so the statistics stay as they were.
         """
-        out = x.new_zeros(x.shape[0], self.out_dim)
-        if bool(present.all()):
+        if eager_all(present):
             return self.net(x)
+        if capturing_graph():  # an exported graph (eval mode only) runs every row and masks the output
+            return torch.where(present[:, None], self.net(x), torch.zeros((), dtype=x.dtype, device=x.device))
+        out = x.new_zeros(x.shape[0], self.out_dim)
         rows = present.nonzero().flatten()
         if rows.numel():
             out = out.index_copy(0, rows, self.net(x.index_select(0, rows)).to(out.dtype))

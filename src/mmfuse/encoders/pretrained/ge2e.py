@@ -56,6 +56,8 @@ class GE2EAudioEncoder(PretrainedEncoder):
     """mel (B, 40, F) log-mel, frame_mask (B, F) -> tokens (B, F, 256), pooled (B, 256) embedding."""
 
     kind = "audio"
+    export_blocker = ("its packed LSTM needs each clip's length as a Python number, and the exporter unrolls "
+                      "an LSTM over a fixed number of frames")
 
     def __init__(self) -> None:
         super().__init__()

@@ -50,6 +50,9 @@ class HFAudioEncoder(_HFEncoder):
         self.out_dim = int(getattr(config, "hidden_size", 0) or config.d_model)
         accepted = inspect.signature(backbone.forward).parameters
         self._accepted = set(accepted)
+        if not raw:
+            self.export_blocker = ("its model reads features that the Hugging Face feature extractor computes "
+                                   "in numpy, outside any graph")
 
     def forward(self, inputs: dict[str, Tensor], present: Tensor) -> Features:
         wave, valid = inputs["waveform"], inputs["sample_mask"]
