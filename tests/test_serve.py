@@ -336,3 +336,29 @@ def test_the_serve_command_answers_and_exits_1_when_the_model_cannot_load(model_
                             timeout=120)
     assert failed.returncode == 1
     assert "config.json: not valid JSON" in failed.stderr
+
+
+def test_onnx_backend_answers_as_pytorch_does(synth_manifest: Path, tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    """``mmfuse serve --onnx``: the same API and the same answers (to 1e-4) through onnxruntime."""
+    from mmfuse.export.onnx import export_onnx
+    from mmfuse.model import MultimodalModel
+
+    folder = train_small_model(synth_manifest, tmp_path, text_encoder="text_transformer")
+    graph = export_onnx(MultimodalModel.from_pretrained(folder), tmp_path / "model.onnx")
+    torch_client, onnx_client = ready_client(folder), ready_client(folder, onnx=graph, threads=1)
+    try:
+        assert onnx_client.get("/info").json()["backend"] == "onnxruntime"
+        for row, modalities in ((rows[0], ("text", "image", "audio")), (rows[1], ("image",)),
+                                (rows[2], ("text", "audio"))):
+            expected = torch_client.post("/predict?explain=1", **multipart(row, modalities)).json()
+            got = onnx_client.post("/predict?explain=1", **multipart(row, modalities)).json()
+            assert got["label"] == expected["label"] and got["modalities"] == expected["modalities"]
+            for name, p in expected["probabilities"].items():
+                assert got["probabilities"][name] == pytest.approx(p, abs=1e-4)
+            for name, phi in expected["contributions"].items():
+                assert got["contributions"][name] == pytest.approx(phi, abs=1e-4)
+        assert onnx_client.post("/predict", json={"image": "%%"}).status_code == 422
+    finally:
+        torch_client.__exit__(None, None, None)
+        onnx_client.__exit__(None, None, None)
+

@@ -30,7 +30,8 @@ def serve(
     max_audio_seconds: Annotated[float, typer.Option(min=0.001, help="Longest audio clip (413 past it).")] = 60.0,
     max_text_chars: Annotated[int, typer.Option(min=1, help="Longest text (413 past it).")] = 20_000,
     timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a prediction may take (504 past it).")] = 30.0,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (default: one per core).")]
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads for torch, or onnxruntime with --onnx (default: one per core).")]
     = None,
 ) -> None:
     """Serve predictions over HTTP: POST /predict, a web page at /, docs at /docs."""
@@ -52,7 +53,7 @@ def serve(
     settings = ServeSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                              max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
                              max_audio_seconds=max_audio_seconds, max_text_chars=max_text_chars, timeout_s=timeout,
-                             onnx=onnx)
+                             onnx=onnx, threads=threads)
     failure: list[str] = []
     server: uvicorn.Server | None = None
 

@@ -55,7 +55,7 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None,
 
     async def load() -> None:
         try:
-            predictor = await asyncio.to_thread(Predictor.load, model_dir, settings.onnx)
+            predictor = await asyncio.to_thread(Predictor.load, model_dir, settings.onnx, settings.threads)
         except MMFuseError as exc:
             state.error = str(exc)
             log.error("cannot load the model: %s", exc)

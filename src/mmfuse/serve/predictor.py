@@ -27,8 +27,9 @@ OutputsFunction = Callable[[Batch], Tensor]
 
 
 class Predictor:
-    def __init__(self, model: MultimodalModel, onnx: Path | None = None) -> None:
-        """``onnx``: a graph written by ``mmfuse export`` from this model folder, run instead of PyTorch."""
+    def __init__(self, model: MultimodalModel, onnx: Path | None = None, threads: int | None = None) -> None:
+        """``onnx``: a graph written by ``mmfuse export`` from this model folder, run instead of PyTorch
+        (with ``threads`` onnxruntime threads; None: one per core)."""
         self.model = model
         self.preprocessor = model.preprocessor
         self.collator = Collator(model.preprocessor, None)
@@ -40,7 +41,7 @@ class Predictor:
                                   f"'{model.task.name}'")
             from mmfuse.export.onnx import OnnxRunner
 
-            runner = OnnxRunner(onnx)
+            runner = OnnxRunner(onnx, threads=threads)
             if list(runner.modalities) != list(model.modalities):
                 raise MMFuseError(f"{onnx} reads {', '.join(runner.modalities)} but the model folder reads "
                                   f"{', '.join(model.modalities)}: the graph was exported from another model")
@@ -48,8 +49,8 @@ class Predictor:
             self.backend = "onnxruntime"
 
     @classmethod
-    def load(cls, model_dir: Path, onnx: Path | None = None) -> Predictor:
-        return cls(MultimodalModel.from_pretrained(model_dir), onnx)
+    def load(cls, model_dir: Path, onnx: Path | None = None, threads: int | None = None) -> Predictor:
+        return cls(MultimodalModel.from_pretrained(model_dir), onnx, threads)
 
     @property
     def kinds(self) -> dict[str, str]:

@@ -25,6 +25,8 @@ class ServeSettings:
     max_text_chars: int = 20_000
     timeout_s: float = 30.0
     onnx: Path | None = None
+    threads: int | None = None
+    """CPU threads of onnxruntime (``onnx``); PyTorch's are set by the command around the server."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_body_bytes", "max_image_pixels", "max_text_chars"):
