@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mmfuse.core.errors import did_you_mean
 
@@ -202,6 +202,8 @@ class OptimConfig(StrictModel):
     encoder_lr: float | None = Field(None, gt=0, description="learning rate of the encoders; null = lr")
     weight_decay: float = Field(0.01, ge=0)
     scheduler: Literal["none", "cosine"] = "none"
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear learning-rate warm-up from 0, "
+                              "before the scheduler (constant or cosine decay over the remaining steps)")
     gradient_clip: float | None = Field(1.0, gt=0)
 
 
@@ -212,7 +214,29 @@ class TrainerConfig(StrictModel):
     stop_at: float | None = Field(None, description="stop as soon as the monitored metric reaches this value")
     precision: Literal["32", "bf16"] = "32"
     accelerator: str = "auto"
-    devices: int | str = "auto"
+    devices: int | str = Field(1, description="devices per machine: 1 (default: no surprise multi-process "
+                               "run), N, or 'auto' for all of them; more than one starts DDP")
+    num_nodes: int = Field(1, gt=0, description="machines (torchrun --nnodes / SLURM nodes)")
+    strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true", "fsdp"] = Field(
+        "auto", description="how several devices train one model: ddp (a copy per device; 'auto' picks it), "
+        "fsdp (parameters sharded across GPUs: large pretrained encoders)")
+    accumulate_grad_batches: int = Field(1, gt=0, description="batches whose gradients add up to one "
+                                         "optimizer step (an effective batch of batch_size x this x devices)")
+    logger: Literal["csv", "tensorboard", "mlflow", "wandb"] = Field(
+        "csv", description="where training curves go; all write into the run folder, offline")
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: int | str) -> int | str:
+        """An int > 0, 'auto', or device indices such as '0,1' (Lightning's forms)."""
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"must be >= 1 or 'auto', got {value}")
+            return value
+        text = value.strip()
+        if text == "auto" or (all(part.strip().isdigit() for part in text.split(",") if part.strip()) and text):
+            return text
+        raise ValueError(f"must be a count, 'auto' or device indices like '0,1', got '{value}'")
     modality_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="per-sample drop rate per modality")
     unimodal_loss_weight: float = Field(
         0.0, ge=0.0, description="weight of per-modality auxiliary head losses (keeps every encoder learning)")

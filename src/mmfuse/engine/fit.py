@@ -25,7 +25,6 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from mmfuse.config import ExperimentConfig
 from mmfuse.core.atomic import write_text_atomic
@@ -35,6 +34,7 @@ from mmfuse.data.memory import ArrayDataset
 from mmfuse.engine.data import PreparedData, make_loader, prepare_data, write_skipped
 from mmfuse.engine.evaluate import evaluate
 from mmfuse.engine.module import FusionModule, lightning_output
+from mmfuse.engine.tracking import build_logger
 from mmfuse.model import MultimodalModel
 from mmfuse.tasks import Task
 
@@ -189,9 +189,12 @@ def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionMod
         max_epochs=trainer_cfg.max_epochs,
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=trainer_cfg.strategy,
+        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
         precision="bf16-mixed" if trainer_cfg.precision == "bf16" else "32-true",
         callbacks=callbacks,
-        logger=CSVLogger(out, name="logs", version=""),
+        logger=build_logger(trainer_cfg.logger, out, out.name),
         enable_progress_bar=trainer_cfg.progress_bar,
         enable_model_summary=False,
         log_every_n_steps=trainer_cfg.log_every_n_steps,

@@ -16,6 +16,7 @@ from mmfuse.config import OptimConfig
 from mmfuse.core.contracts import Batch
 from mmfuse.core.masking import drop_modalities
 from mmfuse.engine.auxiliary import UnimodalHeads
+from mmfuse.engine.schedule import build_scheduler
 from mmfuse.model import MultimodalModel
 
 
@@ -70,7 +71,8 @@ class FusionModule(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss = self.model.task.eval_step(self.model, batch, self.val_metrics)
-        self.log("val_loss", loss, prog_bar=True, batch_size=batch.size)
+        # Synced so every rank monitors the same value: early stopping must stop all ranks together.
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch.size, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
@@ -89,10 +91,9 @@ class FusionModule(L.LightningModule):
             optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.9)
-        if cfg.scheduler == "none":
+        if cfg.scheduler == "none" and cfg.warmup_steps == 0:
             return optimizer
-        steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        scheduler = build_scheduler(optimizer, cfg, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
