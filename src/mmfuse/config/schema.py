@@ -224,6 +224,9 @@ class TrainerConfig(StrictModel):
     progress_bar: bool = True
     verbose: bool = Field(False, description="show Lightning's info messages and warnings")
     log_every_n_steps: int = Field(10, gt=0)
+    checkpoint_every_n_steps: int | None = Field(
+        None, gt=0, description="also write checkpoints/last.ckpt every N optimizer steps (it is always written "
+        "at the end of each epoch); null = at epoch ends only")
 
 
 class ExperimentConfig(StrictModel):
