@@ -1,4 +1,4 @@
-"""Robust runs: resume after kill -9, SIGTERM and Ctrl-C, determinism.
+"""Robust runs: resume after kill -9, SIGTERM and Ctrl-C, determinism, non-finite losses.
 
 The key claim: a run killed in the middle of an epoch and resumed with ``--resume`` ends with the
 same weights and metrics as the run that was never interrupted, bit for bit on the CPU. The config
@@ -11,6 +11,7 @@ process must be killed or signalled from outside.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -20,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -347,7 +349,7 @@ def test_last_checkpoint_holds_everything_a_resume_needs_and_loads_without_pickl
     checkpoint = AtomicCheckpointIO().load_checkpoint(baseline.folder / "checkpoints" / "last.ckpt")
     assert {"state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks"} <= checkpoint.keys()
     callbacks = checkpoint["callbacks"]
-    assert {"RandomState", "LoaderPosition", "LastCheckpoint"} <= callbacks.keys()
+    assert {"RandomState", "LoaderPosition", "LastCheckpoint", "NonFiniteGuard"} <= callbacks.keys()
     assert set(callbacks["RandomState"]) == {"torch", "numpy", "python"}
     best = next(v for k, v in callbacks.items() if k.startswith("ModelCheckpoint"))
     assert best["best_model_path"].endswith("best.ckpt") and best["best_model_score"] is not None
@@ -393,6 +395,96 @@ def test_loader_order_depends_on_seed_and_epoch_only_and_resumes_mid_epoch(confi
     assert resumed.sampler.epoch == 2 and [b.ids for b in resumed] == ids(per_sample, 2)
 
 
+# ---- non-finite losses and gradients -------------------------------------------------------------
+
+
+def poisoned_config(tmp_path: Path, on_nonfinite: str) -> Path:
+    """Text-only regression; sample t5's target, 1e30, is a number, but its squared error overflows."""
+    targets = [1.0, 2.0, 3.0, 1.5, 2.5, 1e30, 2.0, 1.0, 3.0, 2.0, 1.0, 2.5]
+    rows = [{"id": f"t{i}", "text": f"word{i % 3} other", "y": y, "split": "train"} for i, y in enumerate(targets)]
+    rows += [{"id": f"v{i}", "text": f"word{i % 3}", "y": 1.0 + i, "split": "val"} for i in range(4)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {
+        "data": {"manifest": str(tmp_path / "data.jsonl"), "target_column": "y", "batch_size": 4,
+                 "modalities": {"text": {"kind": "text", "column": "text"}}, "text": {"max_length": 4}},
+        "encoders": {"text": {"name": "text_gru", "dim": 4}},
+        "fusion": {"name": "concat", "out_dim": 4},
+        "task": {"name": "regression", "standardize": False},
+        "trainer": {"max_epochs": 2, "patience": None, "progress_bar": False, "accelerator": "cpu", "threads": 1,
+                    "on_nonfinite": on_nonfinite},
+    }
+    path = tmp_path / f"{on_nonfinite}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:The variance of predictions:UserWarning")
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_samples(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(poisoned_config(tmp_path, "raise")), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    line = " ".join(result.output.split())
+    assert "error: non-finite loss (inf) at global step " in line and " (epoch 0); the batch holds samples " in line
+    batch = line.split("the batch holds samples ", 1)[1].split(".", 1)[0].split(", ")
+    assert "t5" in batch and len(batch) == 4
+    assert "trainer.on_nonfinite: skip leaves such steps out instead" in line
+    assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.filterwarnings("ignore:The variance of predictions:UserWarning")
+def test_on_nonfinite_skip_leaves_the_step_out_and_reports_the_count(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(poisoned_config(tmp_path, "skip")), "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split())
+    assert "skipped 2 optimizer step(s) with a non-finite loss or gradient (trainer.on_nonfinite=skip); " in line
+    assert "non-finite loss (inf)" in line and "t5" in line
+    assert json.loads((run / "metrics.json").read_text())["nonfinite_skipped"] == 2  # once per epoch
+    weights = load_file(run / "model" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def guard_trainer(step: int = 7) -> Any:
+    """What NonFiniteGuard reads from the Trainer, for one process."""
+    return SimpleNamespace(global_step=step, current_epoch=1,
+                           strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision))
+
+
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
+def test_skip_leaves_parameters_and_optimiser_state_untouched(bad: str) -> None:
+    from mmfuse.engine.nonfinite import NonFiniteError, NonFiniteGuard
+
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.1)
+    layer(torch.ones(1, 3)).sum().backward()
+    optimizer.step()  # some optimiser state to keep
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    moments = {k: v.clone() for k, v in optimizer.state[layer.weight].items()}
+    loss = layer(torch.ones(1, 3)).sum() * (math.inf if bad == "loss" else 1.0)
+    loss.backward()
+    if bad == "gradient":
+        layer.bias.grad[0] = math.nan  # type: ignore[index]
+    batch = SimpleNamespace(ids=["a", "b"])
+
+    guard = NonFiniteGuard("raise")
+    guard.on_train_batch_start(guard_trainer(), None, batch, 0)  # type: ignore[arg-type]
+    guard.on_before_backward(guard_trainer(), None, loss)  # type: ignore[arg-type]
+    expected = r"loss \(-?inf\)" if bad == "loss" else r"gradient \(the loss was -?\d"
+    with pytest.raises(NonFiniteError, match=rf"non-finite {expected}.* at global step 7 \(epoch 1\); "
+                                             "the batch holds samples a, b"):
+        guard.on_before_optimizer_step(guard_trainer(), None, optimizer)  # type: ignore[arg-type]
+
+    guard = NonFiniteGuard("skip")
+    guard.on_train_batch_start(guard_trainer(), None, batch, 0)  # type: ignore[arg-type]
+    guard.on_before_backward(guard_trainer(), None, loss)  # type: ignore[arg-type]
+    guard.on_before_optimizer_step(guard_trainer(), None, optimizer)  # type: ignore[arg-type]
+    optimizer.step()
+    assert guard.skipped == 1 and guard.first is not None and guard.first["ids"] == ["a", "b"]
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    assert all(torch.equal(v, moments[k]) for k, v in optimizer.state[layer.weight].items())
+
+
 def test_new_trainer_keys_are_validated(tmp_path: Path, small_manifest: Path, config: Path) -> None:
     result = runner.invoke(app, ["train", str(config), "--set", "trainer.checkpoint_every_n_steps=0"])
     assert result.exit_code == 1 and "trainer.checkpoint_every_n_steps: Input should be greater than 0" in result.output
+    result = runner.invoke(app, ["train", str(config), "--set", "trainer.on_nonfinite=ignore"])
+    assert result.exit_code == 1 and "trainer.on_nonfinite" in result.output and "'raise' or 'skip'" in result.output

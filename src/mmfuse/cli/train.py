@@ -72,6 +72,8 @@ def train(
         console.print(f"[yellow]skipped {count} bad sample(s) in {split}[/] (data.on_error=skip)")
     if result.skipped_file:
         console.print(f"skipped rows and reasons: [bold]{result.skipped_file}[/]")
+    if result.nonfinite_summary:
+        console.print(f"[yellow]{result.nonfinite_summary}[/]", highlight=False, soft_wrap=True)
     resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
     console.print(f"model saved to [bold]{result.model_dir}[/] ({result.params:,} parameters, "
                   f"{result.train_seconds:.1f} s training{resumed})")

@@ -46,6 +46,7 @@ from mmfuse.engine.interrupts import raise_on_signals
 from mmfuse.engine.last_checkpoint import LastCheckpoint
 from mmfuse.engine.loader import LoaderPosition, ResumableLoader
 from mmfuse.engine.module import FusionModule, lightning_output
+from mmfuse.engine.nonfinite import NonFiniteGuard
 from mmfuse.engine.resume import config_json, keep_earlier_logs, last_checkpoint, resume_point
 from mmfuse.engine.rng import RandomState
 from mmfuse.model import MultimodalModel
@@ -69,6 +70,9 @@ class TrainResult:
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_file: Path | None = None
     """``skipped.jsonl`` in the run folder when samples were skipped (``data.on_error: skip``)."""
+    nonfinite_skipped: int = 0
+    """Optimizer steps left out for a non-finite loss or gradient (``trainer.on_nonfinite: skip``)."""
+    nonfinite_summary: str | None = None
     resumed_from: Path | None = None
 
 
@@ -183,6 +187,9 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
         train_seconds=train_seconds, params=count_parameters(model), epochs=trainer.current_epoch,
         skipped={name: report.count for name, report in data.skipped.items()}, resumed_from=resume_from,
     )
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, NonFiniteGuard):
+            result.nonfinite_skipped, result.nonfinite_summary = callback.skipped, callback.summary()
     if save:
         write_run_files(config, result)
         result.skipped_file = write_skipped(data, out)
@@ -210,7 +217,7 @@ def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionMod
     # LastCheckpoint after the best-model checkpoint: it saves the state that one has just updated.
     callbacks: list[L.Callback] = [
         checkpoint, LastCheckpoint(last_checkpoint(out), config.trainer.checkpoint_every_n_steps, config_json(config)),
-        RandomState(), LoaderPosition(train_loader)]
+        RandomState(), LoaderPosition(train_loader), NonFiniteGuard(config.trainer.on_nonfinite)]
     if config.trainer.patience:
         callbacks.append(EarlyStopping(monitor=checkpoint.monitor or "val_loss", mode=checkpoint.mode,
                                        patience=config.trainer.patience, stopping_threshold=config.trainer.stop_at))
@@ -259,6 +266,7 @@ def write_run_files(config: ExperimentConfig, result: TrainResult) -> None:
     summary = {
         "val": result.val_metrics, "test": result.test_metrics, "train_seconds": round(result.train_seconds, 2),
         "params": result.params, "epochs": result.epochs, "skipped": result.skipped,
+        "nonfinite_skipped": result.nonfinite_skipped,
     }
     write_text_atomic(result.output_dir / "metrics.json", json.dumps(summary, indent=2))
 

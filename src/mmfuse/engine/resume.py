@@ -4,7 +4,8 @@ A resume must continue the same run: a checkpoint trained with another learning 
 would load (the shapes match) and silently give a model that belongs to neither config. So the
 config saved in the checkpoint is compared with the one given, and only settings that cannot change
 the result may differ (threads, output, logging, checkpoint frequency, cache folders), plus
-``max_epochs`` to train longer, unless a cosine schedule was fitted to the old length.
+``on_nonfinite`` (switching to ``skip`` is how a run stopped by a NaN continues) and ``max_epochs``
+to train longer, unless a cosine schedule was fitted to the old length.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mmfuse.engine.checkpoint_io import read_checkpoint
 from mmfuse.engine.last_checkpoint import LastCheckpoint
 
 MAY_DIFFER = {"trainer.threads", "trainer.progress_bar", "trainer.verbose", "trainer.output_dir", "trainer.overwrite",
-              "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps",
+              "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "trainer.on_nonfinite",
               "data.num_workers", "data.cache_dir", "data.in_memory_cache"}
 
 
