@@ -280,6 +280,34 @@ def test_ctrl_c_stops_at_the_step_boundary_exits_130_and_resumes_identically(
     assert_same_result(run, baseline.folder)
 
 
+def test_a_signal_during_an_epochs_last_step_stops_after_its_validation(
+        config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the last step of epoch 2: the run stops after that epoch's validation, and the
+    checkpoint holds the best-model state updated by it (LastCheckpoint runs after ModelCheckpoint),
+    so the resumed run selects the same best model. Monitored on val_loss, which differs every epoch."""
+    import csv
+
+    monitor = ["--set", "trainer.monitor=val_loss"]
+    result = runner.invoke(app, ["train", str(config), "--out", str(tmp_path / "uninterrupted"), *monitor])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    signals = {2 * STEPS_PER_EPOCH - 1: 1}
+    record_batches(monkeypatch, signals)
+    result = runner.invoke(app, ["train", str(config), "--out", str(run), *monitor])
+    assert result.exit_code == 130, result.output
+    assert f"stopped at global step {2 * STEPS_PER_EPOCH} (epoch 2); a resumable checkpoint" in result.output
+    logged = [row for row in csv.DictReader((run / "logs" / "metrics.csv").open()) if row["val_loss"]]
+    assert [int(row["epoch"]) for row in logged] == [0, 1], "epoch 2 was validated before stopping"
+    assert logged[0]["val_loss"] != logged[1]["val_loss"]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    best = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert best["current_score"].item() == pytest.approx(float(logged[1]["val_loss"]), rel=1e-6)
+    signals.clear()
+    result = runner.invoke(app, ["train", str(config), "--resume", str(run), *monitor])
+    assert result.exit_code == 0, result.output
+    assert_same_result(run, tmp_path / "uninterrupted")
+
+
 def test_a_second_ctrl_c_stops_at_once_and_says_which_checkpoint_is_left(
         config: Path, baseline: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
