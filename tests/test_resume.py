@@ -158,9 +158,11 @@ def wait_for_checkpoint(path: Path, step: int, process: subprocess.Popen[str], t
     pytest.fail(f"no checkpoint of step {step} within {timeout} s")
 
 
-def start_slow_run(config: Path, run: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", SLOW_TRAINER, "train", str(config), "--out", str(run)],
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_slow_run(config: Path, run: Path, *options: str) -> subprocess.Popen[str]:
+    """``mmfuse train`` in its own process group, as a job under a shell or a scheduler runs."""
+    return subprocess.Popen([sys.executable, "-c", SLOW_TRAINER, "train", str(config), "--out", str(run), *options],
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 # ---- the key claim: killed, resumed, identical --------------------------------------------------
@@ -229,15 +231,18 @@ io.save_checkpoint({{"global_step": 2, "weights": torch.zeros(1000)}}, {str(path
 
 def test_sigterm_saves_a_checkpoint_exits_143_and_the_printed_command_resumes(config: Path, baseline: Run,
                                                                                tmp_path: Path) -> None:
+    """SIGTERM to the whole process group, as a scheduler preempting the job sends it, data loader
+    worker included: the run saves at the next step boundary, exits 143 with one line, and the command
+    in that line resumes it to the uninterrupted result."""
     run = tmp_path / "run"
-    process = start_slow_run(config, run)
+    process = start_slow_run(config, run, "--set", "data.num_workers=1")
     try:
         wait_for_checkpoint(run / "checkpoints" / "last.ckpt", 12, process)  # epoch 2 done
-        process.send_signal(signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 143, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
@@ -246,7 +251,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_printed_command_resumes(co
     assert lines[0].startswith(f"interrupted: SIGTERM: stopped at global step {saved} (epoch 3); a resumable "
                                f"checkpoint was saved to {run / 'checkpoints' / 'last.ckpt'}; resume with: ")
     command = shlex.split(lines[0].split("resume with: ", 1)[1])
-    assert command == ["mmfuse", "train", str(config), "--resume", str(run)]
+    assert command == ["mmfuse", "train", str(config), "--set", "data.num_workers=1", "--resume", str(run)]
     assert not (run / "metrics.json").exists()
 
     result = runner.invoke(app, command[1:])

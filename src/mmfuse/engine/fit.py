@@ -245,14 +245,14 @@ def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionMod
             dataset = data.datasets[name]
             if isinstance(dataset, ArrayDataset):
                 dataset.to(device)
+    val_loader = ResumableLoader(data.datasets["val"], collator, batch_size, False, workers, config.seed)
     started = time.perf_counter()
-    trainer.fit(
-        module,
-        train_dataloaders=train_loader,
-        val_dataloaders=ResumableLoader(data.datasets["val"], collator, batch_size, False, workers, config.seed),
-        ckpt_path=resume_from,
-        weights_only=True,
-    )
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resume_from,
+                    weights_only=True)
+    finally:
+        train_loader.close()
+        val_loader.close()
     return trainer, time.perf_counter() - started
 
 

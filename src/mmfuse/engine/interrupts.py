@@ -62,6 +62,15 @@ def _restore(previous: dict[int, Any]) -> None:
         signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """For data-loader workers: SIGTERM and Ctrl-C reach a whole process group (a terminal, a
+    scheduler preempting the job), and a worker killed by them makes the main process fail with
+    'DataLoader worker exited unexpectedly' instead of stopping cleanly. The main process decides
+    when to stop and ends its workers itself; a worker whose parent dies exits on its own."""
+    for signum in HANDLED:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _raise(signum: int, frame: FrameType | None) -> None:
     raise SignalInterrupt(signum)
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from mmfuse.data.dataset import Collator, MultimodalDataset
 from mmfuse.data.memory import ArrayDataset
+from mmfuse.engine.interrupts import ignore_stop_signals
 
 
 class EpochBatches:
@@ -80,7 +81,7 @@ class ResumableLoader:
         if not isinstance(dataset, ArrayDataset):
             self._loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collator,
                                       num_workers=num_workers, persistent_workers=num_workers > 0,
-                                      generator=self._generator)
+                                      generator=self._generator, worker_init_fn=ignore_stop_signals)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -100,6 +101,25 @@ class ResumableLoader:
             handed_out += 1
             self._position = (epoch, handed_out)
             yield batch
+
+    def close(self) -> None:
+        """Ends the worker processes now.
+
+        They ignore SIGTERM and Ctrl-C (``ignore_stop_signals``), so they must not be left to the
+        interpreter's exit, which ends daemonic children with SIGTERM and then waits for them.
+        """
+        iterator = getattr(self._loader, "_iterator", None)  # where a DataLoader keeps persistent workers
+        if iterator is None:
+            return
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # asks them to finish, through their queues
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():  # torch's fallback is SIGTERM, which they ignore
+                worker.kill()
+                worker.join()
+        assert self._loader is not None
+        self._loader._iterator = None
 
     def state_dict(self) -> dict[str, int]:
         """Where the current epoch stands: its number and how many batches it has handed out."""
