@@ -262,7 +262,8 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_printed_command_resumes(co
 def test_ctrl_c_stops_at_the_step_boundary_exits_130_and_resumes_identically(
         config: Path, baseline: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C during global step 9 (epoch 2): the step finishes, is saved and the run exits 130; the
-    resumed run trains exactly the batches the uninterrupted run trained from step 10 on."""
+    resumed run (from the folder moved elsewhere) trains exactly the batches the uninterrupted run
+    trained from step 10 on."""
     run = tmp_path / "run"
     signals = {9: 1}
     seen = record_batches(monkeypatch, signals)
@@ -275,14 +276,16 @@ def test_ctrl_c_stops_at_the_step_boundary_exits_130_and_resumes_identically(
     first = dict(seen)
     seen.clear()
     signals.clear()
-    result = runner.invoke(app, ["train", str(config), "--resume", str(run)])
+    moved = tmp_path / "moved"  # a run folder may move (scratch to home, another machine)
+    run.rename(moved)
+    result = runner.invoke(app, ["train", str(config), "--resume", str(moved)])
     assert result.exit_code == 0, result.output
     assert min(seen) == 10
     assert {**first, **seen} == baseline.batches
     orders = {tuple(sorted(baseline.batches[s] for s in range(e * STEPS_PER_EPOCH, (e + 1) * STEPS_PER_EPOCH)))
               for e in range(4)}
     assert len(orders) == 4, "every epoch is shuffled anew"
-    assert_same_result(run, baseline.folder)
+    assert_same_result(moved, baseline.folder)
 
 
 def test_a_signal_during_an_epochs_last_step_stops_after_its_validation(
@@ -305,7 +308,7 @@ def test_a_signal_during_an_epochs_last_step_stops_after_its_validation(
     assert [int(row["epoch"]) for row in logged] == [0, 1], "epoch 2 was validated before stopping"
     assert logged[0]["val_loss"] != logged[1]["val_loss"]
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    best = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    best = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("BestCheckpoint"))
     assert best["current_score"].item() == pytest.approx(float(logged[1]["val_loss"]), rel=1e-6)
     signals.clear()
     result = runner.invoke(app, ["train", str(config), "--resume", str(run), *monitor])
@@ -384,11 +387,25 @@ def test_last_checkpoint_holds_everything_a_resume_needs_and_loads_without_pickl
     callbacks = checkpoint["callbacks"]
     assert {"RandomState", "LoaderPosition", "LastCheckpoint", "NonFiniteGuard"} <= callbacks.keys()
     assert set(callbacks["RandomState"]) == {"torch", "numpy", "python"}
-    best = next(v for k, v in callbacks.items() if k.startswith("ModelCheckpoint"))
+    best = next(v for k, v in callbacks.items() if k.startswith("BestCheckpoint"))
     assert best["best_model_path"].endswith("best.ckpt") and best["best_model_score"] is not None
     assert callbacks["LoaderPosition"] == {"epoch": 3, "batches": STEPS_PER_EPOCH}
     with pytest.raises(ValueError, match="weights_only=True only"):
         AtomicCheckpointIO().load_checkpoint(baseline.folder / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def test_the_best_model_state_follows_a_moved_run_folder(tmp_path: Path) -> None:
+    """Lightning keeps the best score only when the folder's absolute path is unchanged."""
+    from mmfuse.engine.resume import BestCheckpoint
+
+    saved = BestCheckpoint(dirpath=tmp_path / "old" / "checkpoints", filename="best", monitor="val_loss")
+    old, new = Path(str(saved.dirpath)), tmp_path / "new" / "checkpoints"
+    saved.best_model_path, saved.best_model_score = str(old / "best.ckpt"), torch.tensor(0.25)
+    saved.best_k_models = {str(old / "best.ckpt"): torch.tensor(0.25)}
+    restored = BestCheckpoint(dirpath=new, filename="best", monitor="val_loss")
+    restored.load_state_dict(saved.state_dict())
+    assert restored.best_model_path == str(Path(str(restored.dirpath)) / "best.ckpt")
+    assert restored.best_model_score == 0.25 and list(restored.best_k_models) == [restored.best_model_path]
 
 
 def test_loader_order_depends_on_seed_and_epoch_only_and_resumes_mid_epoch(config: Path) -> None:

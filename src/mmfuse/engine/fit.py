@@ -47,7 +47,7 @@ from mmfuse.engine.last_checkpoint import LastCheckpoint
 from mmfuse.engine.loader import LoaderPosition, ResumableLoader
 from mmfuse.engine.module import FusionModule, lightning_output
 from mmfuse.engine.nonfinite import NonFiniteGuard
-from mmfuse.engine.resume import config_json, keep_earlier_logs, last_checkpoint, resume_point
+from mmfuse.engine.resume import BestCheckpoint, config_json, keep_earlier_logs, last_checkpoint, resume_point
 from mmfuse.engine.rng import RandomState
 from mmfuse.model import MultimodalModel
 from mmfuse.tasks import Task
@@ -196,7 +196,7 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
     return result
 
 
-def _checkpoint_callback(config: ExperimentConfig, task: Task, out: Path) -> ModelCheckpoint:
+def _checkpoint_callback(config: ExperimentConfig, task: Task, out: Path) -> BestCheckpoint:
     """Keeps the best epoch by the task's main validation metric (or ``trainer.monitor``)."""
     metric, mode = task.monitor
     monitor = config.trainer.monitor or f"val_{metric}"
@@ -205,8 +205,8 @@ def _checkpoint_callback(config: ExperimentConfig, task: Task, out: Path) -> Mod
         raise ConfigError(f"trainer.monitor '{monitor}' is not a validation metric; choose from {', '.join(valid)}")
     if monitor == "val_loss":
         mode = "min"
-    return ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode,
-                           save_top_k=1, enable_version_counter=False)
+    return BestCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode,
+                          save_top_k=1, enable_version_counter=False)
 
 
 def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionModule, checkpoint: ModelCheckpoint,

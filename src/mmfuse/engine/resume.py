@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
+
 from mmfuse.config import ExperimentConfig
 from mmfuse.core.errors import ConfigError
 from mmfuse.engine.checkpoint_io import read_checkpoint
@@ -95,3 +97,27 @@ def keep_earlier_logs(output_dir: Path, checkpoint: Path) -> Path | None:
         kept = metrics.with_name(f"metrics-before-step-{step}-{n}.csv")
     metrics.replace(kept)
     return kept
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose saved state follows the run folder when it was moved or copied.
+
+    Lightning restores the best score only when the checkpoint folder's absolute path is unchanged;
+    otherwise it warns and keeps the old ``best_model_path`` alone, so a run resumed in a moved folder
+    would take its next epoch as the best one whatever the earlier epochs scored, and could load the
+    best weights from the old place. Paths inside the old folder are mapped into the new one first.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old, new = state_dict.get("dirpath"), self.dirpath
+        if isinstance(old, str) and isinstance(new, str) and old != new:
+
+            def moved(path: Any) -> Any:
+                inside = isinstance(path, str) and Path(path).is_relative_to(old)
+                return str(Path(new) / Path(path).relative_to(old)) if inside else path
+
+            state_dict = {**state_dict, "dirpath": new,
+                          **{key: moved(state_dict.get(key)) for key in
+                             ("best_model_path", "kth_best_model_path", "last_model_path") if key in state_dict},
+                          "best_k_models": {moved(p): v for p, v in state_dict.get("best_k_models", {}).items()}}
+        super().load_state_dict(state_dict)
