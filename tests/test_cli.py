@@ -276,7 +276,7 @@ def test_a_killed_rerun_never_mixes_old_results_with_new_files(trained_model: Pa
     run = tmp_path / "run"
     shutil.copytree(trained_model.parent, run)
 
-    def killed(config: object, data: object, module: object, checkpoint: object, out: Path) -> None:
+    def killed(config: object, data: object, module: object, checkpoint: object, out: Path, *rest: object) -> None:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "checkpoints" / "best.ckpt").write_bytes(b"new, half-trained")
         raise KeyboardInterrupt

@@ -1,6 +1,7 @@
 """The ``mmfuse`` Typer app, its global options and the helpers every command group shares.
 
-User errors (``MMFuseError``) print one red line and exit 1; ``--debug`` shows the traceback.
+User errors (``MMFuseError``) print one red line and exit 1; ``--debug`` shows the traceback. A run
+stopped by SIGTERM or Ctrl-C while training prints one line and exits 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from mmfuse.core.errors import MMFuseError
 from mmfuse.core.version import __version__
+from mmfuse.engine.interrupts import SignalInterrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multimodal fusion over text, images and audio.")
 data_app = typer.Typer(no_args_is_help=True, help="Build data sets.")
@@ -39,6 +41,11 @@ def friendly_errors(command: F) -> F:
                 raise
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except SignalInterrupt as stop:
+            if _state["debug"]:
+                raise
+            err_console.print(f"[bold yellow]interrupted:[/] {stop}", highlight=False, soft_wrap=True)
+            raise typer.Exit(stop.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 

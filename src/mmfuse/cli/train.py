@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -20,28 +22,51 @@ from mmfuse.core.errors import MMFuseError
 def train(
     config_arg: Annotated[Path | None, typer.Argument(metavar="CONFIG", help="Experiment YAML.",
                                                       show_default=False)] = None,
+    run_dir: Annotated[Path | None, typer.Argument(
+        metavar="[RUN_DIR]", help="With --resume: the run folder to continue (default: --out / trainer.output_dir).",
+        show_default=False)] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML (same as CONFIG).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set trainer.max_epochs=5")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (trainer.output_dir).")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace a finished run in the output folder (trainer.overwrite).")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in RUN_DIR from its checkpoints/last.ckpt (same config).")] = False,
 ) -> None:
     """Train a model from a config; saves it to OUTPUT_DIR/model.
 
     Data paths written in the YAML are relative to its folder; paths given here, to the current one.
+    A run stopped by SIGTERM or Ctrl-C saves a resumable checkpoint at the next step and exits 143 / 130;
+    `mmfuse train CONFIG --resume [RUN_DIR]` continues it.
     """
     from mmfuse.config import load_config
     from mmfuse.engine.fit import train as run_training
+    from mmfuse.engine.interrupts import SignalInterrupt
 
+    if resume and config is not None and config_arg is not None and run_dir is None:
+        config_arg, run_dir = None, config_arg  # mmfuse train -c CONFIG --resume RUN_DIR
+    if run_dir is not None and not resume:
+        raise MMFuseError(f"unexpected argument {run_dir}: a run folder goes after --resume; the output folder "
+                          "of a new run is --out")
     if config_arg is not None and config is not None:
         raise MMFuseError("give the config once: as an argument or with -c/--config, not both")
     config_path = config_arg if config_arg is not None else config
     if config_path is None:
         raise MMFuseError("give the experiment config: mmfuse train CONFIG.yaml (or -c CONFIG.yaml)")
+    if run_dir is not None and out is not None and run_dir != out:
+        raise MMFuseError(f"--resume {run_dir} and --out {out} name different run folders: give one")
+    out = run_dir if run_dir is not None else out
     overrides = list(set_ or []) + ([f"trainer.output_dir={json.dumps(str(out))}"] if out else [])  # quoted: --out 2024
     overrides += ["trainer.overwrite=true"] if overwrite else []
     cfg = load_config(config_path, overrides)
-    result = run_training(cfg)
+    resume_command = shlex.join(["mmfuse", "train", str(config_path), *[a for s in set_ or [] for a in ("--set", s)],
+                                 "--resume", str(cfg.trainer.output_dir)])
+    try:
+        result = run_training(cfg, resume=resume)
+    except (SignalInterrupt, KeyboardInterrupt) as stop:
+        _report_interrupt(stop, cfg.trainer.output_dir, resume_command)
+    if not result.is_global_zero:  # the other ranks of a DDP run: rank 0 reports for all
+        return
     console.print(metrics_table("validation", result.val_metrics))
     if result.test_metrics:
         console.print(metrics_table("test", result.test_metrics))
@@ -49,8 +74,36 @@ def train(
         console.print(f"[yellow]skipped {count} bad sample(s) in {split}[/] (data.on_error=skip)")
     if result.skipped_file:
         console.print(f"skipped rows and reasons: [bold]{result.skipped_file}[/]")
+    if result.nonfinite_summary:
+        console.print(f"[yellow]{result.nonfinite_summary}[/]", highlight=False, soft_wrap=True)
+    resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
     console.print(f"model saved to [bold]{result.model_dir}[/] ({result.params:,} parameters, "
-                  f"{result.train_seconds:.1f} s training)")
+                  f"{result.train_seconds:.1f} s training{resumed})")
+
+
+def _report_interrupt(stop: BaseException, output_dir: Path, resume_command: str) -> NoReturn:
+    """One line: what stopped the run, whether it can resume and the exact command; exit 128 + signal."""
+    from mmfuse.engine.checkpoint_io import read_checkpoint
+    from mmfuse.engine.interrupts import SignalInterrupt, signal_name
+    from mmfuse.engine.resume import checkpoint_position, last_checkpoint
+
+    signum = stop.signum if isinstance(stop, SignalInterrupt) else signal.SIGINT
+    path = last_checkpoint(output_dir)
+    if isinstance(stop, SignalInterrupt) and stop.checkpoint is not None:
+        line = (f"{signal_name(signum)}: stopped at global step {stop.step} (epoch {(stop.epoch or 0) + 1}); "
+                f"a resumable checkpoint was saved to {stop.checkpoint}; resume with: {resume_command}")
+    elif path.is_file():
+        try:
+            epoch, step = checkpoint_position(read_checkpoint(path))
+            at = f" (global step {step}, epoch {epoch + 1})"
+        except Exception:  # unreadable: --resume will say why
+            at = ""
+        line = (f"{signal_name(signum)}: stopped without a new checkpoint; the last resumable checkpoint is "
+                f"{path}{at}; resume with: {resume_command}")
+    else:
+        line = f"{signal_name(signum)}: stopped before any checkpoint was written; nothing to resume"
+    err_console.print(f"[bold yellow]interrupted:[/] {line}", highlight=False, soft_wrap=True)
+    raise typer.Exit(128 + signum)
 
 
 def _output_file(path: Path | None, option: str) -> Path | None:

@@ -248,6 +248,12 @@ class TrainerConfig(StrictModel):
     progress_bar: bool = True
     verbose: bool = Field(False, description="show Lightning's info messages and warnings")
     log_every_n_steps: int = Field(10, gt=0)
+    checkpoint_every_n_steps: int | None = Field(
+        None, gt=0, description="also write checkpoints/last.ckpt every N optimizer steps (it is always written "
+        "at the end of each epoch); null = at epoch ends only")
+    on_nonfinite: Literal["raise", "skip"] = Field(
+        "raise", description="a NaN/inf loss or gradient: 'raise' stops the run naming the step and the batch's "
+        "sample ids; 'skip' leaves that optimizer step out (weights and optimiser state unchanged) and counts it")
 
 
 class ExperimentConfig(StrictModel):

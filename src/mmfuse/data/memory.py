@@ -133,29 +133,13 @@ class ArrayLoader:
     draw (a base seed, then the sampler's seed for a permutation), so under the same
     ``seed_everything`` a run on the fast path sees the same batches, in the same order, as on the
     per-sample path (tested), and anything seeded after the loader is unaffected.
-
-    ``sharded``: under ``torch.distributed`` (Lightning's DDP) each rank takes every world-size-th
-    sample of the epoch's order, as ``DistributedSampler`` does: every rank draws the same
-    permutation (same seed), the order is padded by wrapping around so that all ranks get the same
-    number of samples and batches (a rank with one batch more would leave the others waiting in
-    an all-reduce forever), and batch k of all ranks together is exactly batch k of a single
-    process with ``batch_size x world_size``.
     """
 
-    def __init__(self, dataset: ArrayDataset, batch_size: int, shuffle: bool, sharded: bool = False) -> None:
-        self.dataset, self.batch_size, self.shuffle, self.sharded = dataset, batch_size, shuffle, sharded
-
-    def _rank_and_world(self) -> tuple[int, int]:
-        if self.sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
-    def _per_rank(self) -> int:
-        _, world = self._rank_and_world()
-        return math.ceil(len(self.dataset) / world)
+    def __init__(self, dataset: ArrayDataset, batch_size: int, shuffle: bool) -> None:
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
 
     def __len__(self) -> int:
-        return math.ceil(self._per_rank() / self.batch_size)
+        return math.ceil(len(self.dataset) / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.dataset)
@@ -165,12 +149,7 @@ class ArrayLoader:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         else:
             order = torch.arange(n)
-        rank, world = self._rank_and_world()
-        if world > 1:
-            padded = self._per_rank() * world
-            order = torch.cat([order, order[: padded - n]]) if padded > n else order
-            order = order[rank::world]
-        for start in range(0, len(order), self.batch_size):
+        for start in range(0, n, self.batch_size):
             yield self.dataset.batch(order[start:start + self.batch_size])
 
 

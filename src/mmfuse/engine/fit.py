@@ -3,11 +3,18 @@
 ``train(config)`` is the whole job: data -> fitted preprocessing -> model -> Trainer.fit with
 best-checkpoint selection and early stopping -> test metrics -> ``save_pretrained``.
 
-The run folder (``trainer.output_dir``) ends up holding ``checkpoints/``, ``logs/``, ``model/``,
-``config.yaml`` and, written last, ``metrics.json``. A folder holding a finished run (``model/`` or
-``metrics.json``) is never trained into unless ``trainer.overwrite`` (``--overwrite``) is set, and
-the files of an earlier run are deleted before training starts (results first), so a run killed
-half-way never leaves old metrics beside new checkpoints. Other files in the folder are left alone.
+The run folder (``trainer.output_dir``) ends up holding ``checkpoints/`` (``best.ckpt``, and
+``last.ckpt`` to resume from), ``logs/``, ``model/``, ``config.yaml`` and, written last,
+``metrics.json``. A folder holding a finished run (``model/`` or ``metrics.json``) is never trained
+into unless ``trainer.overwrite`` (``--overwrite``) is set, and the files of an earlier run are
+deleted before training starts (results first), so a run killed half-way never leaves old metrics
+beside new checkpoints. Other files in the folder are left alone.
+
+``resume=True`` (``--resume``) continues the run in the folder from ``checkpoints/last.ckpt``
+instead: its checkpoints and logs stay, its results (if it had finished) are deleted and written
+anew at the end. A resumed run ends with the weights and metrics the uninterrupted run would have
+had (see ``loader``, ``rng``, ``last_checkpoint``). SIGTERM and Ctrl-C end a run with
+``SignalInterrupt`` (see ``interrupts``).
 """
 
 from __future__ import annotations
@@ -28,12 +35,20 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from mmfuse.config import ExperimentConfig
 from mmfuse.core.atomic import write_text_atomic
+from mmfuse.core.distributed import is_rank_zero
 from mmfuse.core.errors import ConfigError
 from mmfuse.data.dataset import Collator
 from mmfuse.data.memory import ArrayDataset
-from mmfuse.engine.data import PreparedData, make_loader, prepare_data, write_skipped
+from mmfuse.engine.checkpoint_io import AtomicCheckpointIO
+from mmfuse.engine.data import PreparedData, prepare_data, write_skipped
 from mmfuse.engine.evaluate import evaluate
+from mmfuse.engine.interrupts import raise_on_signals
+from mmfuse.engine.last_checkpoint import LastCheckpoint
+from mmfuse.engine.loader import LoaderPosition, ResumableLoader
 from mmfuse.engine.module import FusionModule, lightning_output
+from mmfuse.engine.nonfinite import NonFiniteGuard
+from mmfuse.engine.resume import BestCheckpoint, config_json, keep_earlier_logs, last_checkpoint, resume_point
+from mmfuse.engine.rng import RandomState
 from mmfuse.engine.tracking import build_logger
 from mmfuse.model import MultimodalModel
 from mmfuse.tasks import Task
@@ -56,6 +71,12 @@ class TrainResult:
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_file: Path | None = None
     """``skipped.jsonl`` in the run folder when samples were skipped (``data.on_error: skip``)."""
+    nonfinite_skipped: int = 0
+    """Optimizer steps left out for a non-finite loss or gradient (``trainer.on_nonfinite: skip``)."""
+    nonfinite_summary: str | None = None
+    resumed_from: Path | None = None
+    is_global_zero: bool = True
+    """False in the other ranks of a DDP run: they train, but evaluate, save and print nothing."""
 
 
 RUN_FILES = ("metrics.json", "model", "config.yaml", "checkpoints", "logs")
@@ -63,14 +84,21 @@ RUN_FILES = ("metrics.json", "model", "config.yaml", "checkpoints", "logs")
 FINISHED_MARKERS = ("model", "metrics.json")
 
 
-def check_output_dir(config: ExperimentConfig) -> Path:
+def check_output_dir(config: ExperimentConfig, resume: bool = False) -> Path:
     """The run folder; refuses one that holds a finished run unless ``trainer.overwrite`` is set.
 
-    Called before any work, so a forgotten ``--overwrite`` costs nothing and destroys nothing.
+    Called before any work, so a forgotten ``--overwrite`` costs nothing and destroys nothing. A
+    resume continues the run in the folder, finished or not, and needs its ``last.ckpt``.
     """
     out = Path(config.trainer.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"trainer.output_dir {out} is a file, not a folder")
+    if resume:
+        if config.trainer.overwrite:
+            raise ConfigError("--resume continues the run in the output folder and --overwrite "
+                              "(trainer.overwrite) starts it over: give one of them")
+        resume_point(config)
+        return out
     finished = [f"{name}/" if (out / name).is_dir() else name for name in FINISHED_MARKERS if (out / name).exists()]
     if finished and not config.trainer.overwrite:
         raise ConfigError(f"{out} already holds a finished run ({', '.join(finished)}); pass --overwrite to "
@@ -78,14 +106,16 @@ def check_output_dir(config: ExperimentConfig) -> Path:
     return out
 
 
-def _clear_run_files(out: Path) -> None:
+def _clear_run_files(out: Path, keep_training_state: bool = False) -> None:
     """Deletes an earlier run's files (results first), so what the folder holds is this run's only.
 
     A ``config.yaml`` with no other run file beside it is the user's own config, not a run's: kept.
+    A resumed run keeps its checkpoints and logs (and config.yaml) and loses only the results that
+    its end writes anew.
     """
     if not any((out / name).exists() for name in RUN_FILES if name != "config.yaml"):
         return
-    for name in RUN_FILES:
+    for name in FINISHED_MARKERS[::-1] if keep_training_state else RUN_FILES:
         path = out / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -115,14 +145,16 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def fit(config: ExperimentConfig, data: PreparedData, save: bool = True) -> TrainResult:
-    """Trains one model on already-prepared data (the demo and benchmarks reuse one PreparedData)."""
-    with torch_threads(config.trainer.threads):
-        return _fit(config, data, save)
+def fit(config: ExperimentConfig, data: PreparedData, save: bool = True, resume: bool = False) -> TrainResult:
+    """Trains one model on already-prepared data (the demo and benchmarks reuse one PreparedData);
+    ``resume`` continues the run in ``trainer.output_dir`` from its ``last.ckpt``."""
+    with torch_threads(config.trainer.threads), raise_on_signals():
+        return _fit(config, data, save, resume)
 
 
-def _fit(config: ExperimentConfig, data: PreparedData, save: bool) -> TrainResult:
-    out = check_output_dir(config)
+def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool) -> TrainResult:
+    out = check_output_dir(config, resume)
+    resume_from = last_checkpoint(out) if resume else None
     L.seed_everything(config.seed, workers=True, verbose=False)
     model = MultimodalModel.from_config(config, data.preprocessor, data.task)
     if config.data.cache:  # frozen encoders' outputs from disk: the encoders never run while training
@@ -139,11 +171,22 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool) -> TrainResul
         data = dataclasses.replace(data, datasets=cached)
     module = FusionModule(model, config.optim, config.trainer.modality_dropout,
                           config.trainer.unimodal_loss_weight)
-    _clear_run_files(out)
+    if is_rank_zero():  # under DDP every rank runs this; one of them owns the folder
+        _clear_run_files(out, keep_training_state=resume)
+        if resume_from is not None:
+            keep_earlier_logs(out, resume_from)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = _checkpoint_callback(config, data.task, out)
     with lightning_output(config.trainer.verbose):
-        trainer, train_seconds = _run_trainer(config, data, module, checkpoint, out)
+        trainer, train_seconds = _run_trainer(config, data, module, checkpoint, out, resume_from)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Training is over: what follows (evaluation, saving) is rank 0's alone, and a metric that
+        # tried to sync with ranks that have moved on (or exited) would wait for ever.
+        torch.distributed.destroy_process_group()
+    if not trainer.is_global_zero:
+        return TrainResult(model=module.model, output_dir=out, model_dir=None, val_metrics={}, test_metrics=None,
+                           train_seconds=train_seconds, params=count_parameters(module.model),
+                           epochs=trainer.current_epoch, resumed_from=resume_from, is_global_zero=False)
     if checkpoint.best_model_path:
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
@@ -154,15 +197,18 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool) -> TrainResul
     result = TrainResult(
         model=model, output_dir=out, model_dir=model_dir, val_metrics=val_metrics, test_metrics=test_metrics,
         train_seconds=train_seconds, params=count_parameters(model), epochs=trainer.current_epoch,
-        skipped={name: report.count for name, report in data.skipped.items()},
+        skipped={name: report.count for name, report in data.skipped.items()}, resumed_from=resume_from,
     )
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, NonFiniteGuard):
+            result.nonfinite_skipped, result.nonfinite_summary = callback.skipped, callback.summary()
     if save:
         write_run_files(config, result)
         result.skipped_file = write_skipped(data, out)
     return result
 
 
-def _checkpoint_callback(config: ExperimentConfig, task: Task, out: Path) -> ModelCheckpoint:
+def _checkpoint_callback(config: ExperimentConfig, task: Task, out: Path) -> BestCheckpoint:
     """Keeps the best epoch by the task's main validation metric (or ``trainer.monitor``)."""
     metric, mode = task.monitor
     monitor = config.trainer.monitor or f"val_{metric}"
@@ -171,13 +217,19 @@ def _checkpoint_callback(config: ExperimentConfig, task: Task, out: Path) -> Mod
         raise ConfigError(f"trainer.monitor '{monitor}' is not a validation metric; choose from {', '.join(valid)}")
     if monitor == "val_loss":
         mode = "min"
-    return ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode,
-                           save_top_k=1, enable_version_counter=False)
+    return BestCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode,
+                          save_top_k=1, enable_version_counter=False)
 
 
-def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionModule,
-                 checkpoint: ModelCheckpoint, out: Path) -> tuple[L.Trainer, float]:
-    callbacks: list[L.Callback] = [checkpoint]
+def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionModule, checkpoint: ModelCheckpoint,
+                 out: Path, resume_from: Path | None = None) -> tuple[L.Trainer, float]:
+    collator = Collator(data.preprocessor, data.task)
+    batch_size, workers = config.data.batch_size, config.data.num_workers
+    train_loader = ResumableLoader(data.datasets["train"], collator, batch_size, True, workers, config.seed)
+    # LastCheckpoint after the best-model checkpoint: it saves the state that one has just updated.
+    callbacks: list[L.Callback] = [
+        checkpoint, LastCheckpoint(last_checkpoint(out), config.trainer.checkpoint_every_n_steps, config_json(config)),
+        RandomState(), LoaderPosition(train_loader), NonFiniteGuard(config.trainer.on_nonfinite)]
     if config.trainer.patience:
         callbacks.append(EarlyStopping(monitor=checkpoint.monitor or "val_loss", mode=checkpoint.mode,
                                        patience=config.trainer.patience, stopping_threshold=config.trainer.stop_at))
@@ -200,21 +252,23 @@ def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionMod
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         gradient_clip_val=config.optim.gradient_clip,
         num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # ResumableLoader shards by rank itself (see loader.py)
     )
-    collator = Collator(data.preprocessor, data.task)
-    batch_size, workers = config.data.batch_size, config.data.num_workers
     device = trainer.strategy.root_device
     if device.type == "cuda":  # the fast path's tensors go to the GPU once, not batch by batch
         for name in ("train", "val"):
             dataset = data.datasets[name]
             if isinstance(dataset, ArrayDataset):
                 dataset.to(device)
+    val_loader = ResumableLoader(data.datasets["val"], collator, batch_size, False, workers, config.seed)
     started = time.perf_counter()
-    trainer.fit(
-        module,
-        train_dataloaders=make_loader(data.datasets["train"], collator, batch_size, True, workers),
-        val_dataloaders=make_loader(data.datasets["val"], collator, batch_size, False, workers),
-    )
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resume_from,
+                    weights_only=True)
+    finally:
+        train_loader.close()
+        val_loader.close()
     return trainer, time.perf_counter() - started
 
 
@@ -228,12 +282,14 @@ def write_run_files(config: ExperimentConfig, result: TrainResult) -> None:
     summary = {
         "val": result.val_metrics, "test": result.test_metrics, "train_seconds": round(result.train_seconds, 2),
         "params": result.params, "epochs": result.epochs, "skipped": result.skipped,
+        "nonfinite_skipped": result.nonfinite_skipped,
     }
     write_text_atomic(result.output_dir / "metrics.json", json.dumps(summary, indent=2))
 
 
-def train(config: ExperimentConfig) -> TrainResult:
-    """The whole training job for one config (a finished run in the way stops it before the data work)."""
-    check_output_dir(config)
-    with torch_threads(config.trainer.threads):
-        return fit(config, prepare_data(config))
+def train(config: ExperimentConfig, resume: bool = False) -> TrainResult:
+    """The whole training job for one config (a finished run in the way, or nothing to resume, stops it
+    before the data work)."""
+    check_output_dir(config, resume)
+    with torch_threads(config.trainer.threads), raise_on_signals():
+        return fit(config, prepare_data(config), resume=resume)
