@@ -111,3 +111,20 @@ def test_launch_rank_reads_every_launcher(monkeypatch: pytest.MonkeyPatch, env: 
         monkeypatch.setenv(name, value)
     assert distributed.launch_rank() == rank
     assert distributed.is_rank_zero() == (rank == 0)
+
+
+def test_bench_under_ddp_writes_its_tables_once(synth_manifest: Path, tmp_path: Path) -> None:
+    """Every rank runs the whole bench (Lightning re-runs the command per rank); rank 0 alone scores
+    the runs, prints the table and writes runs.csv, summary and plots."""
+    config = write_config(synth_manifest, tmp_path)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "PYTHONPATH": str(Path(mmfuse.__file__).parents[1])}
+    command = [sys.executable, "-m", "mmfuse.cli", "bench", "-c", str(config), "--methods", "concat,late",
+               "--no-unimodal", "--seeds", "1", "--out", str(tmp_path / "bench"), "--set", "trainer.max_epochs=1",
+               "--set", "trainer.devices=2", "--set", "trainer.strategy=ddp"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = (tmp_path / "bench" / "runs.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["concat", "late"]
+    assert result.stdout.count("Results:") == 1 and result.stdout.count("[2/2]") == 1
+    assert (tmp_path / "bench" / "summary.md").is_file()

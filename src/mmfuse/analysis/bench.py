@@ -29,6 +29,7 @@ import yaml
 from mmfuse.analysis.bench_results import UNIMODAL_SUFFIX, BenchRun, plot_bench, write_runs, write_summary
 from mmfuse.config import ExperimentConfig, FusionConfig
 from mmfuse.core.atomic import write_text_atomic
+from mmfuse.core.distributed import is_rank_zero
 from mmfuse.core.errors import ConfigError
 from mmfuse.data.dataset import MultimodalDataset
 from mmfuse.engine.data import PreparedData, prepare_data
@@ -214,12 +215,15 @@ def missing_modality_scores(model: MultimodalModel, dataset: MultimodalDataset, 
 
 
 def run_one(label: str, rate: float, config: ExperimentConfig, seed: int, data: PreparedData,
-            out_dir: Path) -> BenchRun:
+            out_dir: Path) -> BenchRun | None:
+    """One training run and its scores; None in the other ranks of a DDP run (rank 0 scores it)."""
     run_dir = out_dir / "runs" / f"{label.replace(' ', '_')}-d{rate:g}-s{seed}"
     trainer = config.trainer.model_copy(update={"output_dir": run_dir, "progress_bar": False})
     config = config.model_copy(update={"seed": seed, "trainer": trainer})
     with PeakMemory().track() as memory:
         result = fit(config, data, save=False)
+    if not result.is_global_zero:
+        return None
     split = "test" if len(data.datasets.get("test", [])) else "val"
     metrics = result.test_metrics if split == "test" and result.test_metrics else result.val_metrics
     main_metric, _ = data.task.monitor
@@ -254,16 +258,21 @@ def run_bench(config: ExperimentConfig, methods: list[str], seeds: int, out_dir:
     for note in notes:
         if on_note:
             on_note(note)
-    write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    writer = is_rank_zero()  # under DDP every rank runs the bench; rank 0 writes its files
+    if writer:
+        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     total = len(plan) * seeds
     runs: list[BenchRun] = []
     for seed in range(config.seed, config.seed + seeds):
         for label, rate, run_config in plan:
             run = run_one(label, rate, run_config, seed, data, out_dir)
+            if run is None:
+                continue
             runs.append(run)
             write_runs(runs, out_dir / "runs.csv")
             if on_run:
                 on_run(run, len(runs), total)
-    write_summary(runs, out_dir, notes)
-    plot_bench(runs, out_dir, data.task.monitor[0])
+    if writer:
+        write_summary(runs, out_dir, notes)
+        plot_bench(runs, out_dir, data.task.monitor[0])
     return runs

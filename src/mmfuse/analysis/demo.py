@@ -43,10 +43,13 @@ def run_demo(out_dir: Path, overrides: list[str] | None = None, progress: bool =
         run_config.trainer = run_config.trainer.model_copy(update={
             "output_dir": out_dir / "runs" / method.replace(" ", "_"), "progress_bar": progress})
         result = fit(run_config, data, save=True)
+        if not result.is_global_zero:  # a DDP rank other than 0: rank 0 reports
+            continue
         metrics = result.test_metrics or result.val_metrics
         rows.append(DemoRow(method, "+".join(run_config.modalities), metrics["accuracy"], metrics["macro_f1"],
                             result.params, result.train_seconds))
-    write_results(rows, out_dir)
+    if rows:
+        write_results(rows, out_dir)
     return rows
 
 

@@ -28,6 +28,8 @@ def demo(
                   "each modality carries one factor of the label")
     with console.status("training 5 models on the CPU..."):
         rows = run_demo(out, overrides=set_, progress=progress)
+    if not rows:  # a DDP rank other than 0
+        return
     table = Table(title="test set")
     for column in ("method", "modalities", "accuracy", "macro-F1", "params", "train s"):
         table.add_column(column, justify="left" if column in ("method", "modalities") else "right")
@@ -98,6 +100,8 @@ def bench(
 
     runs = run_bench(cfg, names, seeds, out, dropouts=rates, unimodal=unimodal, on_run=report,
                      skip_incompatible=methods.strip() == "all", on_note=note)
+    if not runs:  # a DDP rank other than 0
+        return
     console.print(_bench_table(runs))
     console.print(f"{time.perf_counter() - started:.0f} s. Results: {out}/runs.csv, summary.csv, summary.md, "
                   f"bench_*.png, config.yaml")
