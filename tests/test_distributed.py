@@ -128,3 +128,36 @@ def test_bench_under_ddp_writes_its_tables_once(synth_manifest: Path, tmp_path: 
     assert [r.split(",")[0] for r in rows[1:]] == ["concat", "late"]
     assert result.stdout.count("Results:") == 1 and result.stdout.count("[2/2]") == 1
     assert (tmp_path / "bench" / "summary.md").is_file()
+
+
+def test_ddp_stopped_by_sigterm_resumes_to_the_uninterrupted_result(synth_manifest: Path, tmp_path: Path) -> None:
+    """SIGTERM to rank 0 stops both ranks at the same step (the decision is reduced across ranks): exit
+    143, one line; ``--resume`` under DDP then ends with the weights of one uninterrupted process."""
+    import signal
+    import time
+
+    config = write_config(synth_manifest, tmp_path)
+    epochs = ["--set", "trainer.max_epochs=8"]
+    ddp = ["--set", "trainer.devices=2", "--set", "trainer.strategy=ddp"]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "PYTHONPATH": str(Path(mmfuse.__file__).parents[1])}
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "mmfuse.cli", "train", str(config), "--out", str(out), *epochs, *ddp]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "last.ckpt").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, "no epoch finished"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 143, stderr[-3000:]
+    assert stderr.count("interrupted: SIGTERM") == 1 and "a resumable checkpoint was saved" in stderr
+    assert not (out / "model").exists()
+    resumed = run_train(config, out, *epochs, *ddp, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    single = run_train(config, tmp_path / "single", *epochs, "--set", "data.batch_size=32")
+    assert single.returncode == 0, single.stderr[-3000:]
+    a = load_file(str(out / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5

@@ -83,6 +83,7 @@ def train(
 
 def _report_interrupt(stop: BaseException, output_dir: Path, resume_command: str) -> NoReturn:
     """One line: what stopped the run, whether it can resume and the exact command; exit 128 + signal."""
+    from mmfuse.core.distributed import is_rank_zero
     from mmfuse.engine.checkpoint_io import read_checkpoint
     from mmfuse.engine.interrupts import SignalInterrupt, signal_name
     from mmfuse.engine.resume import checkpoint_position, last_checkpoint
@@ -102,7 +103,8 @@ def _report_interrupt(stop: BaseException, output_dir: Path, resume_command: str
                 f"{path}{at}; resume with: {resume_command}")
     else:
         line = f"{signal_name(signum)}: stopped before any checkpoint was written; nothing to resume"
-    err_console.print(f"[bold yellow]interrupted:[/] {line}", highlight=False, soft_wrap=True)
+    if is_rank_zero():  # every DDP rank stops together; one line says so
+        err_console.print(f"[bold yellow]interrupted:[/] {line}", highlight=False, soft_wrap=True)
     raise typer.Exit(128 + signum)
 
 
