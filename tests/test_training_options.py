@@ -131,6 +131,7 @@ def test_a_logger_whose_package_is_missing_says_which_extra(synth_manifest: Path
     ({"num_nodes": 0}, "num_nodes"),
     ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
     ({"logger": "neptune"}, "logger"),
+    ({"strategy": "fsdp", "accelerator": "cpu"}, "strategy 'fsdp' shards parameters across GPUs"),
 ])
 def test_device_and_tracking_settings_are_validated(tmp_path: Path, trainer: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -225,6 +225,13 @@ class TrainerConfig(StrictModel):
     logger: Literal["csv", "tensorboard", "mlflow", "wandb"] = Field(
         "csv", description="where training curves go; all write into the run folder, offline")
 
+    @model_validator(mode="after")
+    def _fsdp_needs_gpus(self) -> TrainerConfig:
+        if self.strategy == "fsdp" and self.accelerator == "cpu":
+            raise ValueError("strategy 'fsdp' shards parameters across GPUs and needs accelerator gpu (or auto "
+                             "on a GPU machine); on the CPU use strategy ddp")
+        return self
+
     @field_validator("devices")
     @classmethod
     def _devices(cls, value: int | str) -> int | str:
