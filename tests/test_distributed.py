@@ -73,6 +73,18 @@ def test_two_process_ddp_equals_one_process_on_the_combined_batch(synth_manifest
     assert sorted(p.relative_to(tmp_path / "ddp").as_posix() for p in (tmp_path / "ddp").rglob("model")) == ["model"]
     assert ddp.stdout.count("model saved to") == 1 and ddp.stdout.count("validation") == 1
     assert ddp_metrics["epochs"] == single_metrics["epochs"] == 3
+    # torchrun starts both ranks itself (as on a cluster); Lightning joins them instead of launching.
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(Path(mmfuse.__file__).parents[1])}
+    launched = subprocess.run(
+        [str(torchrun), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+         str(free_port()), "-m", "mmfuse.cli", "train", str(config), "--out", str(tmp_path / "torchrun"),
+         "--set", "trainer.devices=2", "--set", "trainer.strategy=ddp"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("model saved to") == 1
+    c = load_file(str(tmp_path / "torchrun" / "model" / "model.safetensors"))
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) <= 1e-6
 
 
 def test_each_rank_gets_its_share_with_equal_batch_counts(monkeypatch: pytest.MonkeyPatch) -> None:
