@@ -154,6 +154,8 @@ class DataConfig(StrictModel):
                             "batches sliced from them (on the GPU when training there)")
     in_memory_cache: Path | None = Field(None, description="cache folder of the in-memory tensors "
                                          "(default $MMFUSE_CACHE/arrays or ~/.cache/mmfuse/arrays)")
+    pack: Path | None = Field(None, description="a folder written by `mmfuse data pack`: train, evaluate and "
+                              "bench stream its preprocessed shards instead of preprocessing the manifests")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
