@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -20,6 +21,7 @@ from mmfuse.data.dataset import Collator
 from mmfuse.data.pack_dataset import PackDataset
 from mmfuse.engine import loader as loader_module
 from mmfuse.engine import pack as pack_module
+from mmfuse.engine import pack_fingerprint
 from mmfuse.engine.data import prepare_data
 from mmfuse.engine.evaluate import evaluate
 from mmfuse.engine.fit import fit
@@ -141,17 +143,24 @@ def test_a_killed_pack_resumes_to_the_same_bytes(synth_manifest: Path, tmp_path:
     assert rebuilt.shards_written == 6 and files_of(tmp_path / "resumed") == files_of(tmp_path / "whole")
 
 
-def test_changed_file_or_option_invalidates_the_pack(own_data: Path, tmp_path: Path) -> None:
+def test_changed_file_or_option_invalidates_the_pack(own_data: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     config = pack_config(own_data, tmp_path / "run")
     pack_data(config, tmp_path / "pack", workers=1, shard_size=80)
-    open_pack(config, tmp_path / "pack")  # matches
+    hashed: list[object] = []
+    real_digest = pack_fingerprint.file_digest
+    monkeypatch.setattr(pack_fingerprint, "file_digest", lambda path: hashed.append(path) or real_digest(path))
+    open_pack(config, tmp_path / "pack")  # matches, and no unchanged file is read again to say so
+    assert hashed == []
     with pytest.raises(DataError, match=r"data\.audio: .*n_mels.* --rebuild"):
         open_pack(pack_config(own_data, tmp_path / "run", audio={"n_mels": 16, "n_fft": 512, "hop_length": 256}),
                   tmp_path / "pack")
     wav = sorted((own_data.parent / "audio").glob("*.wav"))[5]
     data = bytearray(wav.read_bytes())
-    data[-1] ^= 1  # one sample's last byte: same size, other content
+    data[-1] ^= 1  # one sample's last byte: same size, other content, and the old mtime restored
+    before = wav.stat()
     wav.write_bytes(bytes(data))
+    os.utime(wav, ns=(before.st_atime_ns, before.st_mtime_ns))
     with pytest.raises(DataError, match=rf"input files changed since packing: .*{wav.name}"):
         open_pack(config, tmp_path / "pack")
     with pytest.raises(DataError, match=r"other data or preprocessing.*--rebuild"):

@@ -7,7 +7,8 @@ tensors the per-sample path gives) in a pool of worker processes. The folder end
 - ``<split>-NNNNN.tar`` + ``<split>-NNNNN.tar.index.json`` per shard (see ``mmfuse.data.pack_format``);
 - ``pack.json``, written last: the fingerprint (``fingerprint``), the fitted preprocessor and task
   state, sample counts and the skipped samples per split with their reasons;
-- ``files.json``: the SHA-256 of every input file, so a mismatch can name the file that changed.
+- ``files.json``: the SHA-256 and stat stamp of every input file, so a mismatch can name the file that
+  changed and a check re-reads only files whose stamp changed (``mmfuse.engine.pack_fingerprint``).
 
 A shard is written atomically (tar first, then its index), and a shard's content depends on its
 records alone, so a killed pack run again continues where it stopped: finished shards are kept and
@@ -21,7 +22,6 @@ rewritten unless ``rebuild``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -41,70 +41,22 @@ from mmfuse.core.atomic import atomic_file, write_text_atomic
 from mmfuse.core.errors import DataError
 from mmfuse.data.dataset import MultimodalDataset, Sample, SkipReport, build_sample
 from mmfuse.data.manifest import Record
-from mmfuse.data.memory import _file_digests, preprocessing_identity
 from mmfuse.data.pack_dataset import PackDataset, check_shard
 from mmfuse.data.pack_format import FORMAT, INDEX_SUFFIX, ShardIndex, write_shard
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.engine.data import PreparedData, fit_preprocessing, load_records, new_preprocessor
+from mmfuse.engine.pack_fingerprint import (
+    FILES_FILE,
+    PREPROCESSING_FIELDS,
+    differences,
+    fingerprint,
+    load_files,
+    write_files,
+)
 from mmfuse.tasks import TASKS, Task
 
-PACK_FILE, PARTIAL_FILE, FILES_FILE = "pack.json", "pack.partial.json", "files.json"
+PACK_FILE, PARTIAL_FILE = "pack.json", "pack.partial.json"
 DEFAULT_SHARD_SIZE = 1000
-PREPROCESSING_FIELDS = {"modalities", "text", "image", "audio", "features", "on_error", "id_column", "target_column"}
-"""The ``data`` settings that shape the packed tensors (batch size, workers and the like do not)."""
-
-
-def _sha(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def fingerprint(config: ExperimentConfig, splits: dict[str, list[Record]],
-                preprocessor: Preprocessor) -> tuple[dict[str, Any], list[list[object]]]:
-    """What a pack is a function of, and the (path, SHA-256) of every input file.
-
-    The preprocessing settings, the task, the records of each split (ids, fields, targets, so a
-    re-split or an edited manifest differs), the content of every referenced file, and the versions
-    and code that turn records into tensors (``preprocessing_identity``, mmfuse's version included).
-    The fitted vocabulary and labels follow from these and are stored beside them in ``pack.json``.
-    """
-    files = _file_digests([r for records in splits.values() for r in records], preprocessor)
-    return {
-        "format": FORMAT,
-        "preprocessing": config.data.model_dump(mode="json", include=PREPROCESSING_FIELDS),
-        "task": {"name": config.task.name, "options": config.task.options},
-        "records": {name: _sha([[r.id, r.fields, r.target] for r in records]) for name, records in splits.items()},
-        "files": _sha(files),
-        "code": preprocessing_identity(),
-    }, files
-
-
-def differences(saved: dict[str, Any], current: dict[str, Any], saved_files: list[list[object]] | None,
-                current_files: list[list[object]]) -> list[str]:
-    """What differs between a pack's fingerprint and the config's, in words (empty when they match)."""
-    out: list[str] = []
-    for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
-        if old == new:
-            continue
-        if key == "preprocessing" and isinstance(old, dict) and isinstance(new, dict):
-            out += [f"data.{k}: {old.get(k)!r} in the pack, {new.get(k)!r} in the config"
-                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        elif key == "files":
-            before = dict((str(p), d) for p, d in saved_files or [])
-            changed = [str(p) for p, d in current_files if before.get(str(p), "absent") != d]
-            changed += [p for p in before if p not in {str(q) for q, _ in current_files}]
-            out.append(f"input files changed since packing: {', '.join(changed[:3]) or 'unknown'}"
-                       + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
-        elif key == "records":
-            splits = sorted(s for s in set(old or {}) | set(new or {}) if (old or {}).get(s) != (new or {}).get(s))
-            out.append(f"the manifest rows of {', '.join(splits)} differ")
-        elif key == "code":
-            out.append("mmfuse or a decoding library was upgraded or edited since packing")
-        else:
-            out.append(f"{key}: {old!r} in the pack, {new!r} in the config")
-    return out
-
-
 @dataclass
 class PackResult:
     folder: Path
@@ -195,10 +147,10 @@ def pack_data(config: ExperimentConfig, folder: Path, workers: int | None = None
     """Packs the config's data into ``folder`` (see the module docstring); ``workers`` defaults to the cores."""
     folder = Path(folder)
     splits = load_records(config)
-    current, files = fingerprint(config, splits, new_preprocessor(config))
     saved = _read_json(folder / PACK_FILE)
+    current, files = fingerprint(config, splits, new_preprocessor(config), load_files(folder))
     if saved is not None and not rebuild:
-        diff = differences(saved["fingerprint"], current, _load_files(folder), files)
+        diff = differences(saved["fingerprint"], current, load_files(folder), files)
         if diff:
             raise DataError(f"{folder} holds a pack of other data or preprocessing ({'; '.join(diff)}); "
                             "pass --rebuild to replace it")
@@ -268,7 +220,7 @@ def _finish(config: ExperimentConfig, folder: Path, plan: list[_Shard], current:
     skipped = {name: reasons for name, reasons in skipped.items() if reasons}
     if counts.get("train", 0) == 0:
         raise DataError("every training sample was skipped; nothing to pack")
-    write_text_atomic(folder / FILES_FILE, json.dumps(files))
+    write_files(folder, files)
     state = {"format": FORMAT, "fingerprint": current, "preprocessor": preprocessor.state(), "task": task.state(),
              "counts": counts, "skipped": skipped, "shards": shards, "config_data": config.data.model_dump(
                  mode="json", include=PREPROCESSING_FIELDS)}
@@ -282,13 +234,6 @@ def skip_reason(reason: str) -> str:
     return re.sub(r"'?[^\s']*/[^\s':]*'?", "<file>", reason)
 
 
-def _load_files(folder: Path) -> list[list[object]] | None:
-    try:
-        return list(json.loads((folder / FILES_FILE).read_text()))
-    except (OSError, ValueError):
-        return None
-
-
 def open_pack(config: ExperimentConfig, folder: Path) -> PreparedData:
     """The pack's splits and fitted preprocessing, after checking it was packed from this config's data."""
     folder = Path(folder)
@@ -298,8 +243,8 @@ def open_pack(config: ExperimentConfig, folder: Path) -> PreparedData:
             if (folder / PARTIAL_FILE).exists() else ""
         raise DataError(f"{folder} is not a finished pack: no {PACK_FILE}{hint}")
     splits = load_records(config)
-    current, files = fingerprint(config, splits, new_preprocessor(config))
-    diff = differences(saved["fingerprint"], current, _load_files(folder), files)
+    current, files = fingerprint(config, splits, new_preprocessor(config), load_files(folder))
+    diff = differences(saved["fingerprint"], current, load_files(folder), files)
     if diff:
         raise DataError(f"the pack {folder} does not match the config: {'; '.join(diff)}; "
                         "rebuild it with `mmfuse data pack --rebuild` (or `mmfuse train --rebuild-pack`)")
@@ -322,6 +267,6 @@ def ensure_pack(config: ExperimentConfig, folder: Path, workers: int | None = No
     saved = _read_json(Path(folder) / PACK_FILE)
     stale = False
     if saved is not None:
-        current, files = fingerprint(config, load_records(config), new_preprocessor(config))
-        stale = bool(differences(saved["fingerprint"], current, _load_files(Path(folder)), files))
+        current, files = fingerprint(config, load_records(config), new_preprocessor(config), load_files(Path(folder)))
+        stale = bool(differences(saved["fingerprint"], current, load_files(Path(folder)), files))
     return pack_data(config, folder, workers=workers, rebuild=stale)
