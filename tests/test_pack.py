@@ -234,3 +234,18 @@ def test_cli_pack_and_train_from_it(synth_manifest: Path, tmp_path: Path) -> Non
                                   "--set", "trainer.max_epochs=1"])
     assert trained.exit_code == 0, trained.output
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_a_reader_keeps_few_shards_open(synth_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmfuse.data import pack_dataset
+
+    config = pack_config(synth_manifest, tmp_path / "run")
+    pack_data(config, tmp_path / "pack", workers=1, shard_size=20)
+    train = open_pack(config, tmp_path / "pack").datasets["train"]
+    assert isinstance(train, PackDataset) and len(train.paths) == 7
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = [train[i].id for i in order]
+    monkeypatch.setattr(pack_dataset, "OPEN_SHARDS", 2)
+    fresh = open_pack(config, tmp_path / "pack").datasets["train"]
+    assert [fresh[i].id for i in order] == expected
+    assert len(fresh._fds) == 2  # type: ignore[attr-defined]

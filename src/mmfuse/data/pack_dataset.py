@@ -13,6 +13,7 @@ sequential scan: fine on local disks, slower on network file systems that penali
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import overload
@@ -36,6 +37,11 @@ def check_shard(path: Path, index: ShardIndex) -> None:
                         f"{index.bytes}; rebuild the pack with --rebuild")
 
 
+OPEN_SHARDS = 32
+"""Shard files a process keeps open at once: a shuffled epoch visits every shard, and a pack of thousands
+of shards would otherwise run into the limit on open files."""
+
+
 class PackDataset(MultimodalDataset):
     """The samples of some shards, in shard order; ``[i]`` reads sample i from disk."""
 
@@ -50,17 +56,22 @@ class PackDataset(MultimodalDataset):
             spans = np.asarray(index.spans, dtype=np.int64).reshape(-1, 2)
             rows.append(np.column_stack([np.full(len(spans), number, dtype=np.int64), spans]))
         self.index = np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
-        self._fds: dict[int, int] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.index)
 
     def _fd(self, number: int) -> int:
+        """A descriptor of shard ``number``; at most ``OPEN_SHARDS`` stay open (least recently used closed)."""
         if self._pid != os.getpid():  # a forked DataLoader worker: its own descriptors
-            self._fds, self._pid = {}, os.getpid()
-        if number not in self._fds:
-            self._fds[number] = os.open(self.paths[number], os.O_RDONLY)
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        if number in self._fds:
+            self._fds.move_to_end(number)
+            return self._fds[number]
+        if len(self._fds) >= OPEN_SHARDS:
+            os.close(self._fds.popitem(last=False)[1])
+        self._fds[number] = os.open(self.paths[number], os.O_RDONLY)
         return self._fds[number]
 
     def __getitem__(self, index: int) -> Sample:
@@ -77,7 +88,7 @@ class PackDataset(MultimodalDataset):
                 os.close(fd)
 
     def __getstate__(self) -> dict[str, object]:
-        return {**self.__dict__, "_fds": {}, "_pid": -1}  # descriptors never travel to another process
+        return {**self.__dict__, "_fds": OrderedDict(), "_pid": -1}  # descriptors never travel to another process
 
     @property  # type: ignore[override]
     def samples(self) -> Sequence[Sample]:
