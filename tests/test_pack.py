@@ -249,3 +249,36 @@ def test_a_reader_keeps_few_shards_open(synth_manifest: Path, tmp_path: Path, mo
     fresh = open_pack(config, tmp_path / "pack").datasets["train"]
     assert [fresh[i].id for i in order] == expected
     assert len(fresh._fds) == 2  # type: ignore[attr-defined]
+
+
+def test_a_pack_killed_with_sigkill_resumes_to_the_same_bytes(synth_manifest: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = pack_config(synth_manifest, tmp_path / "run")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(config.model_dump(mode="json", exclude={"trainer": {"overwrite"}})))
+    pack_data(config, tmp_path / "whole", workers=1, shard_size=20)
+    # The real command, slowed down after each shard so that it is surely killed half-way.
+    script = ("import sys, time\nfrom mmfuse.engine import pack\nreal = pack.write_shard\n"
+              "def slow(*a):\n    out = real(*a)\n    time.sleep(0.5)\n    return out\n"
+              "pack.write_shard = slow\nfrom mmfuse.cli import main\nsys.argv = sys.argv[1:]\nmain()\n")
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-c", script, "mmfuse", "data", "pack", "-c", str(path),
+                                "--out", str(out), "--workers", "1", "--shard-size", "20"],
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "test-00000.tar.index.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "pack.json").exists() and (out / "test-00000.tar").exists()
+    result = pack_data(config, out, workers=2, shard_size=20)
+    assert result.shards_kept >= 1 and result.shards_kept + result.shards_written == 9  # 1 test + 7 train + 1 val
+    assert files_of(out) == files_of(tmp_path / "whole")
+    assert not list(out.glob(".*tmp-*"))  # the killed writer's temporaries were cleared
