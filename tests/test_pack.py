@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from mmfuse.config import ExperimentConfig, validate_config
-from mmfuse.core.errors import DataError
+from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.dataset import Collator
 from mmfuse.data.pack_dataset import PackDataset
 from mmfuse.engine import loader as loader_module
@@ -282,3 +282,8 @@ def test_a_pack_killed_with_sigkill_resumes_to_the_same_bytes(synth_manifest: Pa
     assert result.shards_kept >= 1 and result.shards_kept + result.shards_written == 9  # 1 test + 7 train + 1 val
     assert files_of(out) == files_of(tmp_path / "whole")
     assert not list(out.glob(".*tmp-*"))  # the killed writer's temporaries were cleared
+
+
+def test_pack_and_in_memory_are_exclusive(synth_manifest: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.pack streams .* give one of them"):
+        pack_config(synth_manifest, tmp_path / "run", pack=str(tmp_path / "pack"), in_memory=True)

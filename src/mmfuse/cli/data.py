@@ -144,14 +144,19 @@ def data_pack(
     from mmfuse.engine.pack import pack_data
 
     cfg = load_config(config, list(set_ or []))
-    columns = (TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} samples/s"),
+    columns = (TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TimeRemainingColumn())
     started = time.perf_counter()
+    first: list[int] = []  # samples already packed by an interrupted run: not part of this run's rate
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("pack", total=None)
+        task = bar.add_task("pack", total=None, rate="")
 
         def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            if not first:
+                first.append(done)
+            seconds = time.perf_counter() - started
+            rate = f"{(done - first[0]) / seconds:,.0f} samples/s" if done > first[0] and seconds > 0 else ""
+            bar.update(task, completed=done, total=total, rate=rate)
 
         result = pack_data(cfg, out, workers=workers, rebuild=rebuild, shard_size=shard_size, progress=progress)
     counts = ", ".join(f"{split} {n}" for split, n in sorted(result.counts.items()))

@@ -163,6 +163,9 @@ class DataConfig(StrictModel):
         if sum(sources) != 1:
             raise ValueError("give exactly one of 'manifest' (with a split column), 'train' (+ val/test) "
                              "or 'synthetic'")
+        if self.pack is not None and self.in_memory:
+            raise ValueError("data.pack streams preprocessed shards from disk and data.in_memory holds every split "
+                             "in memory: give one of them")
         return self
 
 

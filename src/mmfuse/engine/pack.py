@@ -181,6 +181,8 @@ def _run(todo: list[_Shard], context: tuple[Preprocessor, Task, str, Path], work
     if workers <= 1 or len(todo) <= 1:
         global _WORKER
         previous, _WORKER = _WORKER, context
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a worker: many small ops, for which more threads only contend (8x slower)
         try:
             for shard in todo:
                 done += len(shard.records)
@@ -188,6 +190,7 @@ def _run(todo: list[_Shard], context: tuple[Preprocessor, Task, str, Path], work
                 report(done)
         finally:
             _WORKER = previous
+            torch.set_num_threads(threads)
         return
     # fork: the fitted preprocessor and task reach the workers without pickling.
     with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("fork"),
