@@ -287,3 +287,19 @@ def test_a_pack_killed_with_sigkill_resumes_to_the_same_bytes(synth_manifest: Pa
 def test_pack_and_in_memory_are_exclusive(synth_manifest: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data\.pack streams .* give one of them"):
         pack_config(synth_manifest, tmp_path / "run", pack=str(tmp_path / "pack"), in_memory=True)
+
+
+def test_bench_reads_the_pack(synth_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmfuse.cli import app
+
+    config = pack_config(synth_manifest, tmp_path / "run")
+    pack_data(config, tmp_path / "pack", workers=1, shard_size=80)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(config.model_dump(mode="json", exclude={"trainer": {"overwrite"}})))
+    built: list[object] = []
+    monkeypatch.setattr(pack_module, "open_pack", lambda *a: built.append(a) or open_pack(*a))
+    result = CliRunner().invoke(app, ["bench", "-c", str(path), "--methods", "concat", "--seeds", "1", "--no-unimodal",
+                                      "--out", str(tmp_path / "bench"), "--set", f"data.pack={tmp_path / 'pack'}",
+                                      "--set", "trainer.max_epochs=1"])
+    assert result.exit_code == 0, result.output
+    assert len(built) == 1 and (tmp_path / "bench" / "runs.csv").is_file()
