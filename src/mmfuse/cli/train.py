@@ -32,6 +32,10 @@ def train(
         "--overwrite", help="Replace a finished run in the output folder (trainer.overwrite).")] = False,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in RUN_DIR from its checkpoints/last.ckpt (same config).")] = False,
+    pack: Annotated[Path | None, typer.Option(
+        "--pack", help="Stream the data from this `mmfuse data pack` folder (data.pack).")] = None,
+    rebuild_pack: Annotated[bool, typer.Option(
+        "--rebuild-pack", help="With --pack: pack the data first when the pack is missing or does not match.")] = False,
 ) -> None:
     """Train a model from a config; saves it to OUTPUT_DIR/model.
 
@@ -58,7 +62,14 @@ def train(
     out = run_dir if run_dir is not None else out
     overrides = list(set_ or []) + ([f"trainer.output_dir={json.dumps(str(out))}"] if out else [])  # quoted: --out 2024
     overrides += ["trainer.overwrite=true"] if overwrite else []
+    overrides += [f"data.pack={json.dumps(str(pack))}"] if pack else []
     cfg = load_config(config_path, overrides)
+    if rebuild_pack:
+        if cfg.data.pack is None:
+            raise MMFuseError("--rebuild-pack needs a pack: --pack DIR or data.pack in the config")
+        from mmfuse.engine.pack import ensure_pack
+
+        ensure_pack(cfg, cfg.data.pack)
     resume_command = shlex.join(["mmfuse", "train", str(config_path), *[a for s in set_ or [] for a in ("--set", s)],
                                  "--resume", str(cfg.trainer.output_dir)])
     try:

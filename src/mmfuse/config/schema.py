@@ -154,6 +154,8 @@ class DataConfig(StrictModel):
                             "batches sliced from them (on the GPU when training there)")
     in_memory_cache: Path | None = Field(None, description="cache folder of the in-memory tensors "
                                          "(default $MMFUSE_CACHE/arrays or ~/.cache/mmfuse/arrays)")
+    pack: Path | None = Field(None, description="a folder written by `mmfuse data pack`: train, evaluate and "
+                              "bench stream its preprocessed shards instead of preprocessing the manifests")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -161,6 +163,9 @@ class DataConfig(StrictModel):
         if sum(sources) != 1:
             raise ValueError("give exactly one of 'manifest' (with a split column), 'train' (+ val/test) "
                              "or 'synthetic'")
+        if self.pack is not None and self.in_memory:
+            raise ValueError("data.pack streams preprocessed shards from disk and data.in_memory holds every split "
+                             "in memory: give one of them")
         return self
 
 

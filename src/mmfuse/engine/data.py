@@ -98,10 +98,35 @@ class PreparedData:
 
 
 def prepare_data(config: ExperimentConfig) -> PreparedData:
-    """Reads the manifests, fits vocabulary and labels on train, preprocesses every split once."""
+    """Reads the manifests, fits vocabulary and labels on train, preprocesses every split once.
+
+    With ``data.pack`` the splits are read from the pack instead (``mmfuse.engine.pack``), once it is
+    known to have been packed from this config's data and preprocessing.
+    """
+    if config.data.pack is not None:
+        from mmfuse.engine.pack import open_pack  # it builds on this module
+
+        return open_pack(config, config.data.pack)
     splits = load_records(config)
-    preprocessor = Preprocessor(config.data.modalities, config.data.text, config.data.image, config.data.audio,
-                                features=config.data.features)
+    preprocessor, task = fit_preprocessing(config, splits)
+    datasets = {name: split_dataset(config, records, preprocessor, task) for name, records in splits.items()}
+    cropped = preprocessor.crops.message(config.data.audio)
+    if cropped:  # once per run, not once per clip
+        log.warning("%s", cropped)
+    if len(datasets["train"]) == 0:
+        raise DataError("every training sample was skipped; see the errors above")
+    return PreparedData(preprocessor, task, datasets)
+
+
+def new_preprocessor(config: ExperimentConfig) -> Preprocessor:
+    """The config's preprocessing, not fitted yet."""
+    return Preprocessor(config.data.modalities, config.data.text, config.data.image, config.data.audio,
+                        features=config.data.features)
+
+
+def fit_preprocessing(config: ExperimentConfig, splits: dict[str, list[Record]]) -> tuple[Preprocessor, Task]:
+    """Vocabularies, feature widths and labels fitted on the training records (shared with packing)."""
+    preprocessor = new_preprocessor(config)
     preprocessor.fit(splits["train"])
     task = TASKS.create(config.task.name, **config.task.options)
     # A JSON NaN target stays NaN in the records (errors show it as written); fitting sees it as missing.
@@ -112,13 +137,7 @@ def prepare_data(config: ExperimentConfig) -> PreparedData:
         raise DataError(f"training targets (column '{config.data.target_column}'): {exc}") from None
     if config.data.on_error == "raise":
         check_targets(splits, task)
-    datasets = {name: split_dataset(config, records, preprocessor, task) for name, records in splits.items()}
-    cropped = preprocessor.crops.message(config.data.audio)
-    if cropped:  # once per run, not once per clip
-        log.warning("%s", cropped)
-    if len(datasets["train"]) == 0:
-        raise DataError("every training sample was skipped; see the errors above")
-    return PreparedData(preprocessor, task, datasets)
+    return preprocessor, task
 
 
 def check_targets(splits: dict[str, list[Record]], task: Task) -> None:

@@ -1,0 +1,122 @@
+"""One split of a pack as a map-style dataset that reads each sample from its shard when asked.
+
+Why map-style with positioned reads instead of an iterable over whole shards: the training loader
+(``mmfuse.engine.loader``) then keeps every property it has on the other paths (order a function of
+seed + epoch, resumable mid-epoch, sharded by DDP rank with equal batch counts, whole batches
+spread over DataLoader workers) and a pack trains on exactly the batches the per-sample path gives.
+Memory is bounded by the index alone, three int64 per sample (no ids or tensors are held: the id is
+read back with the sample), plus the batches in flight; nothing of a shard is cached beyond what
+the OS page cache keeps. The price is one positioned read (``os.pread``) per sample rather than a
+sequential scan: fine on local disks, slower on network file systems that penalise random reads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import overload
+
+import numpy as np
+
+from mmfuse.core.errors import DataError
+from mmfuse.data.dataset import MultimodalDataset, Sample, SkipReport
+from mmfuse.data.pack_format import INDEX_SUFFIX, ShardIndex, decode_sample
+
+
+def check_shard(path: Path, index: ShardIndex) -> None:
+    """A DataError naming the shard when it is missing or its size is not the size its index recorded."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise DataError(f"pack shard {path} is missing (its index {path.name}{INDEX_SUFFIX} is there); "
+                        "rebuild the pack with --rebuild") from None
+    if size != index.bytes:
+        raise DataError(f"pack shard {path} is truncated or damaged: {size} bytes, its index records "
+                        f"{index.bytes}; rebuild the pack with --rebuild")
+
+
+OPEN_SHARDS = 32
+"""Shard files a process keeps open at once: a shuffled epoch visits every shard, and a pack of thousands
+of shards would otherwise run into the limit on open files."""
+
+
+class PackDataset(MultimodalDataset):
+    """The samples of some shards, in shard order; ``[i]`` reads sample i from disk."""
+
+    def __init__(self, shards: list[Path], report: SkipReport | None = None) -> None:
+        # No super().__init__(): the samples are on disk, already preprocessed.
+        self.paths = list(shards)
+        self.report = report or SkipReport()
+        rows: list[np.ndarray] = []
+        for number, path in enumerate(self.paths):
+            index = ShardIndex.read(path.with_name(path.name + INDEX_SUFFIX))
+            check_shard(path, index)
+            spans = np.asarray(index.spans, dtype=np.int64).reshape(-1, 2)
+            rows.append(np.column_stack([np.full(len(spans), number, dtype=np.int64), spans]))
+        self.index = np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _fd(self, number: int) -> int:
+        """A descriptor of shard ``number``; at most ``OPEN_SHARDS`` stay open (least recently used closed)."""
+        if self._pid != os.getpid():  # a forked DataLoader worker: its own descriptors
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        if number in self._fds:
+            self._fds.move_to_end(number)
+            return self._fds[number]
+        if len(self._fds) >= OPEN_SHARDS:
+            os.close(self._fds.popitem(last=False)[1])
+        self._fds[number] = os.open(self.paths[number], os.O_RDONLY)
+        return self._fds[number]
+
+    def __getitem__(self, index: int) -> Sample:
+        number, start, end = (int(v) for v in self.index[index])
+        data = os.pread(self._fd(number), end - start, start)
+        where = f"{self.paths[number]} (sample {index}, bytes {start}-{end})"
+        if len(data) != end - start:
+            raise DataError(f"{where}: pack shard is truncated; rebuild the pack with --rebuild")
+        return decode_sample(data, where)
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in getattr(self, "_fds", {}).values():
+                os.close(fd)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_fds": OrderedDict(), "_pid": -1}  # descriptors never travel to another process
+
+    @property  # type: ignore[override]
+    def samples(self) -> Sequence[Sample]:
+        """The samples as a lazy sequence (each read from disk when indexed)."""
+        return _LazySamples(self)
+
+    @samples.setter
+    def samples(self, value: list[Sample]) -> None:
+        raise AttributeError("PackDataset.samples is read-only: the samples are in the pack")
+
+
+class _LazySamples(Sequence[Sample]):
+    def __init__(self, dataset: PackDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Sample]: ...
+
+    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+        if isinstance(index, slice):
+            return [self.dataset[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.dataset[index]

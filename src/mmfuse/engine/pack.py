@@ -1,0 +1,275 @@
+"""Packs: every split preprocessed once, in parallel, into WebDataset shards that training streams.
+
+``pack_data(config, folder)`` (``mmfuse data pack``) reads the manifests, fits vocabulary and labels on
+train exactly as ``prepare_data`` does, then preprocesses each shard's records (``build_sample``: the
+tensors the per-sample path gives) in a pool of worker processes. The folder ends up holding
+
+- ``<split>-NNNNN.tar`` + ``<split>-NNNNN.tar.index.json`` per shard (see ``mmfuse.data.pack_format``);
+- ``pack.json``, written last: the fingerprint (``fingerprint``), the fitted preprocessor and task
+  state, sample counts and the skipped samples per split with their reasons;
+- ``files.json``: the SHA-256 and stat stamp of every input file, so a mismatch can name the file that
+  changed and a check re-reads only files whose stamp changed (``mmfuse.engine.pack_fingerprint``).
+
+A shard is written atomically (tar first, then its index), and a shard's content depends on its
+records alone, so a killed pack run again continues where it stopped: finished shards are kept and
+the result is byte-identical to an uninterrupted pack (``pack.partial.json`` holds the fingerprint
+the unfinished pack was started with; a different one starts over). A finished pack is never
+rewritten unless ``rebuild``.
+
+``open_pack(config, folder)`` (``data.pack``) checks the pack against the config and returns the
+``PreparedData`` training, evaluation and bench use, with ``PackDataset`` splits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmfuse.config import ExperimentConfig
+from mmfuse.core.atomic import atomic_file, write_text_atomic
+from mmfuse.core.errors import DataError
+from mmfuse.data.dataset import MultimodalDataset, Sample, SkipReport, build_sample
+from mmfuse.data.manifest import Record
+from mmfuse.data.pack_dataset import PackDataset, check_shard
+from mmfuse.data.pack_format import FORMAT, INDEX_SUFFIX, ShardIndex, write_shard
+from mmfuse.data.preprocess import Preprocessor
+from mmfuse.engine.data import PreparedData, fit_preprocessing, load_records, new_preprocessor
+from mmfuse.engine.pack_fingerprint import (
+    FILES_FILE,
+    PREPROCESSING_FIELDS,
+    differences,
+    fingerprint,
+    load_files,
+    write_files,
+)
+from mmfuse.tasks import TASKS, Task
+
+PACK_FILE, PARTIAL_FILE = "pack.json", "pack.partial.json"
+DEFAULT_SHARD_SIZE = 1000
+@dataclass
+class PackResult:
+    folder: Path
+    counts: dict[str, int]
+    skipped: dict[str, dict[str, int]]
+    """Per split: reason -> number of samples skipped for it."""
+    shards_written: int = 0
+    shards_kept: int = 0
+    already_packed: bool = False
+    messages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Shard:
+    split: str
+    number: int
+    first_key: int
+    records: list[Record]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.number:05d}.tar"
+
+
+_WORKER: tuple[Preprocessor, Task, str, Path] | None = None
+
+
+def _init_worker(preprocessor: Preprocessor, task: Task, on_error: str, folder: Path) -> None:
+    global _WORKER
+    torch.set_num_threads(1)  # one process per core already
+    _WORKER = (preprocessor, task, on_error, folder)
+
+
+def _pack_shard(shard: _Shard) -> tuple[str, int, int]:
+    """Preprocesses and writes one shard (tar, then its index); returns (split, samples, skipped)."""
+    assert _WORKER is not None
+    preprocessor, task, on_error, folder = _WORKER
+    samples: list[Sample] = []
+    report = SkipReport()
+    for record in shard.records:
+        try:
+            samples.append(build_sample(record, preprocessor, task))
+        except DataError as exc:
+            if on_error == "raise":
+                raise
+            report.add(record, str(exc))
+    path = folder / shard.name
+    with atomic_file(path) as tmp:
+        spans = write_shard(tmp, samples, shard.first_key)
+        size = tmp.stat().st_size
+    index = ShardIndex(shard.name, size, spans, report.entries())
+    write_text_atomic(path.with_name(path.name + INDEX_SUFFIX), index.to_json())
+    return shard.split, len(samples), report.count
+
+
+def _finished(folder: Path, shard: _Shard) -> bool:
+    path = folder / shard.name
+    index_path = path.with_name(path.name + INDEX_SUFFIX)
+    if not index_path.is_file():
+        return False
+    try:
+        check_shard(path, ShardIndex.read(index_path))
+    except DataError:
+        return False
+    return True
+
+
+def _clear(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.name in (PACK_FILE, PARTIAL_FILE, FILES_FILE, "tokenizers") or path.suffix == ".tar" \
+                or path.name.endswith(INDEX_SUFFIX):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+Progress = Callable[[int, int], None]
+"""Called with (samples done, samples in all) as shards finish."""
+
+
+def pack_data(config: ExperimentConfig, folder: Path, workers: int | None = None, rebuild: bool = False,
+              shard_size: int = DEFAULT_SHARD_SIZE, progress: Progress | None = None) -> PackResult:
+    """Packs the config's data into ``folder`` (see the module docstring); ``workers`` defaults to the cores."""
+    folder = Path(folder)
+    splits = load_records(config)
+    saved = _read_json(folder / PACK_FILE)
+    current, files = fingerprint(config, splits, new_preprocessor(config), load_files(folder))
+    if saved is not None and not rebuild:
+        diff = differences(saved["fingerprint"], current, load_files(folder), files)
+        if diff:
+            raise DataError(f"{folder} holds a pack of other data or preprocessing ({'; '.join(diff)}); "
+                            "pass --rebuild to replace it")
+        return PackResult(folder, saved["counts"], saved["skipped"], shards_kept=len(saved["shards"]),
+                          already_packed=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = _read_json(folder / PARTIAL_FILE)
+    if rebuild or saved is not None or partial != {"fingerprint": current, "shard_size": shard_size}:
+        _clear(folder)
+    preprocessor, task = fit_preprocessing(config, splits)
+    write_text_atomic(folder / PARTIAL_FILE, json.dumps({"fingerprint": current, "shard_size": shard_size}))
+    preprocessor.save_assets(folder)
+    plan = [_Shard(name, i // shard_size, i, records[i:i + shard_size])
+            for name, records in sorted(splits.items()) for i in range(0, len(records), shard_size)]
+    todo = [s for s in plan if not _finished(folder, s)]
+    total = sum(len(s.records) for s in plan)
+    done = total - sum(len(s.records) for s in todo)
+    if progress:
+        progress(done, total)
+    _run(todo, (preprocessor, task, config.data.on_error, folder), workers or os.cpu_count() or 1,
+         lambda n: progress(n, total) if progress else None, done)
+    return _finish(config, folder, plan, current, files, preprocessor, task, len(plan) - len(todo), len(todo))
+
+
+def _run(todo: list[_Shard], context: tuple[Preprocessor, Task, str, Path], workers: int,
+         report: Callable[[int], None], done: int) -> None:
+    """Packs the shards in ``todo``: in this process for one worker, else in a pool of forked ones."""
+    if workers <= 1 or len(todo) <= 1:
+        global _WORKER
+        previous, _WORKER = _WORKER, context
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a worker: many small ops, for which more threads only contend (8x slower)
+        try:
+            for shard in todo:
+                done += len(shard.records)
+                _pack_shard(shard)
+                report(done)
+        finally:
+            _WORKER = previous
+            torch.set_num_threads(threads)
+        return
+    # fork: the fitted preprocessor and task reach the workers without pickling.
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("fork"),
+                             initializer=_init_worker, initargs=context) as pool:
+        futures: dict[Future[tuple[str, int, int]], _Shard] = {pool.submit(_pack_shard, s): s for s in todo}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in finished:
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise future.exception()  # type: ignore[misc]
+                done += len(futures[future].records)
+            report(done)
+
+
+def _finish(config: ExperimentConfig, folder: Path, plan: list[_Shard], current: dict[str, Any],
+            files: list[list[object]], preprocessor: Preprocessor, task: Task, kept: int, written: int) -> PackResult:
+    counts: dict[str, int] = {}
+    skipped: dict[str, dict[str, int]] = {}
+    shards: dict[str, list[str]] = {}
+    for shard in plan:
+        index = ShardIndex.read(folder / (shard.name + INDEX_SUFFIX))
+        counts[shard.split] = counts.get(shard.split, 0) + len(index.spans)
+        shards.setdefault(shard.split, []).append(shard.name)
+        reasons = skipped.setdefault(shard.split, {})
+        for reason, n in Counter(skip_reason(row.get("reason", "")) for row in index.skipped).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    skipped = {name: reasons for name, reasons in skipped.items() if reasons}
+    if counts.get("train", 0) == 0:
+        raise DataError("every training sample was skipped; nothing to pack")
+    write_files(folder, files)
+    state = {"format": FORMAT, "fingerprint": current, "preprocessor": preprocessor.state(), "task": task.state(),
+             "counts": counts, "skipped": skipped, "shards": shards, "config_data": config.data.model_dump(
+                 mode="json", include=PREPROCESSING_FIELDS)}
+    write_text_atomic(folder / PACK_FILE, json.dumps(state, indent=1))
+    (folder / PARTIAL_FILE).unlink(missing_ok=True)
+    return PackResult(folder, counts, skipped, shards_written=written, shards_kept=kept)
+
+
+def skip_reason(reason: str) -> str:
+    """A skip message with the paths it names replaced by ``<file>``, so equal reasons count together."""
+    return re.sub(r"'?[^\s']*/[^\s':]*'?", "<file>", reason)
+
+
+def open_pack(config: ExperimentConfig, folder: Path) -> PreparedData:
+    """The pack's splits and fitted preprocessing, after checking it was packed from this config's data."""
+    folder = Path(folder)
+    saved = _read_json(folder / PACK_FILE)
+    if saved is None:
+        hint = " (an unfinished pack: run `mmfuse data pack` again to finish it)" \
+            if (folder / PARTIAL_FILE).exists() else ""
+        raise DataError(f"{folder} is not a finished pack: no {PACK_FILE}{hint}")
+    splits = load_records(config)
+    current, files = fingerprint(config, splits, new_preprocessor(config), load_files(folder))
+    diff = differences(saved["fingerprint"], current, load_files(folder), files)
+    if diff:
+        raise DataError(f"the pack {folder} does not match the config: {'; '.join(diff)}; "
+                        "rebuild it with `mmfuse data pack --rebuild` (or `mmfuse train --rebuild-pack`)")
+    preprocessor = Preprocessor.from_state(saved["preprocessor"], folder)
+    task = TASKS.create(config.task.name, **config.task.options)
+    task.load_state(saved["task"])
+    datasets: dict[str, MultimodalDataset] = {}
+    for name, shard_names in saved["shards"].items():
+        report = SkipReport()
+        for shard in shard_names:
+            for row in ShardIndex.read(folder / (shard + INDEX_SUFFIX)).skipped:
+                report.skipped.append(str(row.get("reason", "")))
+                report.rows.append(row)
+        datasets[name] = PackDataset([folder / shard for shard in shard_names], report)
+    return PreparedData(preprocessor, task, datasets)
+
+
+def ensure_pack(config: ExperimentConfig, folder: Path, workers: int | None = None) -> PackResult:
+    """The pack in ``folder``, packed (or repacked) first when it is missing, unfinished or of other data."""
+    saved = _read_json(Path(folder) / PACK_FILE)
+    stale = False
+    if saved is not None:
+        current, files = fingerprint(config, load_records(config), new_preprocessor(config), load_files(Path(folder)))
+        stale = bool(differences(saved["fingerprint"], current, load_files(Path(folder)), files))
+    return pack_data(config, folder, workers=workers, rebuild=stale)

@@ -1,0 +1,120 @@
+"""What a pack (``mmfuse.engine.pack``) is a function of, and what differs when it no longer matches.
+
+The fingerprint holds the preprocessing settings, the task, the records of each split (ids, fields,
+targets: a re-split or an edited manifest differs), the SHA-256 of every referenced file's bytes,
+and the versions and code that turn records into tensors (``preprocessing_identity``, mmfuse's
+version included). The fitted vocabulary and labels follow from these; ``pack.json`` stores them
+beside it.
+
+Hashing every input file at every training start would read the whole raw data set, which is what a
+pack exists to avoid. ``files.json`` therefore keeps each file's ``stat_stamp`` (device, inode, size,
+mtime, ctime) with its digest, and a file whose stamp is unchanged keeps its digest; any other file
+(rewritten, even with its mtime restored, which changes ctime; or copied elsewhere) is hashed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from mmfuse.config import ExperimentConfig
+from mmfuse.core.atomic import write_text_atomic
+from mmfuse.core.identity import file_digest, stat_stamp
+from mmfuse.data.arrays import parse_reference
+from mmfuse.data.manifest import Record
+from mmfuse.data.memory import preprocessing_identity
+from mmfuse.data.pack_format import FORMAT
+from mmfuse.data.preprocess import Preprocessor
+
+FILES_FILE = "files.json"
+PREPROCESSING_FIELDS = {"modalities", "text", "image", "audio", "features", "on_error", "id_column", "target_column"}
+"""The ``data`` settings that shape the packed tensors (batch size, workers and the like do not)."""
+
+FileEntry = list[Any]
+"""[path, SHA-256 or None when unreadable, stat stamp or None]."""
+
+
+def _sha(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stamp(path: str) -> list[int] | None:
+    try:
+        return list(stat_stamp(path))
+    except OSError:
+        return None
+
+
+def input_files(records: list[Record], preprocessor: Preprocessor, known: list[FileEntry] | None = None,
+                ) -> list[FileEntry]:
+    """Every file the records reference (a row-referenced array file once), sorted, with digest and stamp."""
+    paths: set[str] = set()
+    for record in records:
+        for modality in preprocessor.modalities:
+            value = record.fields.get(modality)
+            if value is not None and preprocessor.kind(modality) != "text":
+                paths.add(str(parse_reference(str(value))[0]))
+    cached = {str(e[0]): e for e in known or [] if len(e) == 3 and e[2] is not None}
+    out: list[FileEntry] = []
+    for path in sorted(paths):
+        stamp = _stamp(path)
+        entry = cached.get(path)
+        digest = entry[1] if entry is not None and stamp is not None and entry[2] == stamp else file_digest(path)
+        out.append([path, digest, stamp])
+    return out
+
+
+def fingerprint(config: ExperimentConfig, splits: dict[str, list[Record]], preprocessor: Preprocessor,
+                known: list[FileEntry] | None = None) -> tuple[dict[str, Any], list[FileEntry]]:
+    """The pack's fingerprint for this config and records, and the input files it covers."""
+    files = input_files([r for records in splits.values() for r in records], preprocessor, known)
+    return {
+        "format": FORMAT,
+        "preprocessing": config.data.model_dump(mode="json", include=PREPROCESSING_FIELDS),
+        "task": {"name": config.task.name, "options": config.task.options},
+        "records": {name: _sha([[r.id, r.fields, r.target] for r in records]) for name, records in splits.items()},
+        "files": _sha([entry[:2] for entry in files]),
+        "code": preprocessing_identity(),
+    }, files
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any], saved_files: list[FileEntry] | None,
+                current_files: list[FileEntry]) -> list[str]:
+    """What differs between a pack's fingerprint and the config's, in words (empty when they match)."""
+    out: list[str] = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        if key == "preprocessing" and isinstance(old, dict) and isinstance(new, dict):
+            out += [f"data.{k}: {old.get(k)!r} in the pack, {new.get(k)!r} in the config"
+                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif key == "files":
+            before = {str(e[0]): e[1] for e in saved_files or []}
+            now = {str(e[0]) for e in current_files}
+            changed = [str(e[0]) for e in current_files if before.get(str(e[0]), "absent") != e[1]]
+            changed += [p for p in before if p not in now]
+            out.append(f"input files changed since packing: {', '.join(changed[:3]) or 'unknown'}"
+                       + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
+        elif key == "records":
+            splits = sorted(s for s in set(old or {}) | set(new or {}) if (old or {}).get(s) != (new or {}).get(s))
+            out.append(f"the manifest rows of {', '.join(splits)} differ")
+        elif key == "code":
+            out.append("mmfuse or a decoding library was upgraded or edited since packing")
+        else:
+            out.append(f"{key}: {old!r} in the pack, {new!r} in the config")
+    return out
+
+
+def write_files(folder: Path, files: list[FileEntry]) -> None:
+    write_text_atomic(folder / FILES_FILE, json.dumps(files))
+
+
+def load_files(folder: Path) -> list[FileEntry] | None:
+    """The input files recorded by a pack, or None (no pack there, or an unreadable list)."""
+    try:
+        return list(json.loads((folder / FILES_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
