@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from mmfuse.core.atomic import staged_folder
+from mmfuse.core.cache_home import cache_dir
 from mmfuse.core.contracts import Batch, TargetCodec
 from mmfuse.core.errors import DataError
 from mmfuse.core.identity import code_identity, file_digest, library_versions
@@ -47,8 +47,7 @@ def cache_root(configured: Path | None = None) -> Path:
     """``data.in_memory_cache``, else ``$MMFUSE_CACHE/arrays``, else ``~/.cache/mmfuse/arrays``."""
     if configured is not None:
         return Path(configured).expanduser()
-    env = os.environ.get("MMFUSE_CACHE")
-    return Path(env).expanduser() / "arrays" if env else Path.home() / ".cache" / "mmfuse" / "arrays"
+    return cache_dir("arrays")
 
 
 def _pad_to(tensor: Tensor, shape: tuple[int, ...], value: float = 0.0) -> Tensor:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from mmfuse.config import SynthConfig
 from mmfuse.core.atomic import staged_folder
+from mmfuse.core.cache_home import cache_dir
 from mmfuse.core.errors import DataError
 
 __all__ = ["LABEL_FACTORS", "generate_synthetic", "synthetic_dataset"]
@@ -339,10 +339,7 @@ def generate_synthetic(
 def _cache_root(config: SynthConfig) -> Path:
     if config.cache_dir is not None:
         return Path(config.cache_dir).expanduser()
-    env = os.environ.get("MMFUSE_CACHE")
-    if env:
-        return Path(env).expanduser() / "synth"
-    return Path.home() / ".cache" / "mmfuse" / "synth"
+    return cache_dir("synth")
 
 
 def _cache_name(config: SynthConfig) -> str:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterable
@@ -49,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mmfuse.core.atomic import atomic_file
+from mmfuse.core.cache_home import cache_dir
 from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.core.identity import code_identity, library_versions
 from mmfuse.data.dataset import CACHED_MASK, CACHED_POOLED, CACHED_TOKENS, Collator, MultimodalDataset, Sample
@@ -65,8 +65,7 @@ PACK_SUFFIX = ".safetensors"
 
 def default_cache_dir() -> Path:
     """``$MMFUSE_CACHE/features`` when set, else ``~/.cache/mmfuse/features``."""
-    root = os.environ.get("MMFUSE_CACHE")
-    return Path(root).expanduser() / "features" if root else Path.home() / ".cache" / "mmfuse" / "features"
+    return cache_dir("features")
 
 
 def _update(digest: Any, name: str, tensor: Tensor) -> None:
