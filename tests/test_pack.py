@@ -303,3 +303,13 @@ def test_bench_reads_the_pack(synth_manifest: Path, tmp_path: Path, monkeypatch:
                                       "--set", "trainer.max_epochs=1"])
     assert result.exit_code == 0, result.output
     assert len(built) == 1 and (tmp_path / "bench" / "runs.csv").is_file()
+
+
+def test_packing_without_the_pack_extra_says_which_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "webdataset" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs the pack extra: pip install 'mmfuse\[pack\]'"):
+        pack_module.pack_data(None, tmp_path / "pack")  # type: ignore[arg-type]
+    assert not (tmp_path / "pack").exists()

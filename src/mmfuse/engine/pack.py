@@ -22,6 +22,7 @@ rewritten unless ``rebuild``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -38,7 +39,7 @@ import torch
 
 from mmfuse.config import ExperimentConfig
 from mmfuse.core.atomic import atomic_file, write_text_atomic
-from mmfuse.core.errors import DataError
+from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.dataset import MultimodalDataset, Sample, SkipReport, build_sample
 from mmfuse.data.manifest import Record
 from mmfuse.data.pack_dataset import PackDataset, check_shard
@@ -145,6 +146,9 @@ Progress = Callable[[int, int], None]
 def pack_data(config: ExperimentConfig, folder: Path, workers: int | None = None, rebuild: bool = False,
               shard_size: int = DEFAULT_SHARD_SIZE, progress: Progress | None = None) -> PackResult:
     """Packs the config's data into ``folder`` (see the module docstring); ``workers`` defaults to the cores."""
+    if importlib.util.find_spec("webdataset") is None:  # before any work, not as a traceback in a worker
+        raise ConfigError("packing writes WebDataset shards and needs the pack extra: pip install 'mmfuse[pack]' "
+                          "(training from a finished pack does not)")
     folder = Path(folder)
     splits = load_records(config)
     saved = _read_json(folder / PACK_FILE)
