@@ -175,10 +175,7 @@ class MultimodalModel(nn.Module):
         JSON, a missing key, tensors that do not fit the architecture) raises ``MMFuseError`` with one
         line naming the file and what is wrong: such folders come from interrupted copies and
         hand edits, and a user must learn which file to replace, not read a traceback."""
-        directory = Path(directory)
-        for name in (CONFIG_FILE, PREPROCESSING_FILE, WEIGHTS_FILE):
-            if not (directory / name).is_file():
-                raise MMFuseError(f"{directory} is not an mmfuse model folder: {name} is missing")
+        directory = check_model_folder(directory)
         config_file, prep_file, weights_file = (directory / CONFIG_FILE, directory / PREPROCESSING_FILE,
                                                 directory / WEIGHTS_FILE)
         spec = _read_spec(config_file)
@@ -204,6 +201,16 @@ class MultimodalModel(nn.Module):
 
 
 # ---- reading a saved folder ---------------------------------------------------------------------------
+
+
+def check_model_folder(directory: str | Path) -> Path:
+    """The folder, if it holds the three files of a saved model; else one line naming the missing one
+    (cheap: a command can refuse a wrong folder before starting anything)."""
+    directory = Path(directory)
+    for name in (CONFIG_FILE, PREPROCESSING_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise MMFuseError(f"{directory} is not an mmfuse model folder: {name} is missing")
+    return directory
 
 
 def _one_line(exc: BaseException) -> str:

@@ -44,10 +44,9 @@ def serve(
         raise MMFuseError(f"mmfuse serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'mmfuse[serve]'") from None
     from mmfuse.engine.fit import torch_threads
+    from mmfuse.model import check_model_folder
 
-    for name in ("config.json", "preprocessing.json", "model.safetensors"):
-        if not (model / name).is_file():
-            raise MMFuseError(f"{model} is not an mmfuse model folder: {name} is missing")
+    check_model_folder(model)
     if onnx is not None and not onnx.is_file():
         raise MMFuseError(f"--onnx {onnx}: no such file (write one with `mmfuse export {model} --out {onnx}`)")
     settings = ServeSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,

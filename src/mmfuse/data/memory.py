@@ -190,13 +190,18 @@ def _file_digests(records: list[Record], preprocessor: Preprocessor) -> list[lis
     before anything is decoded (a hit decodes nothing), so each file is read once here; a
     row-referenced file (``train.npy#12``) is read once however many rows name it.
     """
+    return [[path, file_digest(path)] for path in referenced_files(records, preprocessor)]
+
+
+def referenced_files(records: list[Record], preprocessor: Preprocessor) -> list[str]:
+    """Every file the records' non-text fields name, sorted, a row-referenced array file once."""
     paths: set[str] = set()
     for record in records:
         for modality in preprocessor.modalities:
             value = record.fields.get(modality)
             if value is not None and preprocessor.kind(modality) != "text":
                 paths.add(str(parse_reference(str(value))[0]))
-    return [[path, file_digest(path)] for path in sorted(paths)]
+    return sorted(paths)
 
 
 def preprocessing_identity() -> dict[str, object]:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mmfuse.config import OptimConfig
 from mmfuse.core.contracts import Batch
+from mmfuse.core.logs import logger_levels
 from mmfuse.core.masking import drop_modalities
 from mmfuse.engine.auxiliary import UnimodalHeads
 from mmfuse.engine.schedule import build_scheduler
@@ -103,14 +104,6 @@ def lightning_output(verbose: bool) -> Iterator[None]:
     if verbose:
         yield
         return
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), logger_levels(("lightning.pytorch", "lightning.fabric"), logging.WARNING):
         warnings.simplefilter("ignore")
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
+        yield

@@ -22,9 +22,8 @@ from typing import Any
 from mmfuse.config import ExperimentConfig
 from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.identity import file_digest, stat_stamp
-from mmfuse.data.arrays import parse_reference
 from mmfuse.data.manifest import Record
-from mmfuse.data.memory import preprocessing_identity
+from mmfuse.data.memory import preprocessing_identity, referenced_files
 from mmfuse.data.pack_format import FORMAT
 from mmfuse.data.preprocess import Preprocessor
 
@@ -50,15 +49,9 @@ def _stamp(path: str) -> list[int] | None:
 def input_files(records: list[Record], preprocessor: Preprocessor, known: list[FileEntry] | None = None,
                 ) -> list[FileEntry]:
     """Every file the records reference (a row-referenced array file once), sorted, with digest and stamp."""
-    paths: set[str] = set()
-    for record in records:
-        for modality in preprocessor.modalities:
-            value = record.fields.get(modality)
-            if value is not None and preprocessor.kind(modality) != "text":
-                paths.add(str(parse_reference(str(value))[0]))
     cached = {str(e[0]): e for e in known or [] if len(e) == 3 and e[2] is not None}
     out: list[FileEntry] = []
-    for path in sorted(paths):
+    for path in referenced_files(records, preprocessor):
         stamp = _stamp(path)
         entry = cached.get(path)
         digest = entry[1] if entry is not None and stamp is not None and entry[2] == stamp else file_digest(path)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import torch
 
 from mmfuse.core.atomic import atomic_file, write_text_atomic
 from mmfuse.core.errors import MMFuseError
+from mmfuse.core.logs import logger_levels
 from mmfuse.core.tracing import graph_capture
 from mmfuse.export.deps import require
 from mmfuse.export.graph import (
@@ -94,8 +93,11 @@ def _trace(model: MultimodalModel, inputs: list[GraphInput], opset: int | None) 
     model.eval()
     graph = GraphModel(model, inputs)
     args = flat_arguments(example_batch(model, inputs, size=3), model.modalities, inputs)
+    # The exporter logs warnings and tracebacks (a failed opset conversion logs both); what matters
+    # reaches the user as one MMFuseError.
+    quiet = logger_levels(("torch.onnx", "onnxscript"), logging.CRITICAL)
     try:
-        with graph_capture(), torch.no_grad(), warnings.catch_warnings(), _quiet_loggers("torch.onnx", "onnxscript"):
+        with graph_capture(), torch.no_grad(), warnings.catch_warnings(), quiet:
             warnings.simplefilter("ignore")  # the exporter's advice is for its developers, not our users
             program = torch.export.export(graph, args, dynamic_shapes=shapes, strict=False)
             exported = torch.onnx.export(program, (), dynamo=True, opset_version=opset, verbose=False,
@@ -109,21 +111,6 @@ def _trace(model: MultimodalModel, inputs: list[GraphInput], opset: int | None) 
         model.train(was_training)
     assert exported is not None
     return exported.model_proto
-
-
-@contextmanager
-def _quiet_loggers(*names: str) -> Iterator[None]:
-    """Silences the exporter's logged warnings and tracebacks (a failed opset conversion logs both);
-    what matters reaches the user as one MMFuseError."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _name_axes(proto: Any, inputs: list[GraphInput]) -> None:

@@ -83,9 +83,14 @@ class Predictor:
 def explanation_samples(sample: Sample) -> list[Sample]:
     """The sample with every subset of its present modalities (all of them first): the coalitions
     whose predictions ``contributions`` turns into Shapley values. 2^k samples for k modalities."""
+    return [Sample(sample.id, {m: v if m in s else None for m, v in sample.inputs.items()})
+            for s in _coalitions(sample)]
+
+
+def _coalitions(sample: Sample) -> list[frozenset[str]]:
+    """Every subset of the sample's present modalities, all of them first, the empty set last."""
     present = sorted(m for m, v in sample.inputs.items() if v is not None)
-    subsets = [frozenset(c) for k in range(len(present), -1, -1) for c in itertools.combinations(present, k)]
-    return [Sample(sample.id, {m: v if m in s else None for m, v in sample.inputs.items()}) for s in subsets]
+    return [frozenset(c) for k in range(len(present), -1, -1) for c in itertools.combinations(present, k)]
 
 
 def contributions(sample: Sample, predictions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -95,8 +100,8 @@ def contributions(sample: Sample, predictions: list[dict[str, Any]]) -> dict[str
     Classification explains the probability of the predicted label (the most probable one, for
     multi-label), regression the predicted value (one contribution per target for several).
     """
-    present = sorted(m for m, v in sample.inputs.items() if v is not None)
-    subsets = [frozenset(c) for k in range(len(present), -1, -1) for c in itertools.combinations(present, k)]
+    subsets = _coalitions(sample)
+    present = sorted(subsets[0])
     by_subset = dict(zip(subsets, predictions, strict=True))
     full = predictions[0]
     if "probabilities" in full:
