@@ -223,3 +223,27 @@ def test_a_batch_that_does_not_fit_the_graph_is_refused(records: list[Record], e
     extra = Batch(inputs={**batch.inputs, "video": {}}, present={**batch.present, "video": batch.present["text"]})
     with pytest.raises(MMFuseError, match=r"modalities \['video'\] that this graph does not read"):
         runner(extra)
+
+
+def test_a_calibrated_graph_applies_the_temperature_of_each_presence_pattern(
+        records: list[Record], tmp_path: Path) -> None:
+    from mmfuse.tasks.classification import ClassificationTask
+    from mmfuse.tasks.temperature import PresenceTemperature
+
+    model, collator, _ = build_model(records, "concat")
+    assert isinstance(model.task, ClassificationTask)
+    # distinct temperatures for the patterns the parity cases produce, a default for the rest
+    model.task.temperature = PresenceTemperature(model.modalities, default=0.7, by_pattern={
+        "audio+image+text": 2.0, "audio": 5.0, "image+text": 0.25, "none": 9.0})
+    runner = OnnxRunner(export_onnx(model, tmp_path / "model.onnx"), threads=1)
+    for name, batch in parity_cases(model, collator, records):
+        with torch.no_grad():
+            expected = model(batch)
+        difference = float((runner(batch) - expected).abs().max())
+        assert difference <= TOLERANCE, f"calibrated, {name}: max abs difference {difference:.3g}"
+    model.task.temperature = None
+    batch = collator([build_sample(r, model.preprocessor, model.task) for r in records])
+    with torch.no_grad():
+        raw = model(batch)
+    # the graph holds the temperatures: its outputs differ from the raw logits by them
+    assert float((runner(batch) - raw).abs().max()) > 1e-3

@@ -18,7 +18,7 @@ from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.dataset import Collator, MultimodalDataset, Sample
 from mmfuse.engine.evaluate import hide_modalities, model_device
 from mmfuse.model import MultimodalModel
-from mmfuse.tasks.base import Task
+from mmfuse.tasks.base import HeadTask, Task
 
 NONE_NAME = "none"
 """The name of the empty subset (every modality hidden)."""
@@ -130,7 +130,10 @@ class CachedRunner:
 
     def _head(self, features: dict[str, Features]) -> Tensor:
         assert self.model.fusion is not None, "robustness studies need a model with a fusion"
-        return self.model.head(self.model.fusion(features)).float().cpu()
+        outputs = self.model.head(self.model.fusion(features))
+        if isinstance(self.model.task, HeadTask):  # as model(batch) reports them
+            outputs = self.model.task.calibrate(outputs, {m: f.present for m, f in features.items()})
+        return outputs.float().cpu()
 
     def outputs(self, present: Collection[str]) -> Tensor:
         """Outputs with only ``present`` modalities shown (as ``evaluate(absent=the others)``)."""

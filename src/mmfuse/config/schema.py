@@ -252,6 +252,10 @@ class TrainerConfig(StrictModel):
     modality_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="per-sample drop rate per modality")
     unimodal_loss_weight: float = Field(
         0.0, ge=0.0, description="weight of per-modality auxiliary head losses (keeps every encoder learning)")
+    calibration: Literal["none", "temperature", "per_subset"] = Field(
+        "per_subset", description="classification: after training, fit temperatures on the validation split "
+        "so probabilities are honest; per_subset = one per set of present modalities (a missing modality "
+        "then lowers the confidence), temperature = one for all, none = the raw softmax")
     output_dir: Path = Path("runs/experiment")
     overwrite: bool = Field(False, description="replace a finished run in output_dir (CLI: --overwrite); "
                             "otherwise training into it stops before any work")

@@ -20,6 +20,7 @@ had (see ``loader``, ``rng``, ``last_checkpoint``). SIGTERM and Ctrl-C end a run
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import shutil
@@ -39,6 +40,7 @@ from mmfuse.core.distributed import is_rank_zero
 from mmfuse.core.errors import ConfigError
 from mmfuse.data.dataset import Collator
 from mmfuse.data.memory import ArrayDataset
+from mmfuse.engine.calibration import calibrate
 from mmfuse.engine.checkpoint_io import AtomicCheckpointIO
 from mmfuse.engine.data import PreparedData, prepare_data, write_skipped
 from mmfuse.engine.evaluate import evaluate
@@ -156,7 +158,9 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
     out = check_output_dir(config, resume)
     resume_from = last_checkpoint(out) if resume else None
     L.seed_everything(config.seed, workers=True, verbose=False)
-    model = MultimodalModel.from_config(config, data.preprocessor, data.task)
+    # Its own copy of the task: calibration fits per-model state into it, and the demo and bench
+    # train several models on one PreparedData.
+    model = MultimodalModel.from_config(config, data.preprocessor, copy.deepcopy(data.task))
     if config.data.cache:  # frozen encoders' outputs from disk: the encoders never run while training
         from mmfuse.engine.feature_cache import cache_datasets
 
@@ -191,6 +195,7 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
     model = module.model.cpu().eval()
+    calibrate(model, data.datasets["val"], config.trainer.calibration)
     val_metrics = evaluate(model, data.datasets["val"])
     test_metrics = evaluate(model, data.datasets["test"]) if len(data.datasets.get("test", [])) else None
     model_dir = model.save_pretrained(out / "model") if save else None

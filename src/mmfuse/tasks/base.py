@@ -122,9 +122,14 @@ class HeadTask(Task):
                              mlp(width, cfg.head_hidden, self.num_outputs, cfg.head_dropout))
 
     def forward(self, model: MultimodalModel, batch: Batch) -> Tensor:
-        """(B, num_outputs) raw outputs (logits or standardised values)."""
+        """(B, num_outputs) outputs (logits or standardised values), calibrated when the task is."""
         assert model.fusion is not None
-        return model.head(model.fusion(model.encode(batch)))
+        return self.calibrate(model.head(model.fusion(model.encode(batch))), batch.present)
+
+    def calibrate(self, outputs: Tensor, present: dict[str, Tensor]) -> Tensor:
+        """The head's outputs as the task reports them, given which modalities each sample has;
+        identity unless the task fitted a calibration after training (classification)."""
+        return outputs
 
     def step_loss(self, model: MultimodalModel, batch: Batch) -> Tensor:
         assert batch.target is not None, f"task '{self.name}' needs targets to train"

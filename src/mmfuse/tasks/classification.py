@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
+    MulticlassCalibrationError,
     MulticlassF1Score,
     MulticlassPrecision,
     MulticlassRecall,
@@ -24,6 +25,7 @@ from torchmetrics.classification import (
 
 from mmfuse.core.registry import TASKS
 from mmfuse.tasks.base import HeadTask, Task
+from mmfuse.tasks.temperature import PresenceTemperature
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 EXPLICIT_NO_LABELS = "[]"
@@ -39,13 +41,19 @@ def _label_text(raw: Any) -> str:
 
 
 class ClassificationTask(HeadTask):
-    """Single-label classification over fitted label names; softmax cross-entropy."""
+    """Single-label classification over fitted label names; softmax cross-entropy.
+
+    After training, ``temperature`` (fitted on the validation split, see ``tasks/temperature.py``)
+    rescales the logits by the sample's set of present modalities; until then it is None and the
+    outputs are the head's own logits.
+    """
 
     name = "classification"
 
     def __init__(self, labels: list[str] | None = None, label_smoothing: float = 0.0) -> None:
         self.labels: list[str] = list(labels or [])
         self.label_smoothing = label_smoothing
+        self.temperature: PresenceTemperature | None = None
 
     @property
     def num_outputs(self) -> int:
@@ -81,13 +89,26 @@ class ClassificationTask(HeadTask):
     def loss(self, outputs: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(outputs.float(), target, label_smoothing=self.label_smoothing)
 
+    def calibrate(self, logits: Tensor, present: dict[str, Tensor]) -> Tensor:
+        """The head's logits divided by the temperature of each sample's presence pattern."""
+        return logits if self.temperature is None else self.temperature.scale(logits, present)
+
+    def metric_inputs(self, outputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Probabilities: the calibration error reads them as such (given logits, torchmetrics would
+        take small ones for probabilities); the arg-max metrics are the same either way."""
+        return outputs.float().softmax(dim=-1), target
+
     def metrics(self) -> MetricCollection:
+        """Decision metrics plus ``ece``: expected calibration error (15 equal-width confidence bins,
+        top-label, L1), lower is better: how far the confidence of the predicted label is from how
+        often it is right."""
         n = self.num_outputs
         return MetricCollection({
             "accuracy": MulticlassAccuracy(n, average="micro"),
             "macro_f1": MulticlassF1Score(n, average="macro"),
             "precision": MulticlassPrecision(n, average="macro"),
             "recall": MulticlassRecall(n, average="macro"),
+            "ece": MulticlassCalibrationError(n, n_bins=15, norm="l1"),
         })
 
     def decode(self, outputs: Tensor) -> list[dict[str, Any]]:
@@ -99,10 +120,14 @@ class ClassificationTask(HeadTask):
         ]
 
     def state(self) -> dict[str, Any]:
-        return {"labels": self.labels}
+        state: dict[str, Any] = {"labels": self.labels}
+        if self.temperature is not None:
+            state["temperature"] = self.temperature.state()
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.labels = list(state["labels"])
+        self.temperature = PresenceTemperature.from_state(state["temperature"]) if "temperature" in state else None
 
 
 class MultilabelTask(HeadTask):
