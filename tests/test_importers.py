@@ -340,3 +340,17 @@ def test_an_imported_mmsa_set_trains_through_the_normal_config_path(tmp_path: Pa
     for name in ("mae", "pearson", "acc2", "acc2_nonzero", "f1", "f1_nonzero", "acc7"):
         assert np.isfinite(test[name]), name
     assert 0.0 <= test["acc2"] <= 1.0 and test["mae"] > 0
+
+
+def test_an_imported_coco_set_trains_contrastive_with_the_image_as_label(tmp_path: Path) -> None:
+    annotations = write_coco(tmp_path / "coco")
+    run_import("coco-captions", annotations, tmp_path / "out", ImportOptions(images=tmp_path / "coco" / "images"))
+    result = runner.invoke(app, ["train", "-c", str(tmp_path / "out" / "config.yaml"), "--out", str(tmp_path / "run"),
+                                 "--set", "trainer.max_epochs=1", "--set", "trainer.progress_bar=false",
+                                 "--set", "data.image.size=16"])
+    assert result.exit_code == 0, result.output
+    val = json.loads((tmp_path / "run" / "metrics.json").read_text())["val"]
+    # Four captions of two images: class-level recall (any caption of the image) is reported.
+    assert 0.0 <= val["mean_class_recall"] <= 1.0
+    for direction in ("image_to_text", "text_to_image"):  # counting any caption can only help
+        assert val[f"{direction}_class_r1"] >= val[f"{direction}_r1"]

@@ -89,6 +89,8 @@ def import_vggsound(source: Path, writer: ImportWriter) -> None:
             writer.problem(f"expected youtube_id,start_seconds,label,split, got {len(fields)} field(s)", where)
             continue
         ytid, start_text, split = fields[0].strip(), fields[1].strip(), fields[-1].strip()
+        if line_no == 1 and ytid.lower().lstrip("# ") in ("youtube_id", "youtube id", "ytid"):
+            continue  # a header some re-distributions add
         label = ",".join(fields[2:-1]).strip()
         try:
             start = float(start_text)

@@ -19,7 +19,8 @@ decoded audio array becomes a .wav) and rows point at them; a value with only a 
 resolved against the source folder. Columns: ``--image-column`` / ``--audio-column`` /
 ``--text-column`` / ``--label-column``, else detected (the feature types first, then the usual
 names: image, audio, text/sentence/caption..., label/labels/target...). Splits ``validation`` /
-``valid`` become ``val``.
+``valid`` become ``val``. Row ids: an ``id`` column (an integer one prefixed with the split, since
+those restart at 0 per split), else ``<split>-<row>``.
 """
 
 from __future__ import annotations
@@ -200,8 +201,10 @@ def import_hf(source: Path, writer: ImportWriter) -> None:
 
 def _add(writer: ImportWriter, record: dict[str, Any], chosen: dict[str, str | None], label_names: list[str],
          split: str, row: int, source: Path, where: str) -> None:
-    entry: dict[str, Any] = {"id": str(record["id"]) if record.get("id") is not None else f"{split}-{row}",
-                             "split": split}
+    raw_id = record.get("id")
+    # An integer id column usually restarts at 0 in every split: prefixed, it stays unique.
+    sample_id = f"{split}-{row}" if raw_id is None else f"{split}-{raw_id}" if isinstance(raw_id, int) else str(raw_id)
+    entry: dict[str, Any] = {"id": sample_id, "split": split}
     for kind in ("image", "audio"):
         column = chosen[kind]
         if column is not None:
