@@ -30,6 +30,7 @@ from mmfuse.config import load_config
 from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.arrays import load_array
 from mmfuse.datasets.importers import ImportOptions, run_import
+from mmfuse.datasets.importers.clips import video_modality_available
 from mmfuse.datasets.importers.safe_pickle import RefusedGlobal, safe_load
 
 runner = CliRunner()
@@ -192,7 +193,24 @@ def test_vggsound_finds_clips_by_naming_convention_and_counts_missing(tmp_path: 
     assert rows["ddddddddddd_12000"]["audio"].endswith(".flac")
     assert report.skipped == {"clip not found in the media folder": 1}
     assert report.skipped_examples["clip not found in the media folder"] == [f"{csv_path} line 3"]
-    assert load_config(tmp_path / "out" / "config.yaml").task.name == "classification"
+    config = load_config(tmp_path / "out" / "config.yaml")
+    assert config.task.name == "classification"
+    video = video_modality_available()
+    assert sorted(config.data.modalities) == (["audio", "soundtrack", "video"] if video else ["audio"])
+
+
+def test_video_only_clips_get_a_config_only_where_mmfuse_reads_video(tmp_path: Path) -> None:
+    csv_path = write_vggsound(tmp_path)
+    for path in (tmp_path / "media").glob("*.*"):
+        path.unlink()  # only the .mp4 is left
+    report = run_import("vggsound", csv_path, tmp_path / "out", ImportOptions(media=tmp_path / "media"))
+    assert report.written == 1 and report.columns == ["id", "label", "split", "video"]
+    if video_modality_available():
+        assert report.config is not None
+        assert load_config(report.config).data.modalities["soundtrack"].column == "video"
+    else:
+        assert report.config is None and not (tmp_path / "out" / "config.yaml").exists()
+        assert any("no video modality" in note for note in report.notes)
 
 
 def test_vggsound_bad_row_names_file_and_line(tmp_path: Path) -> None:

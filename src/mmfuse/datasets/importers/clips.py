@@ -14,7 +14,9 @@ Layouts followed:
 
 Clips are looked up in ``--media`` (default: the source's folder) by ``media.clip_stems``. The row
 points at the file in column ``audio`` (.wav/.flac) or ``video`` (.mp4/.mkv/.webm). A clip not on
-disk is counted, never fatal. The label is the class name (VGGSound) or the list of class names
+disk is counted, never fatal. The example config reads the audio files, and the video files'
+frames and soundtrack where this mmfuse has the ``video`` modality (else those rows are left to
+the user, as the report says). The label is the class name (VGGSound) or the list of class names
 (AudioSet, multi-label).
 """
 
@@ -58,23 +60,49 @@ def _add_clip(writer: ImportWriter, index: MediaIndex, ytid: str, start: float, 
                 "label": label})
 
 
+def video_modality_available() -> bool:
+    """Whether this mmfuse has the ``video`` modality kind and audio tracks read from videos."""
+    from typing import get_args
+
+    from mmfuse.config.schema import ModalityKind, ModalitySpec
+
+    return "video" in get_args(ModalityKind) and "from_video" in ModalitySpec.model_fields
+
+
 def _suggest_audio(writer: ImportWriter, task: dict[str, Any], name: str) -> None:
+    """Audio clips: an audio config. Video clips: frames + their soundtrack where mmfuse reads video."""
     columns = {key for row in writer.rows for key in row}
-    if "audio" not in columns:
-        writer.note("the clips are video files (column 'video'): no example config; train them with a video "
-                    "modality, or extract their audio tracks to .wav and import again")
+    modalities: dict[str, Any] = {}
+    encoders: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    if "video" in columns:
+        if not video_modality_available():
+            writer.note("the clips in column 'video' are video files and this mmfuse has no video modality: "
+                        + ("the example config uses the audio files only" if "audio" in columns else
+                           "no example config (extract their audio tracks to .wav and import again)"))
+        else:
+            modalities["video"] = {"kind": "video", "column": "video"}
+            modalities["soundtrack"] = {"kind": "audio", "column": "video", "from_video": True}
+            encoders["video"] = {"name": "video_frames", "frame_encoder": "image_cnn",
+                                 "frame_options": {"dim": 32}, "dim": 128, "temporal": "transformer", "heads": 4}
+            encoders["soundtrack"] = {"name": "audio_cnn", "dim": 128}
+            data["video"] = {"frames": 8, "size": 64, "max_seconds": CLIP_SECONDS}
+            data["on_error"] = "skip"  # a video without an audio track is counted, not fatal
+    if "audio" in columns:
+        modalities["audio"] = {"kind": "audio", "column": "audio"}
+        encoders["audio"] = {"name": "audio_cnn", "dim": 128}
+    if not modalities:
         return
     writer.suggest_config({
-        "data": {"split_column": "split", "target_column": "label",
-                 "modalities": {"audio": {"kind": "audio", "column": "audio"}},
+        "data": {"split_column": "split", "target_column": "label", "modalities": modalities,
                  "audio": {"sample_rate": 16000, "max_seconds": CLIP_SECONDS, "n_mels": 64, "hop_length": 320},
-                 "batch_size": 32},
-        "encoders": {"audio": {"name": "audio_cnn", "dim": 128}},
+                 **data, "batch_size": 32},
+        "encoders": encoders,
         "fusion": {"name": "concat", "out_dim": 128},
         "task": task,
         "optim": {"name": "adamw", "lr": 0.001},
         "trainer": {"max_epochs": 20, "patience": 5, "output_dir": f"runs/{name}"},
-    }, f"Written by `mmfuse data import {name}`: audio clips -> {task['name']}.\n"
+    }, f"Written by `mmfuse data import {name}`: {', '.join(modalities)} -> {task['name']}.\n"
        "Train with: mmfuse train -c config.yaml")
 
 
