@@ -4,7 +4,7 @@ An importer reads a published data set and calls ``ImportWriter.add`` once per m
 ``skip`` for a source row it leaves out on purpose (a class outside the chosen set, a clip not on
 disk) and ``problem`` for a row it cannot read (``--on-error raise`` stops there, naming the file
 and row; ``skip`` counts it). Rows land in ``manifest.jsonl`` (``id``, ``split``, ``label`` and
-one column per modality); arrays the importer writes go beside it and are referenced relative to
+one column per modality); arrays and media the importer writes go beside it and are referenced relative to
 it, so the folder moves as a whole. ``import_report.json`` records what was read, written and
 skipped (counts per reason, the first few rows of each), and an example config is written when
 the importer can suggest one.
@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from mmfuse.core.atomic import atomic_file, write_text_atomic
+from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.errors import DataError
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -131,16 +131,23 @@ class ImportWriter:
         self.report.notes.append(text)
 
     # ---- files ----------------------------------------------------------------------------------
+    # The output folder is a private staging folder that lands whole (``staged_folder``), so files
+    # in it are written directly: a per-file atomic rename would scan the folder for stale
+    # temporaries on every write, quadratic in the tens of thousands of files MOSEI gives.
+    def _target(self, relative: str) -> Path:
+        path = self.folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     def save_array(self, relative: str, array: np.ndarray) -> str:
         """Writes ``array`` as .npy at ``relative`` under the output folder; returns ``relative``."""
-        with atomic_file(self.folder / relative) as tmp, tmp.open("wb") as handle:
+        with self._target(relative).open("wb") as handle:
             np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
         return relative
 
     def save_bytes(self, relative: str, data: bytes) -> str:
         """Writes a media file (image/audio bytes) under the output folder; returns ``relative``."""
-        with atomic_file(self.folder / relative) as tmp:
-            tmp.write_bytes(data)
+        self._target(relative).write_bytes(data)
         return relative
 
     def suggest_config(self, config: dict[str, Any], comment: str) -> None:
