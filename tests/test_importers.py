@@ -128,6 +128,7 @@ def test_multibench_pickle_drops_empty_text_and_cuts_leading_padding(tmp_path: P
     report = run_import("mmsa", source, tmp_path / "out")
     assert report.skipped == {"MultiBench: text features all zero (its loader's drop_entry)": 1}
     assert report.splits == {"test": 3, "train": 4, "val": 3}
+    assert report.notes == ["layout: MultiBench"]
     rows = {r["id"]: r for r in rows_of(tmp_path / "out")}
     data = safe_load(source)
     row = rows["trainvid_2"]
@@ -141,6 +142,8 @@ def test_multibench_pickle_drops_empty_text_and_cuts_leading_padding(tmp_path: P
 def test_mmsa_limit_and_bad_label(tmp_path: Path) -> None:
     source = write_mmsa(tmp_path / "u.pkl")
     data = pickle.loads(source.read_bytes())
+    for split in data.values():  # CH-SIMS' per-modality scores
+        split["regression_labels_A"] = split["regression_labels"] / 3
     data["train"]["regression_labels"][3] = np.nan
     source.write_bytes(pickle.dumps(data))
     with pytest.raises(DataError, match=r"u\.pkl split 'train' row 3: label is nan"):
@@ -148,7 +151,9 @@ def test_mmsa_limit_and_bad_label(tmp_path: Path) -> None:
     report = run_import("mmsa", source, tmp_path / "b", ImportOptions(on_error="skip", limit=5))
     assert report.splits == {"test": 4, "train": 5, "val": 4}
     assert report.skipped == {"label is nan": 1}
-    assert "trvid$_$3" not in {r["id"] for r in rows_of(tmp_path / "b")}
+    rows = {r["id"]: r for r in rows_of(tmp_path / "b")}
+    assert "trvid$_$3" not in rows
+    assert rows["trvid$_$1"]["label_A"] == pytest.approx(rows["trvid$_$1"]["label"] / 3, abs=1e-6)
 
 
 # ---- coco-captions ------------------------------------------------------------------------------

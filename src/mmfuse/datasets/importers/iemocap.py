@@ -69,7 +69,8 @@ def import_iemocap(source: Path, writer: ImportWriter) -> None:
                         f"under {source} (found {', '.join(s.name for s in sessions)})")
     for session, number in zip(sessions, numbers, strict=True):
         split = "test" if number == writer.options.test_session else "train"
-        evaluations = sorted((session / "dialog" / "EmoEvaluation").glob("*.txt"))
+        evaluations = sorted(p for p in (session / "dialog" / "EmoEvaluation").glob("*.txt")
+                             if not p.name.startswith("."))  # macOS copies carry ._* resource files
         if not evaluations:
             writer.note(f"{session}: no dialog/EmoEvaluation/*.txt")
         for path in evaluations:

@@ -7,7 +7,8 @@ Layouts followed (read with ``safe_pickle``, never plain ``pickle.load``):
   dict of ``raw_text`` (N,) str (object array), ``text`` (N, T, 768) BERT (or GloVe) features,
   ``text_bert`` (N, 3, T) token ids / attention mask / segment ids, ``audio`` (N, Ta, Da),
   ``vision`` (N, Tv, Dv), ``id`` (N,) str, ``regression_labels`` (N,) in [-3, 3] (SIMS: [-1, 1]),
-  optional ``classification_labels``; the unaligned files add ``audio_lengths`` /
+  optional ``classification_labels`` (CH-SIMS: also ``regression_labels_T/A/V``, per
+  modality, written as ``label_T`` ...); the unaligned files add ``audio_lengths`` /
   ``vision_lengths`` (valid steps first, zero padding after). The attention mask of
   ``text_bert`` gives the text length.
 - **MultiBench** (pliang279/MultiBench ``datasets/affect/get_data.py``; ``mosi_raw.pkl``,
@@ -113,6 +114,9 @@ def _import_split(path: Path, writer: ImportWriter, split_key: str, data: dict[s
     n = len(labels)
     writer.seen(n)
     raw_text = data.get("raw_text")
+    # CH-SIMS adds one score per modality (regression_labels_T/_A/_V): kept as label_T, ...
+    unimodal = {key.removeprefix("regression_labels_"): np.asarray(data[key], dtype=np.float64).reshape(n, -1)[:, 0]
+                for key in sorted(data) if key.startswith("regression_labels_")}
     ids = data.get("id")
     keep = np.ones(n, dtype=bool)
     features = {key: np.asarray(data[key]) for key in FEATURE_KEYS
@@ -143,6 +147,8 @@ def _import_split(path: Path, writer: ImportWriter, split_key: str, data: dict[s
             entry["text"] = _text(raw_text[i]).strip() or None
         for key in features:
             entry[f"{key}_features"] = refs[key][i]
+        for key, values in unimodal.items():
+            entry[f"label_{key}"] = round(float(values[i]), 6)
         writer.add(entry)
 
 
