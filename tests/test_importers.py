@@ -30,7 +30,7 @@ from mmfuse.config import load_config
 from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.arrays import load_array
 from mmfuse.datasets.importers import ImportOptions, run_import
-from mmfuse.datasets.importers.clips import video_modality_available
+from mmfuse.datasets.importers.clip_lists import video_modality_available
 from mmfuse.datasets.importers.safe_pickle import RefusedGlobal, safe_load
 
 runner = CliRunner()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mmfuse.core.atomic import staged_folder
 from mmfuse.core.errors import ConfigError, DataError, did_you_mean
-from mmfuse.datasets.importers import audio_captions, clips, coco, hf_datasets, iemocap, mmsa
+from mmfuse.datasets.importers import audiocaps, audioset, clotho, coco, hf_datasets, iemocap, mmsa, vggsound
 from mmfuse.datasets.importers.writer import ImportOptions, ImportReport, ImportWriter
 
 __all__ = ["IMPORTERS", "ImportOptions", "ImportReport", "ImporterSpec", "run_import"]
@@ -37,12 +37,13 @@ IMPORTERS: dict[str, ImporterSpec] = {
                          "MMSA MOSI/MOSEI/SIMS pickle or MultiBench affect pickle -> feature arrays + score"),
     "coco-captions": ImporterSpec(coco.import_coco, frozenset({"images", "karpathy"}),
                                   "COCO captions JSON (+ Karpathy splits) -> image-caption rows"),
-    "vggsound": ImporterSpec(clips.import_vggsound, frozenset({"media"}), "vggsound.csv + local clips -> label rows"),
-    "audioset-csv": ImporterSpec(clips.import_audioset, frozenset({"media", "class_labels"}),
+    "vggsound": ImporterSpec(vggsound.import_vggsound, frozenset({"media"}),
+                             "vggsound.csv + local clips -> label rows"),
+    "audioset-csv": ImporterSpec(audioset.import_audioset, frozenset({"media", "class_labels"}),
                                  "AudioSet segment CSVs + local clips -> multi-label rows"),
-    "audiocaps": ImporterSpec(audio_captions.import_audiocaps, frozenset({"media"}),
+    "audiocaps": ImporterSpec(audiocaps.import_audiocaps, frozenset({"media"}),
                               "AudioCaps train/val/test.csv + local audio -> audio-caption rows"),
-    "clotho": ImporterSpec(audio_captions.import_clotho, frozenset({"media"}),
+    "clotho": ImporterSpec(clotho.import_clotho, frozenset({"media"}),
                            "Clotho caption CSVs + audio folders -> audio-caption rows"),
     "iemocap": ImporterSpec(iemocap.import_iemocap, frozenset({"all_classes", "test_session"}),
                             "IEMOCAP sessions -> text + audio + emotion rows (4 classes by default)"),
