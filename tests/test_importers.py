@@ -22,6 +22,7 @@ from importer_sources import (
     write_mmsa,
     write_multibench,
     write_vggsound,
+    write_wav,
 )
 from typer.testing import CliRunner
 
@@ -377,3 +378,26 @@ def test_an_imported_coco_set_trains_contrastive_with_the_image_as_label(tmp_pat
     assert 0.0 <= val["mean_class_recall"] <= 1.0
     for direction in ("image_to_text", "text_to_image"):  # counting any caption can only help
         assert val[f"{direction}_class_r1"] >= val[f"{direction}_r1"]
+
+
+def test_an_imported_clip_list_with_audio_and_video_files_trains(tmp_path: Path) -> None:
+    lines = []
+    for i in range(24):
+        ytid = f"clip{i:07d}"
+        if i % 6 == 5:  # a video file (not decodable here: counted by data.on_error=skip, never fatal)
+            (tmp_path / "media").mkdir(exist_ok=True)
+            (tmp_path / "media" / f"{ytid}_000000.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+        else:
+            write_wav(tmp_path / "media" / f"{ytid}_000000.wav", seconds=0.2)
+        lines.append(f"{ytid},0,{'low' if i % 2 else 'high'},{'test' if i >= 18 else 'train'}")
+    (tmp_path / "vggsound.csv").write_text("\n".join(lines) + "\n")
+    report = run_import("vggsound", tmp_path / "vggsound.csv", tmp_path / "out",
+                        ImportOptions(media=tmp_path / "media"))
+    assert report.splits == {"test": 6, "train": 18} and report.config is not None
+    result = runner.invoke(app, ["train", "-c", report.config, "--out", str(tmp_path / "run"),
+                                 "--set", "trainer.max_epochs=1", "--set", "trainer.progress_bar=false",
+                                 "--set", "data.audio.max_seconds=0.5"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["skipped"] == {"train": 3, "test": 1}  # the four video rows
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0

@@ -66,7 +66,8 @@ def suggest_clip_config(writer: ImportWriter, task: dict[str, Any], name: str) -
     if "video" in columns:
         if not video_modality_available():
             writer.note("the clips in column 'video' are video files and this mmfuse has no video modality: "
-                        + ("the example config uses the audio files only" if "audio" in columns else
+                        + ("the example config uses the audio files only (data.on_error: skip leaves the "
+                           "video rows out of training, counted)" if "audio" in columns else
                            "no example config (extract their audio tracks to .wav and import again)"))
         else:
             modalities["video"] = {"kind": "video", "column": "video"}
@@ -81,6 +82,8 @@ def suggest_clip_config(writer: ImportWriter, task: dict[str, Any], name: str) -
         encoders["audio"] = {"name": "audio_cnn", "dim": 128}
     if not modalities:
         return
+    if set(modalities) == {"audio"} and "video" in columns:
+        data["on_error"] = "skip"  # rows of video files have no modality this config reads
     writer.suggest_config({
         "data": {"split_column": "split", "target_column": "label", "modalities": modalities,
                  "audio": {"sample_rate": 16000, "max_seconds": CLIP_SECONDS, "n_mels": 64, "hop_length": 320},
