@@ -17,6 +17,7 @@ from mmfuse.datasets.importers.writer import ImportWriter
 
 
 def dict_rows(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of a CSV with a header holding ``required``; errors name the file."""
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
@@ -30,11 +31,13 @@ def dict_rows(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]
 
 
 def add_caption(writer: ImportWriter, split: str, audio: Path, group: str, caption: str, caption_id: str) -> None:
+    """One manifest row: the clip's absolute path, the caption, the clip as ``group``."""
     writer.add({"id": caption_id, "split": split, "audio": str(audio.resolve()), "text": caption.strip(),
                 "group": group})
 
 
 def suggest_caption_config(writer: ImportWriter, name: str) -> None:
+    """Audio-text contrastive retrieval, labelled by clip so any of its captions counts."""
     config: dict[str, Any] = {
         "data": {"split_column": "split", "target_column": "group",
                  "modalities": {"audio": {"kind": "audio", "column": "audio"},

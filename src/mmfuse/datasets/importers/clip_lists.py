@@ -35,11 +35,13 @@ def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
 
 
 def media_index(source: Path, writer: ImportWriter) -> MediaIndex:
+    """The clips under ``--media``, else under the source's folder."""
     return MediaIndex(writer.options.media or (source if source.is_dir() else source.parent))
 
 
 def add_clip(writer: ImportWriter, index: MediaIndex, ytid: str, start: float, end: float | None,
               split: str, label: Any, where: str) -> None:
+    """One row for the clip's file (``audio`` or ``video`` column), or a counted skip."""
     path = index.find(clip_stems(ytid, start, end))
     if path is None:
         writer.skip("clip not found in the media folder", where)
