@@ -241,7 +241,8 @@ def write_hf_parquet(root: Path) -> Path:
             buffer = io.BytesIO()
             sf.write(buffer, np.full(800, 0.1 * (i + 1), dtype=np.float32), 8000, format="FLAC")
             clips.append({"bytes": buffer.getvalue(), "path": f"clip{i}.flac"})
-        table = pa.table({"audio": pa.array(clips, type=audio_type), "sentence": [f"say {i}" for i in range(n)],
+        table = pa.table({"id": list(range(100, 100 + n)),  # integer ids restart in every split
+                          "audio": pa.array(clips, type=audio_type), "sentence": [f"say {i}" for i in range(n)],
                           "intent": [float(i) for i in range(n)]})
         meta = {"info": {"features": {"audio": {"_type": "Audio", "sampling_rate": 8000},
                                       "sentence": {"dtype": "string", "_type": "Value"},

@@ -306,6 +306,8 @@ def test_hf_save_to_disk_writes_images_and_class_names(tmp_path: Path) -> None:
         assert image.getpixel((0, 0)) == (50, 0, 0)
     config = load_config(tmp_path / "out" / "config.yaml")
     assert sorted(config.data.modalities) == ["image", "text"] and config.task.name == "classification"
+    single = run_import("hf-datasets", root / "validation", tmp_path / "single")  # Dataset.save_to_disk
+    assert single.splits == {"val": 2} and single.written == 2  # state.json's _split
 
 
 def test_hf_parquet_audio_with_chosen_columns(tmp_path: Path) -> None:
@@ -313,13 +315,13 @@ def test_hf_parquet_audio_with_chosen_columns(tmp_path: Path) -> None:
 
     root = write_hf_parquet(tmp_path / "hfp")
     report = run_import("hf-datasets", root, tmp_path / "out", ImportOptions(label_column="intent"))
-    rows = [r for r in rows_of(tmp_path / "out") if r["id"] == "train-1"]
+    rows = [r for r in rows_of(tmp_path / "out") if r["id"] == "train-101"]
     assert report.splits == {"test": 2, "train": 3}
-    assert rows[0] == {"id": "train-1", "split": "train", "audio": "media/train/1.flac", "text": "say 1", "label": 1.0}
+    assert rows[0] == {"id": "train-101", "split": "train", "audio": "media/train/1.flac", "text": "say 1", "label": 1.0}
     samples, rate = sf.read(tmp_path / "out" / rows[0]["audio"])
     assert rate == 8000 and samples.shape == (800,) and samples[0] == pytest.approx(0.2, abs=1e-3)
     assert load_config(tmp_path / "out" / "config.yaml").task.name == "regression"
-    with pytest.raises(DataError, match="no column 'nope' for --text-column; columns: audio, sentence, intent"):
+    with pytest.raises(DataError, match="no column 'nope' for --text-column; columns: id, audio, sentence, intent"):
         run_import("hf-datasets", root, tmp_path / "bad", ImportOptions(text_column="nope"))
 
 

@@ -5,7 +5,7 @@ Layouts followed (read with pyarrow alone; the ``datasets`` package is not neede
 - ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (datasets ``arrow_dataset.py`` /
   ``dataset_dict.py``): a DatasetDict folder has ``dataset_dict.json`` (``{"splits": [...]}``)
   and one folder per split; a split (or single Dataset) folder has ``state.json``
-  (``"_data_files": [{"filename": "data-00000-of-00001.arrow"}]``), ``dataset_info.json``
+  (``"_data_files": [{"filename": "data-00000-of-00001.arrow"}]``, ``"_split"``), ``dataset_info.json``
   (``"features"``) and the Arrow *stream* files.
 - Parquet (the Hub's ``data/train-00000-of-00001.parquet``, or ``<split>/*.parquet``): the split
   is the parent folder name or the file name's part before the first ``-``; the features are in
@@ -73,8 +73,8 @@ def _parts(source: Path) -> list[_Part]:
     if (source / "dataset_dict.json").is_file():
         splits = _json(source / "dataset_dict.json").get("splits", [])
         return [_saved_split(source / split, split) for split in splits]
-    if (source / "state.json").is_file():
-        return [_saved_split(source, "train")]
+    if (source / "state.json").is_file():  # one Dataset: its own split name, else train
+        return [_saved_split(source, str(_json(source / "state.json").get("_split") or "train"))]
     files = sorted(source.rglob("*.parquet")) if source.is_dir() else [source]
     if not files or any(f.suffix != ".parquet" for f in files):
         raise DataError(f"{source}: not a save_to_disk folder (dataset_dict.json / state.json) or Parquet files")
