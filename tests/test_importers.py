@@ -317,7 +317,8 @@ def test_hf_parquet_audio_with_chosen_columns(tmp_path: Path) -> None:
     report = run_import("hf-datasets", root, tmp_path / "out", ImportOptions(label_column="intent"))
     rows = [r for r in rows_of(tmp_path / "out") if r["id"] == "train-101"]
     assert report.splits == {"test": 2, "train": 3}
-    assert rows[0] == {"id": "train-101", "split": "train", "audio": "media/train/1.flac", "text": "say 1", "label": 1.0}
+    assert rows[0] == {"id": "train-101", "split": "train", "audio": "media/train/1.flac", "text": "say 1",
+                       "label": 1.0}
     samples, rate = sf.read(tmp_path / "out" / rows[0]["audio"])
     assert rate == 8000 and samples.shape == (800,) and samples[0] == pytest.approx(0.2, abs=1e-3)
     assert load_config(tmp_path / "out" / "config.yaml").task.name == "regression"
