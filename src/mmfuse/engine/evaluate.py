@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from mmfuse.core.contracts import Batch
 from mmfuse.data.dataset import Collator, MultimodalDataset
+from mmfuse.data.lazy import SkipAwareCollator, lazy_base, without_skips
 from mmfuse.data.memory import ArrayDataset, ArrayLoader
 from mmfuse.model import MultimodalModel
 
@@ -38,6 +39,10 @@ def evaluate(model: MultimodalModel, dataset: MultimodalDataset, batch_size: int
         ArrayLoader(dataset, batch_size, shuffle=False) if isinstance(dataset, ArrayDataset)
         else DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         collate_fn=Collator(model.preprocessor, model.task)))
+    lazy = lazy_base(dataset)
+    if lazy is not None:  # bad samples of a lazy split are found (and reported) as they are read
+        loader = without_skips(lazy, DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                collate_fn=SkipAwareCollator(Collator(model.preprocessor, model.task))))
     device = model_device(model)
     metrics = model.task.metrics().to(device)
     total_loss, count = 0.0, 0

@@ -1,0 +1,142 @@
+"""``data.mode: lazy``: a split whose samples are decoded from their raw files each time they are read.
+
+The eager path (``MultimodalDataset``) preprocesses every sample once and holds the tensors in memory,
+which a data set larger than memory cannot afford. ``LazyDataset`` holds the manifest records only and
+runs the same ``build_sample`` (the same decoding, resizing, tokenising, log-mel) on a record when the
+loader asks for it, in the ``data.num_workers`` DataLoader workers; nothing decoded is kept. What needs
+the whole training split (vocabulary, labels, feature widths) is still fitted on it first, by
+``fit_preprocessing``, which reads texts, labels and one array per features modality and decodes no
+image or audio clip (audio normalisation, ``normalize_dbfs``, is per clip and needs no statistics).
+
+Bad samples follow ``data.on_error``. With ``raise`` the DataError names the file and row, as eagerly,
+but only when the sample is first read. With ``skip`` the worker cannot report to the main process,
+so ``__getitem__`` returns a ``SkippedSample`` in the sample's place; ``SkipAwareCollator`` (in the
+worker) collates the good ones into a ``LazyBatch`` that carries the skipped ones, and ``absorb_skips``
+(in the main process, as each batch arrives) adds them to the split's ``SkipReport``, once per sample
+however many epochs see it. The report is complete once an epoch has passed over the split, so a run's
+``skipped.jsonl`` lists the same rows as eagerly; a batch whose samples were all skipped is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mmfuse.core.contracts import Batch, TargetCodec
+from mmfuse.core.errors import DataError
+from mmfuse.data.dataset import Collator, MultimodalDataset, Sample, SkipReport, build_sample
+from mmfuse.data.manifest import Record
+from mmfuse.data.preprocess import Preprocessor
+
+
+@dataclass
+class SkippedSample:
+    """A sample ``on_error: skip`` left out, in its place in the batch: its index, row and reason."""
+
+    index: int
+    message: str
+    row: dict[str, Any]
+
+
+@dataclass
+class LazyBatch(Batch):
+    """A collated batch plus the samples of it that were skipped (empty inputs when all were)."""
+
+    skipped: list[SkippedSample] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.present
+
+
+class LazyDataset(MultimodalDataset):
+    """The records of one split; ``[i]`` decodes and preprocesses record i now (see the module docstring)."""
+
+    def __init__(self, records: list[Record], preprocessor: Preprocessor, task: TargetCodec | None,
+                 on_error: Literal["raise", "skip"] = "raise") -> None:
+        # No super().__init__(): that would preprocess every record now.
+        self.records = list(records)
+        self.preprocessor, self.task, self.on_error = preprocessor, task, on_error
+        self.report = SkipReport()
+        self._reported: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample | SkippedSample:  # type: ignore[override]
+        record = self.records[index]
+        try:
+            return build_sample(record, self.preprocessor, self.task)
+        except DataError as exc:
+            if self.on_error == "raise":
+                raise
+            report = SkipReport()
+            report.add(record, str(exc))
+            return SkippedSample(index, report.skipped[0], report.rows[0])
+
+    @property  # type: ignore[override]
+    def samples(self) -> list[Sample]:
+        """Every good sample, decoded now (slow and memory-hungry for big splits: loaders read ``[i]``)."""
+        out = []
+        for i in range(len(self)):
+            item = self[i]
+            if isinstance(item, SkippedSample):
+                self.note_skipped(item)
+            else:
+                out.append(item)
+        return out
+
+    @samples.setter
+    def samples(self, value: list[Sample]) -> None:
+        raise AttributeError("LazyDataset.samples is read-only: the samples are decoded when read")
+
+    def note_skipped(self, item: SkippedSample) -> None:
+        """Adds a skipped sample to the report, once however often it is read."""
+        if item.index not in self._reported:
+            self._reported.add(item.index)
+            self.report.skipped.append(item.message)
+            self.report.rows.append(item.row)
+
+
+class SkipAwareCollator:
+    """Collates the good samples with ``collator`` and carries the skipped ones (runs in the workers)."""
+
+    def __init__(self, collator: Collator) -> None:
+        self.collator = collator
+
+    def __call__(self, items: list[Sample | SkippedSample]) -> LazyBatch:
+        good = [s for s in items if isinstance(s, Sample)]
+        skipped = [s for s in items if isinstance(s, SkippedSample)]
+        if not good:
+            return LazyBatch(inputs={}, present={}, skipped=skipped)
+        batch = self.collator(good)
+        return LazyBatch(batch.inputs, batch.present, batch.target, batch.ids, skipped)
+
+
+def lazy_base(dataset: object) -> LazyDataset | None:
+    """The ``LazyDataset`` under ``dataset`` (itself, or the split an augmenting wrapper reads), or None."""
+    while not isinstance(dataset, LazyDataset):
+        dataset = getattr(dataset, "base", None)
+        if dataset is None:
+            return None
+    return dataset
+
+
+def absorb_skips(dataset: LazyDataset, batch: Batch) -> Batch | None:
+    """Records the batch's skipped samples in ``dataset.report``; the plain batch, or None when empty."""
+    if not isinstance(batch, LazyBatch):
+        return batch
+    for item in batch.skipped:
+        dataset.note_skipped(item)
+    if batch.empty:
+        return None
+    return Batch(batch.inputs, batch.present, batch.target, batch.ids)
+
+
+def without_skips(dataset: LazyDataset, batches: Iterable[Batch]) -> Iterator[Batch]:
+    """The batches of a skip-aware loader as plain batches, their skipped samples reported."""
+    for batch in batches:
+        plain = absorb_skips(dataset, batch)
+        if plain is not None:
+            yield plain
