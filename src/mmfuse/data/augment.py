@@ -30,7 +30,7 @@ from mmfuse.data.dataset import MultimodalDataset, Sample, SkipReport
 from mmfuse.data.preprocess import ModalityInputs, Preprocessor
 
 if TYPE_CHECKING:
-    from mmfuse.data.lazy import SkippedSample
+    from mmfuse.data.lazy import BadSample
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -188,10 +188,10 @@ class AugmentedDataset(MultimodalDataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Sample | SkippedSample:  # type: ignore[override]
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample | BadSample:  # type: ignore[override]
         epoch, index = key if isinstance(key, tuple) else (0, key)
         item = self.base[index]
-        if not isinstance(item, Sample):  # a lazy split's skipped sample travels on as it is
+        if not isinstance(item, Sample):  # a lazy split's bad sample travels on as it is
             return item
         return self.augmenter(item, epoch, index)
 

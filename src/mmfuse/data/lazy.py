@@ -8,13 +8,15 @@ the whole training split (vocabulary, labels, feature widths) is still fitted on
 ``fit_preprocessing``, which reads texts, labels and one array per features modality and decodes no
 image or audio clip (audio normalisation, ``normalize_dbfs``, is per clip and needs no statistics).
 
-Bad samples follow ``data.on_error``. With ``raise`` the DataError names the file and row, as eagerly,
-but only when the sample is first read. With ``skip`` the worker cannot report to the main process,
-so ``__getitem__`` returns a ``SkippedSample`` in the sample's place; ``SkipAwareCollator`` (in the
-worker) collates the good ones into a ``LazyBatch`` that carries the skipped ones, and ``absorb_skips``
-(in the main process, as each batch arrives) adds them to the split's ``SkipReport``, once per sample
-however many epochs see it. The report is complete once an epoch has passed over the split, so a run's
-``skipped.jsonl`` lists the same rows as eagerly; a batch whose samples were all skipped is dropped.
+Bad samples follow ``data.on_error``, but are found only when read, in a worker, which can neither
+add to the main process's report nor raise an error the user can read (DataLoader re-raises it wrapped
+in the worker's traceback). So ``[i]`` never raises for a bad sample: it returns a ``BadSample`` (row,
+reason) in the sample's place; ``SkipAwareCollator`` (in the worker) collates the good samples into a
+``LazyBatch`` that carries the bad ones, and ``absorb_skips`` (in the main process, as each batch
+arrives) raises the first one's DataError naming file and row (``raise``) or adds them to the split's
+``SkipReport`` once per sample however many epochs read it (``skip``). The report is complete once an
+epoch has passed over the split, so a run's ``skipped.jsonl`` lists the same rows as eagerly; a batch
+whose samples were all skipped is dropped.
 """
 
 from __future__ import annotations
@@ -31,19 +33,24 @@ from mmfuse.data.preprocess import Preprocessor
 
 
 @dataclass
-class SkippedSample:
-    """A sample ``on_error: skip`` left out, in its place in the batch: its index, row and reason."""
+class BadSample:
+    """A sample that failed to decode, in its place in the batch: its index, the error and its row."""
 
     index: int
     message: str
     row: dict[str, Any]
+    fatal: bool
+    """``on_error: raise``: the main process raises ``message`` instead of skipping the sample."""
+
+    def error(self) -> DataError:
+        return DataError(self.message)
 
 
 @dataclass
 class LazyBatch(Batch):
-    """A collated batch plus the samples of it that were skipped (empty inputs when all were)."""
+    """A collated batch plus its bad samples (empty inputs when every sample was bad)."""
 
-    skipped: list[SkippedSample] = field(default_factory=list)
+    bad: list[BadSample] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -51,7 +58,7 @@ class LazyBatch(Batch):
 
 
 class LazyDataset(MultimodalDataset):
-    """The records of one split; ``[i]`` decodes and preprocesses record i now (see the module docstring)."""
+    """The records of one split; ``[i]`` decodes and preprocesses record i now, or gives a ``BadSample``."""
 
     def __init__(self, records: list[Record], preprocessor: Preprocessor, task: TargetCodec | None,
                  on_error: Literal["raise", "skip"] = "raise") -> None:
@@ -64,16 +71,14 @@ class LazyDataset(MultimodalDataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> Sample | SkippedSample:  # type: ignore[override]
+    def __getitem__(self, index: int) -> Sample | BadSample:  # type: ignore[override]
         record = self.records[index]
         try:
             return build_sample(record, self.preprocessor, self.task)
         except DataError as exc:
-            if self.on_error == "raise":
-                raise
             report = SkipReport()
             report.add(record, str(exc))
-            return SkippedSample(index, report.skipped[0], report.rows[0])
+            return BadSample(index, report.skipped[0], report.rows[0], fatal=self.on_error == "raise")
 
     @property  # type: ignore[override]
     def samples(self) -> list[Sample]:
@@ -81,7 +86,7 @@ class LazyDataset(MultimodalDataset):
         out = []
         for i in range(len(self)):
             item = self[i]
-            if isinstance(item, SkippedSample):
+            if isinstance(item, BadSample):
                 self.note_skipped(item)
             else:
                 out.append(item)
@@ -91,8 +96,10 @@ class LazyDataset(MultimodalDataset):
     def samples(self, value: list[Sample]) -> None:
         raise AttributeError("LazyDataset.samples is read-only: the samples are decoded when read")
 
-    def note_skipped(self, item: SkippedSample) -> None:
-        """Adds a skipped sample to the report, once however often it is read."""
+    def note_skipped(self, item: BadSample) -> None:
+        """Adds a skipped sample to the report, once however often it is read (raises a fatal one)."""
+        if item.fatal:
+            raise item.error()
         if item.index not in self._reported:
             self._reported.add(item.index)
             self.report.skipped.append(item.message)
@@ -100,18 +107,18 @@ class LazyDataset(MultimodalDataset):
 
 
 class SkipAwareCollator:
-    """Collates the good samples with ``collator`` and carries the skipped ones (runs in the workers)."""
+    """Collates the good samples with ``collator`` and carries the bad ones (runs in the workers)."""
 
     def __init__(self, collator: Collator) -> None:
         self.collator = collator
 
-    def __call__(self, items: list[Sample | SkippedSample]) -> LazyBatch:
+    def __call__(self, items: list[Sample | BadSample]) -> LazyBatch:
         good = [s for s in items if isinstance(s, Sample)]
-        skipped = [s for s in items if isinstance(s, SkippedSample)]
+        bad = [s for s in items if isinstance(s, BadSample)]
         if not good:
-            return LazyBatch(inputs={}, present={}, skipped=skipped)
+            return LazyBatch(inputs={}, present={}, bad=bad)
         batch = self.collator(good)
-        return LazyBatch(batch.inputs, batch.present, batch.target, batch.ids, skipped)
+        return LazyBatch(batch.inputs, batch.present, batch.target, batch.ids, bad)
 
 
 def lazy_base(dataset: object) -> LazyDataset | None:
@@ -124,10 +131,11 @@ def lazy_base(dataset: object) -> LazyDataset | None:
 
 
 def absorb_skips(dataset: LazyDataset, batch: Batch) -> Batch | None:
-    """Records the batch's skipped samples in ``dataset.report``; the plain batch, or None when empty."""
+    """Raises the batch's first fatal bad sample, records skipped ones in ``dataset.report``; the plain
+    batch, or None when every sample of it was skipped."""
     if not isinstance(batch, LazyBatch):
         return batch
-    for item in batch.skipped:
+    for item in batch.bad:
         dataset.note_skipped(item)
     if batch.empty:
         return None

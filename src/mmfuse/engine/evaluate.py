@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmfuse.core.contracts import Batch
+from mmfuse.core.errors import DataError
 from mmfuse.data.dataset import Collator, MultimodalDataset
 from mmfuse.data.lazy import SkipAwareCollator, lazy_base, without_skips
 from mmfuse.data.memory import ArrayDataset, ArrayLoader
@@ -54,6 +55,8 @@ def evaluate(model: MultimodalModel, dataset: MultimodalDataset, batch_size: int
             total_loss += float(model.task.eval_step(model, batch, metrics)) * batch.size
             count += batch.size
     model.train(was_training)
+    if count == 0:
+        raise DataError("every sample of the evaluated split was skipped (data.on_error: skip)")
     results = {name: float(value) for name, value in metrics.compute().items()}
     results["loss"] = total_loss / count
     return results
