@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pack import pack_config
 
 from mmfuse.config import AudioAugment, ImageAugment
 from mmfuse.core.errors import ConfigError
@@ -15,7 +16,6 @@ from mmfuse.data.dataset import Collator, Sample
 from mmfuse.engine.data import prepare_data
 from mmfuse.engine.fit import fit
 from mmfuse.engine.loader import ResumableLoader
-from test_pack import pack_config
 
 AUGMENT = {"image": {"flip": 0.5, "crop_scale": [0.6, 1.0]},
            "audio": {"time_masks": 2, "time_width": 6, "freq_masks": 2, "freq_width": 4},
@@ -59,8 +59,8 @@ def test_augmentation_changes_train_samples_only(synth_manifest: Path, tmp_path:
 def test_off_by_default_and_zero_options_change_nothing(synth_manifest: Path, tmp_path: Path) -> None:
     config = pack_config(synth_manifest, tmp_path / "run", mode="lazy")
     assert not config.data.augment.active
-    zeros = pack_config(synth_manifest, tmp_path / "zero", mode="lazy", augment={"image": {"flip": 0.0}, "text": {"word_dropout": 0},
-                                                                    "audio": {"time_masks": 0, "freq_masks": 0}})
+    off = {"image": {"flip": 0.0}, "text": {"word_dropout": 0}, "audio": {"time_masks": 0, "freq_masks": 0}}
+    zeros = pack_config(synth_manifest, tmp_path / "zero", mode="lazy", augment=off)
     assert not zeros.data.augment.active
     a, b = prepare_data(config), prepare_data(zeros)
     assert type(a.datasets["train"]) is type(b.datasets["train"]) and not isinstance(a.datasets["train"],
@@ -155,8 +155,8 @@ def test_augment_with_in_memory_or_waveform_is_refused(synth_manifest: Path) -> 
     from mmfuse.config import validate_config
 
     base = {"manifest": str(synth_manifest), "augment": AUGMENT}
-    with pytest.raises(ConfigError, match="data.augment changes every training sample .* data.in_memory"):
+    with pytest.raises(ConfigError, match=r"data.augment changes every training sample .* data.in_memory"):
         validate_config({"data": {**base, "in_memory": True}, "encoders": {"text": {"name": "text_gru"}}})
-    with pytest.raises(ConfigError, match="masks the log-mel, but data.audio.features is waveform"):
+    with pytest.raises(ConfigError, match=r"masks the log-mel, but data.audio.features is waveform"):
         validate_config({"data": {**base, "audio": {"features": "waveform"}},
                          "encoders": {"text": {"name": "text_gru"}}})
