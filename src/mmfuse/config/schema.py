@@ -225,6 +225,17 @@ class DataConfig(StrictModel):
                              "in memory: give one of them")
         return self
 
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _local_pack(cls, value: Any) -> Any:
+        """A URL here would silently become a path ('s3://b/p' -> 's3:/b/p'): say what works instead."""
+        text = str(value) if value is not None else ""
+        if text.startswith("pipe:") or ("://" in text and text.index("://") > 1):
+            raise ValueError(f"'{text}' is a URL: training reads a pack's samples by position and needs a local or "
+                             "mounted folder (copy it, e.g. aws s3 sync, or mount it, e.g. s3fs/gcsfuse); "
+                             "`mmfuse evaluate --pack URL` streams a remote pack")
+        return value
+
     @model_validator(mode="after")
     def _lazy_and_augment(self) -> DataConfig:
         if self.mode == "lazy":
