@@ -160,3 +160,18 @@ def test_augment_with_in_memory_or_waveform_is_refused(synth_manifest: Path) -> 
     with pytest.raises(ConfigError, match=r"masks the log-mel, but data.audio.features is waveform"):
         validate_config({"data": {**base, "audio": {"features": "waveform"}},
                          "encoders": {"text": {"name": "text_gru"}}})
+
+
+def test_a_pack_is_augmented_and_augment_is_not_in_its_fingerprint(synth_manifest: Path, tmp_path: Path) -> None:
+    from mmfuse.data.pack_dataset import PackDataset
+    from mmfuse.engine.pack import pack_data
+
+    plain = pack_config(synth_manifest, tmp_path / "run", pack=str(tmp_path / "pack"))
+    pack_data(pack_config(synth_manifest, tmp_path / "run"), tmp_path / "pack", workers=1, shard_size=80)
+    augmented = pack_config(synth_manifest, tmp_path / "run", pack=str(tmp_path / "pack"), augment=AUGMENT)
+    ours, theirs = prepare_data(augmented), prepare_data(plain)  # the same pack matches both configs
+    train = ours.datasets["train"]
+    assert isinstance(train, AugmentedDataset) and isinstance(train.base, PackDataset)
+    assert not any(all(_equal(_sample(train, (0, i)), _sample(theirs.datasets["train"], i)).values())
+                   for i in range(5))
+    assert all(_equal(_sample(ours.datasets["val"], 0), _sample(theirs.datasets["val"], 0)).values())
