@@ -123,3 +123,19 @@ def test_lazy_excludes_pack_in_memory_and_cache(synth_manifest: Path, other: dic
     with pytest.raises(ConfigError, match=rf"data.mode lazy .* data.{name} .*give one of them"):
         validate_config({"data": {"manifest": str(synth_manifest), "mode": "lazy", **other},
                          "encoders": {"text": {"name": "text_gru"}}})
+
+
+def test_cropped_clips_are_reported_once_as_eagerly(synth_manifest: Path, tmp_path: Path, one_thread: None,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    audio = {"n_mels": 32, "n_fft": 512, "hop_length": 256, "max_seconds": 0.25}
+    eager = pack_config(synth_manifest, tmp_path / "eager", audio=audio)
+    with caplog.at_level("WARNING", logger="mmfuse.engine.data"):
+        prepare_data(eager)
+    eager_lines = [r.getMessage() for r in caplog.records if "cropped" in r.getMessage()]
+    assert len(eager_lines) == 1 and eager_lines[0].startswith("160 audio clips were longer")
+    caplog.clear()
+    lazy = pack_config(synth_manifest, tmp_path / "lazy", audio=audio, mode="lazy", num_workers=2)
+    lazy.trainer.max_epochs = 2
+    with caplog.at_level("WARNING", logger="mmfuse.engine.data"):
+        fit(lazy, prepare_data(lazy))  # two epochs read every clip twice: still counted once
+    assert [r.getMessage() for r in caplog.records if "cropped" in r.getMessage()] == eager_lines

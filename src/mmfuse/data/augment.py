@@ -17,6 +17,7 @@ ours (the same algorithm) and torchvision's functional ops do the crop and flip.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -148,7 +149,7 @@ class Augmenter:
         for modality in sorted(sample.inputs):
             value = sample.inputs[modality]
             inputs[modality] = None if value is None else self._modality(modality, value, generator)
-        return Sample(sample.id, inputs, sample.target)
+        return replace(sample, inputs=inputs)  # a lazy sample keeps its index and crop note
 
     def _modality(self, modality: str, value: ModalityInputs, generator: torch.Generator) -> ModalityInputs:
         kind, options = self.kinds.get(modality), self.options

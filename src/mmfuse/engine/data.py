@@ -17,7 +17,7 @@ from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.augment import with_augmentation
 from mmfuse.data.dataset import Collator, MultimodalDataset, SkipReport
-from mmfuse.data.lazy import LazyDataset
+from mmfuse.data.lazy import LazyDataset, lazy_base
 from mmfuse.data.manifest import Record, read_manifest
 from mmfuse.data.memory import ArrayDataset, ArrayLoader, cached_arrays
 from mmfuse.data.preprocess import Preprocessor
@@ -118,6 +118,14 @@ def prepare_data(config: ExperimentConfig) -> PreparedData:
     if len(datasets["train"]) == 0:
         raise DataError("every training sample was skipped; see the errors above")
     return _augmented(config, PreparedData(preprocessor, task, datasets))
+
+
+def warn_lazy_crops(config: ExperimentConfig, data: PreparedData) -> None:
+    """The cropped-clips line ``prepare_data`` prints eagerly, for lazy splits once they have been read."""
+    if any(lazy_base(d) is not None for d in data.datasets.values()):
+        cropped = data.preprocessor.crops.message(config.data.audio)
+        if cropped:
+            log.warning("%s", cropped)
 
 
 def _augmented(config: ExperimentConfig, data: PreparedData) -> PreparedData:
