@@ -173,3 +173,23 @@ def test_a_pack_is_augmented_and_augment_is_not_in_its_fingerprint(synth_manifes
     assert not any(all(_equal(_sample(train, (0, i)), _sample(theirs.datasets["train"], i)).values())
                    for i in range(5))
     assert all(_equal(_sample(ours.datasets["val"], 0), _sample(theirs.datasets["val"], 0)).values())
+
+
+def test_a_resumed_epoch_continues_with_the_same_augmented_batches(synth_manifest: Path, tmp_path: Path) -> None:
+    config = pack_config(synth_manifest, tmp_path / "run", augment=AUGMENT, mode="lazy", batch_size=16)
+    data = prepare_data(config)
+    collator = Collator(data.preprocessor, data.task)
+    whole = ResumableLoader(data.datasets["train"], collator, 16, True, 0, config.seed)
+    whole.sampler.set_epoch(2)
+    uninterrupted = list(whole)
+    stopped = ResumableLoader(data.datasets["train"], collator, 16, True, 0, config.seed)
+    stopped.sampler.set_epoch(2)
+    for _, _ in zip(range(3), stopped, strict=False):
+        pass
+    resumed = ResumableLoader(data.datasets["train"], collator, 16, True, 0, config.seed)
+    resumed.load_state_dict(stopped.state_dict())
+    rest = list(resumed)
+    assert len(rest) == len(uninterrupted) - 3
+    for a, b in zip(rest, uninterrupted[3:], strict=True):
+        assert a.ids == b.ids and torch.equal(a.inputs["image"]["pixels"], b.inputs["image"]["pixels"])
+        assert torch.equal(a.inputs["audio"]["mel"], b.inputs["audio"]["mel"])
