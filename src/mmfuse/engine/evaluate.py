@@ -36,14 +36,15 @@ def evaluate(model: MultimodalModel, dataset: MultimodalDataset, batch_size: int
     """
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    loader: Iterable[Batch] = (
-        ArrayLoader(dataset, batch_size, shuffle=False) if isinstance(dataset, ArrayDataset)
-        else DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        collate_fn=Collator(model.preprocessor, model.task)))
-    lazy = lazy_base(dataset)
-    if lazy is not None:  # bad samples of a lazy split are found (and reported) as they are read
+    collator, lazy = Collator(model.preprocessor, model.task), lazy_base(dataset)
+    loader: Iterable[Batch]
+    if isinstance(dataset, ArrayDataset):
+        loader = ArrayLoader(dataset, batch_size, shuffle=False)
+    elif lazy is not None:  # bad samples of a lazy split are found (and reported) as they are read
         loader = without_skips(lazy, DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                                collate_fn=SkipAwareCollator(Collator(model.preprocessor, model.task))))
+                                                collate_fn=SkipAwareCollator(collator)))
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
     device = model_device(model)
     metrics = model.task.metrics().to(device)
     total_loss, count = 0.0, 0
