@@ -175,8 +175,9 @@ def test_a_pack_is_augmented_and_augment_is_not_in_its_fingerprint(synth_manifes
     assert all(_equal(_sample(ours.datasets["val"], 0), _sample(theirs.datasets["val"], 0)).values())
 
 
-def test_a_resumed_epoch_continues_with_the_same_augmented_batches(synth_manifest: Path, tmp_path: Path) -> None:
-    config = pack_config(synth_manifest, tmp_path / "run", augment=AUGMENT, mode="lazy", batch_size=16)
+def test_a_resumed_epoch_continues_with_the_same_augmented_batches(synth_manifest: Path, tmp_path: Path,
+                                                                   one_thread: None) -> None:
+    config = pack_config(synth_manifest, tmp_path / "run", augment=AUGMENT, batch_size=16)  # eager: decoded once
     data = prepare_data(config)
     collator = Collator(data.preprocessor, data.task)
     whole = ResumableLoader(data.datasets["train"], collator, 16, True, 0, config.seed)
