@@ -176,8 +176,11 @@ def _load_dataset(model_dir: Path, manifest: Path, split: str | None, on_error: 
 @friendly_errors
 def evaluate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Saved model folder.")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Manifest with targets.")],
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Manifest with targets.")] = None,
     split: Annotated[str | None, typer.Option(help="Only rows whose 'split' column has this value.")] = None,
+    pack: Annotated[str | None, typer.Option(
+        "--pack", help="Instead of --data: a pack folder or URL (file://, https://, s3://, pipe:...{}) made "
+        "with `mmfuse data pack`; reads its --split (default test).")] = None,
     on_error: Annotated[str, typer.Option(help="raise | skip bad samples")] = "raise",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON.")] = None,
     robustness: Annotated[bool, typer.Option(
@@ -200,7 +203,33 @@ def evaluate(
     from mmfuse.engine.fit import torch_threads
 
     with torch_threads(threads):
+        if pack is not None:
+            _evaluate_pack(model, pack, data, split, json_out, robustness, label_column)
+            return
+        if data is None:
+            raise MMFuseError("give the data to evaluate on: --data MANIFEST or --pack PACK")
         _evaluate(model, data, split, on_error, json_out, robustness, out, label_column, seed, levels, corruptions)
+
+
+def _evaluate_pack(model: Path, pack: str, data: Path | None, split: str | None, json_out: Path | None,
+                   robustness: bool, label_column: str | None) -> None:
+    """``evaluate --pack``: the metrics of the model on a pack's split (see ``mmfuse.engine.pack_eval``)."""
+    from mmfuse.core.atomic import write_text_atomic
+    from mmfuse.engine.evaluate import evaluate as run_evaluation
+    from mmfuse.engine.pack_eval import pack_split_for_model
+    from mmfuse.model import MultimodalModel
+
+    for given, option in ((data, "--data"), (robustness or None, "--robustness"), (label_column, "--label-column")):
+        if given is not None:
+            raise MMFuseError(f"--pack evaluates preprocessed tensors; {option} needs the raw data (--data MANIFEST)")
+    json_out = _output_file(json_out, "--json")
+    loaded = MultimodalModel.from_pretrained(model)
+    dataset = pack_split_for_model(loaded, pack, split or "test")
+    metrics = run_evaluation(loaded, dataset)
+    console.print(metrics_table(f"{pack} ({split or 'test'}): {len(dataset)} samples", metrics))
+    _report_skipped(dataset.report, console)
+    if json_out:
+        write_text_atomic(json_out, json.dumps(metrics, indent=2))
 
 
 def _evaluate(model: Path, data: Path, split: str | None, on_error: str, json_out: Path | None, robustness: bool,

@@ -6,25 +6,30 @@ names; ``presets`` lists the named configs shipped in the package.
 
 from mmfuse.config.loading import apply_override, check_components, load_config, validate_config
 from mmfuse.config.schema import (
+    AudioAugment,
     AudioPrep,
+    AugmentConfig,
     ComponentConfig,
     DataConfig,
     EncoderConfig,
     ExperimentConfig,
     FeaturesPrep,
     FusionConfig,
+    ImageAugment,
     ImagePrep,
     ModalitySpec,
     OptimConfig,
     StrictModel,
     SynthConfig,
     TaskConfig,
+    TextAugment,
     TextPrep,
     TrainerConfig,
 )
 
 __all__ = [
-    "AudioPrep", "ComponentConfig", "DataConfig", "EncoderConfig", "ExperimentConfig", "FeaturesPrep",
-    "FusionConfig", "ImagePrep", "ModalitySpec", "OptimConfig", "StrictModel", "SynthConfig", "TaskConfig",
-    "TextPrep", "TrainerConfig", "apply_override", "check_components", "load_config", "validate_config"
+    "AudioAugment", "AudioPrep", "AugmentConfig", "ComponentConfig", "DataConfig", "EncoderConfig",
+    "ExperimentConfig", "FeaturesPrep", "FusionConfig", "ImageAugment", "ImagePrep", "ModalitySpec", "OptimConfig",
+    "StrictModel", "SynthConfig", "TaskConfig", "TextAugment", "TextPrep", "TrainerConfig", "apply_override",
+    "check_components", "load_config", "validate_config"
 ]

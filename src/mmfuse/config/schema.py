@@ -113,6 +113,58 @@ class FeaturesPrep(StrictModel):
     max_length: int = Field(512, gt=0, description="longer sequences keep their first max_length steps")
 
 
+class ImageAugment(StrictModel):
+    """Random horizontal flip and random resized crop of the preprocessed (C, size, size) image."""
+
+    flip: float = Field(0.0, ge=0.0, le=1.0, description="probability of a horizontal flip")
+    crop_scale: tuple[float, float] | None = Field(
+        None, description="random resized crop: [min, max] fraction of the area kept, resized back to size")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="aspect ratio range of the crop")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ImageAugment:
+        for name, (low, high) in (("crop_scale", self.crop_scale or (0.5, 1.0)), ("crop_ratio", self.crop_ratio)):
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be [low, high] with 0 < low <= high, got [{low}, {high}]")
+        if self.crop_scale is not None and self.crop_scale[1] > 1:
+            raise ValueError(f"crop_scale is a fraction of the image's area: at most 1, got {self.crop_scale[1]}")
+        return self
+
+
+class AudioAugment(StrictModel):
+    """SpecAugment masking of the log-mel: each mask is up to ``*_width`` frames / mel bins wide."""
+
+    time_masks: int = Field(0, ge=0)
+    time_width: int = Field(20, gt=0, description="a time mask covers 0..time_width frames (uniform)")
+    freq_masks: int = Field(0, ge=0)
+    freq_width: int = Field(8, gt=0, description="a frequency mask covers 0..freq_width mel bins (uniform)")
+
+
+class TextAugment(StrictModel):
+    """Word dropout: each token id is left out with this probability (never a tokenizer's special tokens)."""
+
+    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class AugmentConfig(StrictModel):
+    """Training-time augmentations per modality kind, off by default; only the train split sees them.
+
+    Applied to each preprocessed sample as the loader reads it, drawn from (seed, epoch, sample index):
+    random per epoch, reproducible per run. Not part of the preprocessing a model saves or a pack holds.
+    """
+
+    image: ImageAugment | None = None
+    audio: AudioAugment | None = None
+    text: TextAugment | None = None
+
+    @property
+    def active(self) -> bool:
+        image = self.image is not None and (self.image.flip > 0 or self.image.crop_scale is not None)
+        audio = self.audio is not None and (self.audio.time_masks > 0 or self.audio.freq_masks > 0)
+        text = self.text is not None and self.text.word_dropout > 0
+        return image or audio or text
+
+
 class ModalitySpec(StrictModel):
     kind: ModalityKind
     column: str
@@ -156,6 +208,11 @@ class DataConfig(StrictModel):
                                          "(default $MMFUSE_CACHE/arrays or ~/.cache/mmfuse/arrays)")
     pack: Path | None = Field(None, description="a folder written by `mmfuse data pack`: train, evaluate and "
                               "bench stream its preprocessed shards instead of preprocessing the manifests")
+    mode: Literal["eager", "lazy"] = Field(
+        "eager", description="eager: every split preprocessed once, held in memory; lazy: each sample decoded "
+        "from its raw files in the loader workers whenever it is read (vocabulary and labels still fitted first)")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig,
+                                   description="training-time augmentations (train split only), off by default")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -166,6 +223,34 @@ class DataConfig(StrictModel):
         if self.pack is not None and self.in_memory:
             raise ValueError("data.pack streams preprocessed shards from disk and data.in_memory holds every split "
                              "in memory: give one of them")
+        return self
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _local_pack(cls, value: Any) -> Any:
+        """A URL here would silently become a path ('s3://b/p' -> 's3:/b/p'): say what works instead."""
+        text = str(value) if value is not None else ""
+        if text.startswith("pipe:") or ("://" in text and text.index("://") > 1):
+            raise ValueError(f"'{text}' is a URL: training reads a pack's samples by position and needs a local or "
+                             "mounted folder (copy it, e.g. aws s3 sync, or mount it, e.g. s3fs/gcsfuse); "
+                             "`mmfuse evaluate --pack URL` streams a remote pack")
+        return value
+
+    @model_validator(mode="after")
+    def _lazy_and_augment(self) -> DataConfig:
+        if self.mode == "lazy":
+            for name, on in (("pack", self.pack is not None), ("in_memory", self.in_memory), ("cache", self.cache)):
+                if on:
+                    raise ValueError(f"data.mode lazy decodes raw files per sample as they are read and data.{name} "
+                                     "reads samples preprocessed beforehand: give one of them")
+        if self.augment.active:
+            for name, on in (("in_memory", self.in_memory), ("cache", self.cache)):
+                if on:
+                    raise ValueError(f"data.augment changes every training sample each epoch, but data.{name} "
+                                     "reuses fixed tensors for it: turn one of them off")
+            if self.augment.audio is not None and self.audio.features == "waveform" and (
+                    self.augment.audio.time_masks or self.augment.audio.freq_masks):
+                raise ValueError("data.augment.audio masks the log-mel, but data.audio.features is waveform")
         return self
 
 

@@ -110,12 +110,20 @@ def decode_sample(data: bytes, where: str) -> Sample:
                 extracted = tar.extractfile(info)
                 assert extracted is not None
                 members[info.name.split(".", 1)[1]] = extracted.read()
+    except (tarfile.TarError, IndexError, EOFError) as exc:
+        raise DataError(f"{where}: corrupt sample in the pack ({type(exc).__name__}: {exc})") from None
+    return sample_from_members(members, where)
+
+
+def sample_from_members(members: dict[str, Any], where: str) -> Sample:
+    """One sample's members (name after the key -> bytes, as WebDataset yields them) -> ``Sample``."""
+    try:
         header = json.loads(members["json"])
         inputs: dict[str, dict[str, torch.Tensor] | None] = {}
         for modality, names in header["inputs"].items():
             inputs[modality] = None if names is None else {n: _load(members[f"{modality}.{n}.npy"]) for n in names}
         target = _load(members["target.npy"]) if header["target"] else None
-    except (tarfile.TarError, KeyError, ValueError, IndexError, EOFError) as exc:
+    except (KeyError, ValueError, TypeError, EOFError) as exc:
         raise DataError(f"{where}: corrupt sample in the pack ({type(exc).__name__}: {exc})") from None
     return Sample(str(header["id"]), inputs, target)
 

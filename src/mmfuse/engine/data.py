@@ -15,7 +15,9 @@ from torch.utils.data import DataLoader
 from mmfuse.config import ExperimentConfig
 from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.errors import ConfigError, DataError
+from mmfuse.data.augment import with_augmentation
 from mmfuse.data.dataset import Collator, MultimodalDataset, SkipReport
+from mmfuse.data.lazy import LazyDataset, lazy_base
 from mmfuse.data.manifest import Record, read_manifest
 from mmfuse.data.memory import ArrayDataset, ArrayLoader, cached_arrays
 from mmfuse.data.preprocess import Preprocessor
@@ -106,7 +108,7 @@ def prepare_data(config: ExperimentConfig) -> PreparedData:
     if config.data.pack is not None:
         from mmfuse.engine.pack import open_pack  # it builds on this module
 
-        return open_pack(config, config.data.pack)
+        return _augmented(config, open_pack(config, config.data.pack))
     splits = load_records(config)
     preprocessor, task = fit_preprocessing(config, splits)
     datasets = {name: split_dataset(config, records, preprocessor, task) for name, records in splits.items()}
@@ -115,7 +117,21 @@ def prepare_data(config: ExperimentConfig) -> PreparedData:
         log.warning("%s", cropped)
     if len(datasets["train"]) == 0:
         raise DataError("every training sample was skipped; see the errors above")
-    return PreparedData(preprocessor, task, datasets)
+    return _augmented(config, PreparedData(preprocessor, task, datasets))
+
+
+def warn_lazy_crops(config: ExperimentConfig, data: PreparedData) -> None:
+    """The cropped-clips line ``prepare_data`` prints eagerly, for lazy splits once they have been read."""
+    if any(lazy_base(d) is not None for d in data.datasets.values()):
+        cropped = data.preprocessor.crops.message(config.data.audio)
+        if cropped:
+            log.warning("%s", cropped)
+
+
+def _augmented(config: ExperimentConfig, data: PreparedData) -> PreparedData:
+    """``data.augment`` applied to the training split as it is read (``mmfuse.data.augment``)."""
+    train = with_augmentation(data.datasets["train"], config.data.augment, data.preprocessor, config.seed)
+    return PreparedData(data.preprocessor, data.task, {**data.datasets, "train": train})
 
 
 def new_preprocessor(config: ExperimentConfig) -> Preprocessor:
@@ -175,9 +191,12 @@ def write_skipped(data: PreparedData, folder: Path) -> Path | None:
 
 def split_dataset(config: ExperimentConfig, records: list[Record], preprocessor: Preprocessor,
                   task: Task) -> MultimodalDataset:
-    """One split, preprocessed: per-sample (``MultimodalDataset``) or stacked tensors (``data.in_memory``)."""
+    """One split, preprocessed: per-sample (``MultimodalDataset``), stacked tensors (``data.in_memory``) or
+    decoded when read (``data.mode: lazy``)."""
     if config.data.in_memory:
         return cached_arrays(records, preprocessor, task, config.data.on_error, config.data.in_memory_cache)
+    if config.data.mode == "lazy":
+        return LazyDataset(records, preprocessor, task, on_error=config.data.on_error)
     return MultimodalDataset(records, preprocessor, task, on_error=config.data.on_error)
 
 

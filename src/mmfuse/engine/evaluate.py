@@ -9,7 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmfuse.core.contracts import Batch
+from mmfuse.core.errors import DataError
 from mmfuse.data.dataset import Collator, MultimodalDataset
+from mmfuse.data.lazy import SkipAwareCollator, lazy_base, without_skips
 from mmfuse.data.memory import ArrayDataset, ArrayLoader
 from mmfuse.model import MultimodalModel
 
@@ -34,10 +36,15 @@ def evaluate(model: MultimodalModel, dataset: MultimodalDataset, batch_size: int
     """
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    loader: Iterable[Batch] = (
-        ArrayLoader(dataset, batch_size, shuffle=False) if isinstance(dataset, ArrayDataset)
-        else DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        collate_fn=Collator(model.preprocessor, model.task)))
+    collator, lazy = Collator(model.preprocessor, model.task), lazy_base(dataset)
+    loader: Iterable[Batch]
+    if isinstance(dataset, ArrayDataset):
+        loader = ArrayLoader(dataset, batch_size, shuffle=False)
+    elif lazy is not None:  # bad samples of a lazy split are found (and reported) as they are read
+        loader = without_skips(lazy, DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                collate_fn=SkipAwareCollator(collator)))
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
     device = model_device(model)
     metrics = model.task.metrics().to(device)
     total_loss, count = 0.0, 0
@@ -49,6 +56,8 @@ def evaluate(model: MultimodalModel, dataset: MultimodalDataset, batch_size: int
             total_loss += float(model.task.eval_step(model, batch, metrics)) * batch.size
             count += batch.size
     model.train(was_training)
+    if count == 0:
+        raise DataError("every sample of the evaluated split was skipped (data.on_error: skip)")
     results = {name: float(value) for name, value in metrics.compute().items()}
     results["loss"] = total_loss / count
     return results

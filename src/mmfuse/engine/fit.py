@@ -42,7 +42,7 @@ from mmfuse.data.dataset import Collator
 from mmfuse.data.memory import ArrayDataset
 from mmfuse.engine.calibration import calibrate
 from mmfuse.engine.checkpoint_io import AtomicCheckpointIO
-from mmfuse.engine.data import PreparedData, prepare_data, write_skipped
+from mmfuse.engine.data import PreparedData, prepare_data, warn_lazy_crops, write_skipped
 from mmfuse.engine.evaluate import evaluate
 from mmfuse.engine.interrupts import raise_on_signals
 from mmfuse.engine.last_checkpoint import LastCheckpoint
@@ -198,6 +198,7 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
     calibrate(model, data.datasets["val"], config.trainer.calibration)
     val_metrics = evaluate(model, data.datasets["val"])
     test_metrics = evaluate(model, data.datasets["test"]) if len(data.datasets.get("test", [])) else None
+    warn_lazy_crops(config, data)  # lazy splits: known only now that every split has been read
     model_dir = model.save_pretrained(out / "model") if save else None
     result = TrainResult(
         model=model, output_dir=out, model_dir=model_dir, val_metrics=val_metrics, test_metrics=test_metrics,

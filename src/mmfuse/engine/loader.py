@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmfuse.data.dataset import Collator, MultimodalDataset
+from mmfuse.data.lazy import SkipAwareCollator, absorb_skips, lazy_base
 from mmfuse.data.memory import ArrayDataset
 from mmfuse.engine.interrupts import ignore_stop_signals
 
@@ -82,6 +83,25 @@ class EpochBatches:
         return iter([order[b * size:(b + 1) * size].tolist() for b in range(self.skip, len(self))])
 
 
+class EpochTagged:
+    """``EpochBatches`` whose indices are (epoch, index) pairs, for a dataset that augments per epoch.
+
+    DataLoader workers (persistent ones above all) never see the main process's epoch counter, so the
+    epoch travels with each index (``mmfuse.data.augment.AugmentedDataset``).
+    """
+
+    def __init__(self, sampler: EpochBatches) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batches = iter(self.sampler)  # starts the pass: sampler.current is now this one's
+        epoch = self.sampler.current[0]
+        return iter([[(epoch, i) for i in batch] for batch in batches])
+
+
 def _rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -102,8 +122,11 @@ class ResumableLoader:
         self._position = (0, 0)
         self._generator = torch.Generator()  # the DataLoader's base seed: never drawn from the global one
         self._loader: DataLoader[Any] | None = None
+        self._lazy = lazy_base(dataset)
         if not isinstance(dataset, ArrayDataset):
-            self._loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collator,
+            batch_sampler: Any = EpochTagged(self.sampler) if getattr(dataset, "wants_epoch", False) else self.sampler
+            collate: Any = collator if self._lazy is None else SkipAwareCollator(collator)
+            self._loader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate,
                                       num_workers=num_workers, persistent_workers=num_workers > 0,
                                       generator=self._generator, worker_init_fn=ignore_stop_signals)
 
@@ -124,6 +147,10 @@ class ResumableLoader:
         for batch in batches:
             handed_out += 1
             self._position = (epoch, handed_out)
+            if self._lazy is not None:  # skipped samples reported here, in the main process
+                batch = absorb_skips(self._lazy, batch)
+                if batch is None:  # every sample of it was skipped
+                    continue
             yield batch
 
     def close(self) -> None:

@@ -260,13 +260,18 @@ def open_pack(config: ExperimentConfig, folder: Path) -> PreparedData:
     task.load_state(saved["task"])
     datasets: dict[str, MultimodalDataset] = {}
     for name, shard_names in saved["shards"].items():
-        report = SkipReport()
-        for shard in shard_names:
-            for row in ShardIndex.read(folder / (shard + INDEX_SUFFIX)).skipped:
-                report.skipped.append(str(row.get("reason", "")))
-                report.rows.append(row)
-        datasets[name] = PackDataset([folder / shard for shard in shard_names], report)
+        datasets[name] = PackDataset([folder / shard for shard in shard_names], shard_report(folder, shard_names))
     return PreparedData(preprocessor, task, datasets)
+
+
+def shard_report(folder: Path, shard_names: list[str]) -> SkipReport:
+    """The samples skipped while packing these shards, with their rows and reasons (from the indexes)."""
+    report = SkipReport()
+    for shard in shard_names:
+        for row in ShardIndex.read(folder / (shard + INDEX_SUFFIX)).skipped:
+            report.skipped.append(str(row.get("reason", "")))
+            report.rows.append(row)
+    return report
 
 
 def ensure_pack(config: ExperimentConfig, folder: Path, workers: int | None = None) -> PackResult:
