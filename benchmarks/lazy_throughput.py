@@ -85,7 +85,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in results:
         one, two = r["epoch_samples_per_s"]
-        print(f"| {r['mode']} | {r['workers']} | {'on' if r['augment'] else 'off'} | {r['prepare_s']} s | {one} | {two} |")
+        augment = "on" if r["augment"] else "off"
+        print(f"| {r['mode']} | {r['workers']} | {augment} | {r['prepare_s']} s | {one} | {two} |")
     print(json.dumps(results))
 
 
