@@ -39,6 +39,7 @@ from mmfuse.core.distributed import is_rank_zero
 from mmfuse.core.errors import ConfigError
 from mmfuse.data.dataset import Collator
 from mmfuse.data.memory import ArrayDataset
+from mmfuse.engine.balance import build_balance
 from mmfuse.engine.checkpoint_io import AtomicCheckpointIO
 from mmfuse.engine.data import PreparedData, prepare_data, write_skipped
 from mmfuse.engine.evaluate import evaluate
@@ -170,7 +171,7 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
                                    device=None if config.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
         data = dataclasses.replace(data, datasets=cached)
     module = FusionModule(model, config.optim, config.trainer.modality_dropout,
-                          config.trainer.unimodal_loss_weight)
+                          config.trainer.unimodal_loss_weight, build_balance(config.trainer, model))
     if is_rank_zero():  # under DDP every rank runs this; one of them owns the folder
         _clear_run_files(out, keep_training_state=resume)
         if resume_from is not None:
