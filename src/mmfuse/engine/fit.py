@@ -50,6 +50,7 @@ from mmfuse.engine.module import FusionModule, lightning_output
 from mmfuse.engine.nonfinite import NonFiniteGuard
 from mmfuse.engine.resume import BestCheckpoint, config_json, keep_earlier_logs, last_checkpoint, resume_point
 from mmfuse.engine.rng import RandomState
+from mmfuse.engine.stall import StallDetector, near_chance_note
 from mmfuse.engine.tracking import build_logger
 from mmfuse.model import MultimodalModel
 from mmfuse.tasks import Task
@@ -78,6 +79,10 @@ class TrainResult:
     resumed_from: Path | None = None
     is_global_zero: bool = True
     """False in the other ranks of a DDP run: they train, but evaluate, save and print nothing."""
+    stall_warning: str | None = None
+    """The stall warning (engine/stall.py) if validation looked stalled for several epochs."""
+    chance_note: str | None = None
+    """Set when the final accuracy ends within a few points of the majority-class rate."""
 
 
 RUN_FILES = ("metrics.json", "model", "config.yaml", "checkpoints", "logs")
@@ -203,6 +208,10 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, NonFiniteGuard):
             result.nonfinite_skipped, result.nonfinite_summary = callback.skipped, callback.summary()
+        if isinstance(callback, StallDetector):
+            result.stall_warning = callback.message
+            split = "test" if test_metrics else "val"
+            result.chance_note = near_chance_note(test_metrics or val_metrics, callback.last, len(data.datasets[split]))
     if save:
         write_run_files(config, result)
         result.skipped_file = write_skipped(data, out)
@@ -230,7 +239,7 @@ def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionMod
     # LastCheckpoint after the best-model checkpoint: it saves the state that one has just updated.
     callbacks: list[L.Callback] = [
         checkpoint, LastCheckpoint(last_checkpoint(out), config.trainer.checkpoint_every_n_steps, config_json(config)),
-        RandomState(), LoaderPosition(train_loader), NonFiniteGuard(config.trainer.on_nonfinite)]
+        RandomState(), LoaderPosition(train_loader), NonFiniteGuard(config.trainer.on_nonfinite), StallDetector()]
     if config.trainer.patience:
         callbacks.append(EarlyStopping(monitor=checkpoint.monitor or "val_loss", mode=checkpoint.mode,
                                        patience=config.trainer.patience, stopping_threshold=config.trainer.stop_at))
