@@ -52,6 +52,7 @@ from mmfuse.engine.resume import BestCheckpoint, config_json, keep_earlier_logs,
 from mmfuse.engine.rng import RandomState
 from mmfuse.engine.stall import StallDetector, near_chance_note
 from mmfuse.engine.tracking import build_logger
+from mmfuse.engine.warm_start import warm_start_encoders
 from mmfuse.model import MultimodalModel
 from mmfuse.tasks import Task
 
@@ -163,6 +164,8 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
     resume_from = last_checkpoint(out) if resume else None
     L.seed_everything(config.seed, workers=True, verbose=False)
     model = MultimodalModel.from_config(config, data.preprocessor, data.task)
+    if resume_from is None:  # encoders.<m>.init_from; before the feature cache sees the weights
+        warm_start_encoders(model, config)
     if config.data.cache:  # frozen encoders' outputs from disk: the encoders never run while training
         from mmfuse.engine.feature_cache import cache_datasets
 
