@@ -8,9 +8,13 @@ only an interaction of both modalities predicts the label. It is the minimal tes
 that has to learn a cross-modal interaction (the failure mode of issue 16, where concat and TFN
 stalled at chance on tasks whose modalities are useless alone).
 
-Each modality is a ``features`` vector of ``dim`` values: the factor's sign times a fixed random
-direction of norm ``separation``, plus unit Gaussian noise in every dimension, so a modality's
-factor is recoverable from it with accuracy Phi(separation) (0.977 at the default 2.0). Arrays are
+Each modality is a ``features`` vector of ``dim`` values plus unit Gaussian noise in every
+dimension. ``encoding: linear`` (the default) adds the factor's sign times a fixed random direction
+of norm ``separation``, so a linear read-out recovers the factor with accuracy Phi(separation)
+(0.977 at the default 2.0). ``encoding: parity`` hides the factor one level deeper, as a pixel
+image hides a digit: two latent bits (c1, c2) with c1 XOR c2 = the factor, each drawn at random,
+each adding its sign times its own direction; no linear function of one modality then says
+anything about its own factor, and the label is a 4-bit parity across the two modalities. Arrays are
 written one per split and modality (``a_train.npy``) and referenced row by row (``a_train.npy#12``),
 as the feature example does. ``missing_rate`` drops each modality of a sample with that
 probability (never both). Deterministic from the seed.
@@ -42,8 +46,10 @@ def balanced_factors(count: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def generate_xor_features(out: str | Path, n_samples: int = 2000, dim: int = 16, separation: float = 2.0,
-                          missing_rate: float = 0.0, seed: int = 0) -> Path:
+                          missing_rate: float = 0.0, seed: int = 0, encoding: str = "linear") -> Path:
     """Writes the data set under ``out`` and returns the path of its ``manifest.jsonl``."""
+    if encoding not in ("linear", "parity"):
+        raise MMFuseError(f"--encoding '{encoding}' must be 'linear' or 'parity'")
     if n_samples < 40:
         raise MMFuseError(f"--n {n_samples}: need at least 40 samples (every split must hold all four combinations)")
     if not 0.0 <= missing_rate < 1.0:
@@ -51,15 +57,20 @@ def generate_xor_features(out: str | Path, n_samples: int = 2000, dim: int = 16,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    directions = rng.normal(size=(len(MODALITIES), dim))
-    directions *= separation / np.linalg.norm(directions, axis=1, keepdims=True)
+    directions = rng.normal(size=(len(MODALITIES), 2, dim))  # the second one: parity encoding only
+    directions *= separation / np.linalg.norm(directions, axis=2, keepdims=True)
     rows, start = [], 0
     for split, fraction in SPLITS:
         count = n_samples - start if split == "test" else round(n_samples * fraction)
         factors = balanced_factors(count, rng)
         for i, m in enumerate(MODALITIES):
-            signs = (2 * factors[:, i] - 1)[:, None]
-            values = signs * directions[i] + rng.normal(size=(count, dim))
+            if encoding == "linear":
+                signal = (2 * factors[:, i] - 1)[:, None] * directions[i, 0]
+            else:  # c1 at random, c2 = c1 XOR factor: each bit alone independent of the factor
+                c1 = rng.integers(0, 2, size=count)
+                c2 = c1 ^ factors[:, i]
+                signal = (2 * c1 - 1)[:, None] * directions[i, 0] + (2 * c2 - 1)[:, None] * directions[i, 1]
+            values = signal + rng.normal(size=(count, dim))
             _save_npy(out / f"{m}_{split}.npy", values.astype(np.float32))
         dropped = rng.random((count, len(MODALITIES))) < missing_rate
         dropped[dropped.all(axis=1), rng.integers(0, len(MODALITIES))] = False  # never both

@@ -91,7 +91,7 @@ class FusionModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.balance is not None:
-            logs = self.balance.before_optimizer_step(self.model, self.current_epoch)
+            logs = self.balance.before_optimizer_step(self.model, self.current_epoch, self.global_step)
             for name, value in logs.items():
                 self.log(f"train_{name}", value)
 

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 REMEDIES = ("trainer.unimodal_loss_weight: 1.0 (a head per modality keeps every encoder learning), "
             "trainer.balance: ogm_ge | grad_blend | agm (modality-imbalance remedies), "
-            "trainer.modality_dropout: 0.3, a lower optim.lr or optim.warmup_steps, "
+            "trainer.modality_dropout: 0.3, a lower optim.lr or optim.warmup_steps, a longer budget (more "
+            "trainer.max_epochs, a larger or null trainer.patience: a plateau at chance can last many epochs), "
             "encoders.<modality>.init_from: a saved model folder (warm-start an encoder, e.g. after "
             "contrastive pre-alignment)")
 """The options that help a model stuck at chance, named by the stall warning and the end-of-run summary."""
@@ -144,7 +145,7 @@ def stall_message(stats: EpochStats, epochs: int) -> str:
         seen = (f"the validation loss stayed at the label prior's entropy ({stats.loss:.3f} vs "
                 f"{stats.prior_entropy:.3f}) with accuracy {stats.accuracy:.3f} at the majority rate "
                 f"{stats.majority_rate:.3f}")
-    return (f"training looks stalled: for {epochs} epochs {seen}, so the model is not using its inputs "
+    return (f"training looks stalled: for {epochs} epochs {seen}, so far the model is not using its inputs "
             f"(when each modality alone says little, fusion can stay at chance). Options that help: {REMEDIES}")
 
 

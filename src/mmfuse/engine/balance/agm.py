@@ -54,6 +54,7 @@ from mmfuse.engine.balance.base import (
     head_task,
     others_mean,
     scale_encoder_gradients,
+    step_means,
 )
 from mmfuse.model import MultimodalModel
 
@@ -145,8 +146,8 @@ class AGM(BalanceMethod):
                 self._counts[m] = self._counts.get(m, 0) + int(present.sum())
         return BalanceStep(loss)
 
-    def before_optimizer_step(self, model: MultimodalModel, epoch: int) -> dict[str, float]:
-        scores = {m: self._sums[m] / self._counts[m] for m in sorted(self._sums) if self._counts[m]}
+    def before_optimizer_step(self, model: MultimodalModel, epoch: int, step: int = 0) -> dict[str, float]:
+        scores = step_means(self._sums, self._counts, self.modalities, self.mean_scores.device)
         self._sums, self._counts = {}, {}
         index = {m: i for i, m in enumerate(self.modalities)}
         means = {m: float(self.mean_scores[index[m]]) for m in scores if float(self.steps[index[m]]) > 0}

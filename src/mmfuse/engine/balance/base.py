@@ -13,7 +13,9 @@ The training module calls, in Lightning's order:
 * ``validation_step`` / ``on_validation_epoch_end`` for remedies that learn from validation loss.
 
 Modalities are iterated in sorted order; a sample without a modality (``present`` False) never
-counts towards that modality's statistics.
+counts towards that modality's statistics. In a distributed run the statistics are summed over the
+processes before use (and random noise is drawn from the run seed and the step), so every process
+changes its gradients identically and the replicas stay equal.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class BalanceMethod(nn.Module):
                       epoch: int) -> BalanceStep:
         raise NotImplementedError
 
-    def before_optimizer_step(self, model: MultimodalModel, epoch: int) -> dict[str, float]:
-        """Changes the accumulated gradients; returns values to log."""
+    def before_optimizer_step(self, model: MultimodalModel, epoch: int, step: int = 0) -> dict[str, float]:
+        """Changes the accumulated gradients of optimizer step ``step``; returns values to log."""
         return {}
 
     def validation_step(self, model: MultimodalModel, features: dict[str, Features], target: Tensor) -> None:
@@ -112,6 +114,29 @@ def scale_encoder_gradients(model: MultimodalModel, coefficients: dict[str, floa
             if std > 0:
                 grad.add_(torch.randn(grad.shape, generator=generator, device="cpu", dtype=grad.dtype)
                           .to(grad.device) * std)
+
+
+def reduce_across_ranks(values: Tensor) -> Tensor:
+    """The sum of ``values`` over every process of a distributed run (itself otherwise).
+
+    Gradient modulation must use the same coefficients in every process: DDP has already averaged
+    the gradients, and ranks that scaled them differently would hold different weights after the
+    step. So per-rank score sums and counts are added up before the coefficients are computed.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+    return values
+
+
+def step_means(sums: dict[str, float], counts: dict[str, int], modalities: list[str],
+               device: torch.device) -> dict[str, float]:
+    """Per-modality mean of this optimizer step's scores over every rank; modalities with no sample left out."""
+    totals = reduce_across_ranks(torch.tensor([[sums.get(m, 0.0) for m in modalities],
+                                               [float(counts.get(m, 0)) for m in modalities]],
+                                              dtype=torch.float64 if device.type == "cpu" else torch.float32,
+                                              device=device))
+    return {m: float(totals[0, i] / totals[1, i]) for i, m in enumerate(modalities) if float(totals[1, i]) > 0}
 
 
 def others_mean(values: dict[str, float], modality: str) -> float:

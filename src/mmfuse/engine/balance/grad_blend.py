@@ -36,7 +36,14 @@ from torch import Tensor
 
 from mmfuse.config.balance import GradBlendOptions
 from mmfuse.core.contracts import Features
-from mmfuse.engine.balance.base import BalanceMethod, BalanceStep, fused_outputs, head_task, modality_heads
+from mmfuse.engine.balance.base import (
+    BalanceMethod,
+    BalanceStep,
+    fused_outputs,
+    head_task,
+    modality_heads,
+    reduce_across_ranks,
+)
 from mmfuse.model import MultimodalModel
 
 FUSED = "fused"
@@ -125,7 +132,8 @@ class GradBlend(BalanceMethod):
 
     def on_validation_epoch_end(self, epoch: int) -> dict[str, float]:
         """Closes a window every ``every_n_epochs`` epochs and re-estimates the weights from it."""
-        train, val = self._means(self._train_sums), self._means(self._val_sums)
+        train = self._means(reduce_across_ranks(self._train_sums))  # every process: the same weights
+        val = self._means(reduce_across_ranks(self._val_sums))
         self._train_sums.zero_()
         self._val_sums.zero_()
         if int(self.anchor_epoch) < 0:

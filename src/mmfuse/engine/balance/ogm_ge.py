@@ -52,6 +52,7 @@ from mmfuse.engine.balance.base import (
     modality_heads,
     others_mean,
     scale_encoder_gradients,
+    step_means,
 )
 from mmfuse.model import MultimodalModel
 
@@ -82,6 +83,7 @@ class OGMGE(BalanceMethod):
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
         self.last_coefficients: dict[str, float] = {}
+        self._noise_seed = torch.initial_seed() % 2**62
 
     def training_loss(self, model: MultimodalModel, features: dict[str, Features], target: Tensor,
                       epoch: int) -> BalanceStep:
@@ -101,10 +103,12 @@ class OGMGE(BalanceMethod):
         return BalanceStep(loss + probe_loss, {"balance_probe_loss": float(probe_loss.detach())})
 
     def step_scores(self) -> dict[str, float]:
-        """Mean softmax score of the true class per modality over this optimizer step's micro-batches."""
-        return {m: self._sums[m] / self._counts[m] for m in sorted(self._sums) if self._counts[m]}
+        """Mean softmax score of the true class per modality over this optimizer step's micro-batches
+        (and over every process of a distributed run)."""
+        device = next(self.probes.parameters()).device
+        return step_means(self._sums, self._counts, sorted(self.probes), device)
 
-    def before_optimizer_step(self, model: MultimodalModel, epoch: int) -> dict[str, float]:
+    def before_optimizer_step(self, model: MultimodalModel, epoch: int, step: int = 0) -> dict[str, float]:
         scores = self.step_scores()
         self._sums, self._counts = {}, {}
         opts = self.options
@@ -112,5 +116,7 @@ class OGMGE(BalanceMethod):
             return {}
         coefficients = ogm_coefficients(scores, opts.alpha)
         self.last_coefficients = coefficients
-        scale_encoder_gradients(model, coefficients, noise=opts.noise)
+        # The noise comes from (run seed, step): every process of a distributed run draws the same.
+        generator = torch.Generator().manual_seed(self._noise_seed + step) if opts.noise else None
+        scale_encoder_gradients(model, coefficients, noise=opts.noise, generator=generator)
         return {f"balance_k_{m}": k for m, k in coefficients.items()}
