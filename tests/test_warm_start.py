@@ -80,3 +80,25 @@ def test_incompatible_sources_are_config_errors(xor: Path, source: Path, tmp_pat
     wide = generate_xor_features(tmp_path / "wide", n_samples=60, dim=12)
     with pytest.raises(ConfigError, match=r"feature width of 'a' is 8 there, 12 here"):
         build({"a": {"name": "identity", "dim": 8, "init_from": str(source)}}, wide)
+
+
+def test_init_from_a_contrastive_model_then_classify(xor: Path, tmp_path: Path, one_thread: None) -> None:
+    """The pre-alignment path: a contrastive run's encoders start a classification run."""
+    aligned = validate_config({
+        "seed": 0,
+        "data": {"manifest": str(xor), "batch_size": 32,
+                 "modalities": {m: {"kind": "features", "column": m} for m in ("a", "b")}},
+        "encoders": {m: {"name": "identity", "dim": 8} for m in ("a", "b")},
+        "task": {"name": "contrastive", "dim": 8},
+        "trainer": {"max_epochs": 1, "patience": None, "output_dir": str(tmp_path / "aligned"), "progress_bar": False}})
+    source = fit(aligned, prepare_data(aligned)).model_dir
+    assert source is not None
+    config = config_for(xor, tmp_path / "classify", {m: {"name": "identity", "dim": 8, "init_from": str(source)}
+                                                      for m in ("a", "b")})
+    data = prepare_data(config)
+    model = MultimodalModel.from_config(config, data.preprocessor, data.task)
+    assert warm_start_encoders(model, config) == ["a", "b"]
+    saved = MultimodalModel.from_pretrained(source)
+    for m in ("a", "b"):
+        theirs, ours = saved.encoders[m].state_dict(), model.encoders[m].state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
