@@ -270,3 +270,25 @@ def test_a_task_the_remedy_cannot_use_is_a_config_error(prepared: tuple) -> None
         trainer = config.trainer.model_copy(update={"balance": balance})
         with pytest.raises(ConfigError, match=rf"trainer.balance '{balance}'.*'regression'"):
             build_balance(trainer, model)
+
+
+@pytest.mark.parametrize("balance", ["ogm_ge", "grad_blend", "agm"])
+def test_a_resumed_run_ends_with_the_uninterrupted_weights(prepared: tuple, balance: str, tmp_path: Path,
+                                                          one_thread: None) -> None:
+    """The remedy's state (blend weights and window, AGM's running means, the GE noise stream) resumes."""
+    config, data = prepared
+    config = config.model_copy(deep=True)
+    config.trainer.balance, config.trainer.max_epochs = balance, 3
+    config.trainer.output_dir = tmp_path / "straight"
+    fit(config, data, save=False)
+    first = config.model_copy(deep=True)
+    first.trainer.output_dir, first.trainer.max_epochs = tmp_path / "resumed", 1
+    fit(first, data, save=False)
+    second = first.model_copy(deep=True)
+    second.trainer.max_epochs = 3
+    fit(second, data, save=False, resume=True)
+    # The last epoch's full training state: the model and the remedy's parameters and buffers.
+    straight, resumed = (torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+                         for run in ("straight", "resumed"))
+    assert any(k.startswith("balance.") for k in straight) and set(straight) == set(resumed)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
