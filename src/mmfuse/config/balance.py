@@ -60,5 +60,12 @@ def balance_options(name: str, options: dict[str, Any]) -> StrictModel | None:
     try:
         return BALANCE_OPTIONS[name].model_validate(options)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_problem(e["loc"], e["msg"]) for e in exc.errors())
         raise ValueError(f"trainer.balance_options for '{name}': {problems}") from None
+
+
+def _problem(loc: tuple[Any, ...], message: str) -> str:
+    """'key: message' (the message alone for the options as a whole), without pydantic's 'Value error, '."""
+    message = message.removeprefix("Value error, ")
+    where = ".".join(str(p) for p in loc)
+    return f"{where}: {message}" if where else message
