@@ -66,7 +66,8 @@ def a_batch(data: PreparedData, n: int = 32) -> Any:
 def backward(module: FusionModule, batch: Any) -> dict[str, torch.Tensor]:
     """Runs the remedy's loss and backward; returns the encoders' gradients before any modulation."""
     module.zero_grad()
-    module._balanced_loss(batch).backward()
+    assert module.balance is not None
+    module.balance.training_loss(module.model, module.model.encode(batch), batch.target, epoch=0).loss.backward()
     return {n: p.grad.clone() for n, p in module.model.encoders.named_parameters() if p.grad is not None}
 
 
@@ -148,7 +149,7 @@ def test_grad_blend_loss_is_the_weighted_sum_and_weights_update_from_the_window(
     features = module.model.encode(batch)
     losses = balance._losses(module.model, features, batch.target)
     step = balance.training_loss(module.model, features, batch.target, epoch=0)
-    assert float(step.loss) == pytest.approx(sum(float(x) for x in losses) / 3, rel=1e-6)
+    assert float(step.loss.detach()) == pytest.approx(sum(float(x.detach()) for x in losses) / 3, rel=1e-6)
     # Feed two epochs of hand-set mean losses (sum, count rows) and check the weights.
     for epoch, (train, val) in enumerate([([1.0, 1.0, 1.0], [1.2, 1.1, 1.3]), ([0.6, 0.8, 0.5], [0.9, 1.0, 1.1])]):
         balance._train_sums.copy_(torch.tensor([[2 * t for t in train], [2.0, 2.0, 2.0]]))
@@ -156,8 +157,8 @@ def test_grad_blend_loss_is_the_weighted_sum_and_weights_update_from_the_window(
         balance.on_validation_epoch_end(epoch)
     assert balance.weights.tolist() == pytest.approx([0.710526, 0.236842, 0.052632], abs=1e-5)
     step = balance.training_loss(module.model, features, batch.target, epoch=1)
-    expected = sum(w * float(x) for w, x in zip(balance.weights.tolist(), losses, strict=True))
-    assert float(step.loss) == pytest.approx(expected, rel=1e-5)
+    expected = sum(w * float(x.detach()) for w, x in zip(balance.weights.tolist(), losses, strict=True))
+    assert float(step.loss.detach()) == pytest.approx(expected, rel=1e-5)
 
 
 # ---- AGM ---------------------------------------------------------------------------------------------
