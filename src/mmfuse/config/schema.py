@@ -255,18 +255,6 @@ class TrainerConfig(StrictModel):
     modality_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="per-sample drop rate per modality")
     unimodal_loss_weight: float = Field(
         0.0, ge=0.0, description="weight of per-modality auxiliary head losses (keeps every encoder learning)")
-    balance: Literal["none", "ogm_ge", "grad_blend", "agm"] = Field(
-        "none", description="modality-imbalance remedy: ogm_ge (gradient modulation), grad_blend (Gradient-"
-        "Blending loss weights), agm (adaptive gradient modulation); see mmfuse.engine.balance")
-    balance_options: dict[str, Any] = Field(default_factory=dict, description="options of trainer.balance, "
-                                            "e.g. {alpha: 0.5} (see mmfuse.config.balance)")
-
-    @model_validator(mode="after")
-    def _balance_options(self) -> TrainerConfig:
-        from mmfuse.config.balance import balance_options  # balance.py builds on this module's StrictModel
-
-        balance_options(self.balance, self.balance_options)
-        return self
     output_dir: Path = Path("runs/experiment")
     overwrite: bool = Field(False, description="replace a finished run in output_dir (CLI: --overwrite); "
                             "otherwise training into it stops before any work")
@@ -281,6 +269,18 @@ class TrainerConfig(StrictModel):
     on_nonfinite: Literal["raise", "skip"] = Field(
         "raise", description="a NaN/inf loss or gradient: 'raise' stops the run naming the step and the batch's "
         "sample ids; 'skip' leaves that optimizer step out (weights and optimiser state unchanged) and counts it")
+    balance: Literal["none", "ogm_ge", "grad_blend", "agm"] = Field(
+        "none", description="modality-imbalance remedy: ogm_ge (gradient modulation), grad_blend (Gradient-"
+        "Blending loss weights), agm (adaptive gradient modulation); see mmfuse.engine.balance")
+    balance_options: dict[str, Any] = Field(default_factory=dict, description="options of trainer.balance, "
+                                            "e.g. {alpha: 0.5} (see mmfuse.config.balance)")
+
+    @model_validator(mode="after")
+    def _balance_options(self) -> TrainerConfig:
+        from mmfuse.config.balance import balance_options  # balance.py builds on this module's StrictModel
+
+        balance_options(self.balance, self.balance_options)
+        return self
 
 
 class ExperimentConfig(StrictModel):
