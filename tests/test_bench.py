@@ -263,6 +263,10 @@ def _tiny_data(name: str, request: pytest.FixtureRequest, tiny: dict[str, Path])
         manifest = request.getfixturevalue("avmnist") / "manifest.jsonl"
     elif name.startswith("features"):
         manifest = tiny["features"]
+    elif name.startswith("xor"):
+        from mmfuse.datasets.xor_features import generate_xor_features
+
+        manifest = generate_xor_features(tiny["cache"].parent / "xor", n_samples=60, dim=4)
     else:  # the manifest template and the pretrained configs read text + image + audio files
         manifest = tiny["synthetic"]
     return [f"data.manifest={manifest}"]

@@ -22,16 +22,19 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import get_args
 
 import torch
 import yaml
 
 from mmfuse.analysis.bench_results import UNIMODAL_SUFFIX, BenchRun, plot_bench, write_runs, write_summary
 from mmfuse.config import ExperimentConfig, FusionConfig
+from mmfuse.config.balance import BalanceName
 from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.distributed import is_rank_zero
 from mmfuse.core.errors import ConfigError
 from mmfuse.data.dataset import MultimodalDataset
+from mmfuse.engine.balance import build_balance
 from mmfuse.engine.data import PreparedData, prepare_data
 from mmfuse.engine.evaluate import evaluate
 from mmfuse.engine.fit import fit
@@ -74,19 +77,44 @@ def baseline_fusion(fusion: FusionConfig) -> FusionConfig:
     return FusionConfig(name="concat", out_dim=fusion.out_dim, **kept)
 
 
+def resolve_balances(spec: str) -> list[str]:
+    """A comma-separated list of ``trainer.balance`` names ('none', 'ogm_ge', ...), checked."""
+    names = [b.strip() for b in spec.split(",") if b.strip()]
+    valid = list(get_args(BalanceName))
+    for name in names:
+        if name not in valid:
+            raise ConfigError(f"--balance '{name}' is not a balance method; choose from {', '.join(valid)}")
+    if not names:
+        raise ConfigError(f"--balance needs at least one of {', '.join(valid)}")
+    return names
+
+
+def with_balance(label: str, config: ExperimentConfig, balance: str) -> tuple[str, ExperimentConfig]:
+    """The run's label and config with ``trainer.balance`` set.
+
+    A balance other than 'none' is part of the label (``concat+ogm_ge``), so summaries and plots keep
+    the settings apart; the config's ``balance_options`` go with its own balance only.
+    """
+    options = config.trainer.balance_options if balance == config.trainer.balance else {}
+    trainer = config.trainer.model_copy(update={"balance": balance, "balance_options": options})
+    config = config.model_copy(update={"trainer": trainer})
+    return (label if balance == "none" else f"{label}+{balance}"), config
+
+
 def planned_runs(config: ExperimentConfig, methods: list[str], dropouts: list[float],
-                 unimodal: bool) -> Plan:
+                 unimodal: bool, balances: list[str] | None = None) -> Plan:
     """(method label, modality dropout, config) per run, before seeds are applied.
 
     A baseline (``"<modality> only"``) reads one modality through ``baseline_fusion`` and trains
     without modality dropout: hiding its only modality would just blank samples. A method keeps the
     config's fusion options when it is the config's method, else runs with its defaults.
     ``model_copy(update=...)`` skips validation on purpose: the data section keeps every modality
-    (the prepared data is shared) while a unimodal run's model reads only one of them.
+    (the prepared data is shared) while a unimodal run's model reads only one of them. ``balances``
+    (``--balance``) runs each method under each ``trainer.balance``; baselines train without one.
     """
     runs = []
     if unimodal and len(config.modalities) > 1:
-        trainer = config.trainer.model_copy(update={"modality_dropout": 0.0})
+        trainer = config.trainer.model_copy(update={"modality_dropout": 0.0, "balance": "none", "balance_options": {}})
         for modality in config.modalities:
             solo = config.model_copy(deep=True, update={
                 "encoders": {modality: config.encoders[modality]},
@@ -98,7 +126,10 @@ def planned_runs(config: ExperimentConfig, methods: list[str], dropouts: list[fl
                   else FusionConfig(name=method, out_dim=config.fusion.out_dim))
         for rate in dropouts:
             trainer = config.trainer.model_copy(update={"modality_dropout": rate})
-            runs.append((method, rate, config.model_copy(deep=True, update={"fusion": fusion, "trainer": trainer})))
+            run_config = config.model_copy(deep=True, update={"fusion": fusion, "trainer": trainer})
+            for balance in balances or [config.trainer.balance]:
+                label, balanced = with_balance(method, run_config, balance)
+                runs.append((label, rate, balanced))
     return runs
 
 
@@ -146,7 +177,8 @@ def _build_error(config: ExperimentConfig, data: PreparedData) -> str | None:
     The task is copied: building a model fits the task's head to it (e.g. its modalities).
     """
     try:
-        MultimodalModel.from_config(config, data.preprocessor, copy.deepcopy(data.task))
+        model = MultimodalModel.from_config(config, data.preprocessor, copy.deepcopy(data.task))
+        build_balance(config.trainer, model)  # a remedy the task cannot use (agm on regression)
     except ConfigError as error:
         return str(error)
     return None
@@ -236,13 +268,13 @@ def run_one(label: str, rate: float, config: ExperimentConfig, seed: int, data: 
     missing = missing_modality_scores(result.model, dataset, main_metric)
     return BenchRun(method=label, modalities="+".join(result.model.modalities), seed=seed, modality_dropout=rate,
                     metrics=metrics, missing=missing, params=result.params, train_seconds=result.train_seconds,
-                    peak_memory_mb=memory.peak_mb)
+                    peak_memory_mb=memory.peak_mb, balance=config.trainer.balance)
 
 
 def run_bench(config: ExperimentConfig, methods: list[str], seeds: int, out_dir: Path,
               dropouts: list[float] | None = None, unimodal: bool = True,
               on_run: Callable[[BenchRun, int, int], None] | None = None, skip_incompatible: bool = False,
-              on_note: Callable[[str], None] | None = None) -> list[BenchRun]:
+              on_note: Callable[[str], None] | None = None, balances: list[str] | None = None) -> list[BenchRun]:
     """Trains every planned run for ``seeds`` seeds and writes the result files into ``out_dir``.
 
     ``skip_incompatible`` (``--methods all``) leaves out methods the task cannot use instead of
@@ -251,8 +283,8 @@ def run_bench(config: ExperimentConfig, methods: list[str], seeds: int, out_dir:
     if seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     data = prepare_data(config)
-    plan, notes = check_plan(planned_runs(config, methods, dropouts or [config.trainer.modality_dropout], unimodal),
-                             data, skip_incompatible)
+    plan, notes = check_plan(planned_runs(config, methods, dropouts or [config.trainer.modality_dropout], unimodal,
+                                          balances), data, skip_incompatible)
     if not plan:
         raise ConfigError("nothing to train: " + "; ".join(notes))
     for note in notes:

@@ -33,6 +33,8 @@ class BenchRun:
     params: int = 0
     train_seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    balance: str = "none"
+    """``trainer.balance`` of the run (a remedy other than 'none' is also in ``method``: concat+ogm_ge)."""
 
     def row(self) -> dict[str, object]:
         return {
@@ -40,7 +42,7 @@ class BenchRun:
             "seed": self.seed, **{k: round(v, 6) for k, v in self.metrics.items()},
             **{k: round(v, 6) for k, v in self.missing.items()},
             "params": self.params, "train_seconds": round(self.train_seconds, 2),
-            "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "peak_memory_mb": round(self.peak_memory_mb, 1), "balance": self.balance,
         }
 
 

@@ -76,14 +76,18 @@ def bench(
         help="Comma-separated rates to compare, e.g. '0,0.3' (default: the config's).")] = None,
     unimodal: Annotated[bool, typer.Option(help="Also train each modality alone.")] = True,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override the config.")] = None,
+    balance: Annotated[str | None, typer.Option(
+        help="Comma-separated trainer.balance settings to compare, e.g. 'none,ogm_ge,agm' (default: the config's).")]
+    = None,
 ) -> None:
     """Train every fusion method (and each modality alone) on the same data and budget; tabulate."""
-    from mmfuse.analysis.bench import resolve_methods, run_bench
+    from mmfuse.analysis.bench import resolve_balances, resolve_methods, run_bench
     from mmfuse.config import load_config
     from mmfuse.config.presets import preset_path
 
     cfg = load_config(config or preset_path("demo"), list(set_ or []))
     names = resolve_methods(methods)
+    balances = resolve_balances(balance) if balance else None
     try:
         rates = [float(r) for r in modality_dropout.split(",")] if modality_dropout else None
     except ValueError:
@@ -99,7 +103,7 @@ def bench(
         console.print(f"[yellow]note:[/] {text}", highlight=False)
 
     runs = run_bench(cfg, names, seeds, out, dropouts=rates, unimodal=unimodal, on_run=report,
-                     skip_incompatible=methods.strip() == "all", on_note=note)
+                     skip_incompatible=methods.strip() == "all", on_note=note, balances=balances)
     if not runs:  # a DDP rank other than 0
         return
     console.print(_bench_table(runs))

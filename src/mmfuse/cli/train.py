@@ -87,6 +87,8 @@ def train(
         console.print(f"skipped rows and reasons: [bold]{result.skipped_file}[/]")
     if result.nonfinite_summary:
         console.print(f"[yellow]{result.nonfinite_summary}[/]", highlight=False, soft_wrap=True)
+    if result.chance_note:  # a run that ended at chance says so, and what to try (engine/stall.py)
+        console.print(f"[yellow]{result.chance_note}[/]", highlight=False, soft_wrap=True)
     resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
     console.print(f"model saved to [bold]{result.model_dir}[/] ({result.params:,} parameters, "
                   f"{result.train_seconds:.1f} s training{resumed})")

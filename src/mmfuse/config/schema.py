@@ -269,10 +269,13 @@ class EncoderConfig(ComponentConfig):
     """An encoder: registry name + options, and ``freeze`` (no parameter of it trains).
 
     A frozen encoder also stays in eval mode (no dropout), so its outputs are a fixed function of
-    the input: what ``data.cache`` needs to store them once and reuse them.
+    the input: what ``data.cache`` needs to store them once and reuse them. ``init_from`` starts the
+    encoder from the weights of the same modality's encoder in a saved mmfuse model folder.
     """
 
     freeze: bool = False
+    init_from: Path | None = Field(None, description="saved mmfuse model folder whose encoder of this "
+                                   "modality gives the starting weights")
 
 
 class FusionConfig(ComponentConfig):
@@ -355,6 +358,18 @@ class TrainerConfig(StrictModel):
     on_nonfinite: Literal["raise", "skip"] = Field(
         "raise", description="a NaN/inf loss or gradient: 'raise' stops the run naming the step and the batch's "
         "sample ids; 'skip' leaves that optimizer step out (weights and optimiser state unchanged) and counts it")
+    balance: Literal["none", "ogm_ge", "grad_blend", "agm"] = Field(
+        "none", description="modality-imbalance remedy: ogm_ge (gradient modulation), grad_blend (Gradient-"
+        "Blending loss weights), agm (adaptive gradient modulation); see mmfuse.engine.balance")
+    balance_options: dict[str, Any] = Field(default_factory=dict, description="options of trainer.balance, "
+                                            "e.g. {alpha: 0.5} (see mmfuse.config.balance)")
+
+    @model_validator(mode="after")
+    def _balance_options(self) -> TrainerConfig:
+        from mmfuse.config.balance import balance_options  # balance.py builds on this module's StrictModel
+
+        balance_options(self.balance, self.balance_options)
+        return self
 
 
 class ExperimentConfig(StrictModel):

@@ -40,6 +40,7 @@ from mmfuse.core.distributed import is_rank_zero
 from mmfuse.core.errors import ConfigError
 from mmfuse.data.dataset import Collator
 from mmfuse.data.memory import ArrayDataset
+from mmfuse.engine.balance import build_balance
 from mmfuse.engine.calibration import calibrate
 from mmfuse.engine.checkpoint_io import AtomicCheckpointIO
 from mmfuse.engine.data import PreparedData, prepare_data, warn_lazy_crops, write_skipped
@@ -51,7 +52,9 @@ from mmfuse.engine.module import FusionModule, lightning_output
 from mmfuse.engine.nonfinite import NonFiniteGuard
 from mmfuse.engine.resume import BestCheckpoint, config_json, keep_earlier_logs, last_checkpoint, resume_point
 from mmfuse.engine.rng import RandomState
+from mmfuse.engine.stall import StallDetector, near_chance_note
 from mmfuse.engine.tracking import build_logger
+from mmfuse.engine.warm_start import warm_start_encoders
 from mmfuse.model import MultimodalModel
 from mmfuse.tasks import Task
 
@@ -79,6 +82,10 @@ class TrainResult:
     resumed_from: Path | None = None
     is_global_zero: bool = True
     """False in the other ranks of a DDP run: they train, but evaluate, save and print nothing."""
+    stall_warning: str | None = None
+    """The stall warning (engine/stall.py) if validation looked stalled for several epochs."""
+    chance_note: str | None = None
+    """Set when the final accuracy ends within a few points of the majority-class rate."""
 
 
 RUN_FILES = ("metrics.json", "model", "config.yaml", "checkpoints", "logs")
@@ -161,6 +168,8 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
     # Its own copy of the task: calibration fits per-model state into it, and the demo and bench
     # train several models on one PreparedData.
     model = MultimodalModel.from_config(config, data.preprocessor, copy.deepcopy(data.task))
+    if resume_from is None:  # encoders.<m>.init_from; before the feature cache sees the weights
+        warm_start_encoders(model, config)
     if config.data.cache:  # frozen encoders' outputs from disk: the encoders never run while training
         from mmfuse.engine.feature_cache import cache_datasets
 
@@ -174,7 +183,7 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
                                    device=None if config.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
         data = dataclasses.replace(data, datasets=cached)
     module = FusionModule(model, config.optim, config.trainer.modality_dropout,
-                          config.trainer.unimodal_loss_weight)
+                          config.trainer.unimodal_loss_weight, build_balance(config.trainer, model))
     if is_rank_zero():  # under DDP every rank runs this; one of them owns the folder
         _clear_run_files(out, keep_training_state=resume)
         if resume_from is not None:
@@ -208,6 +217,10 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, NonFiniteGuard):
             result.nonfinite_skipped, result.nonfinite_summary = callback.skipped, callback.summary()
+        if isinstance(callback, StallDetector):
+            result.stall_warning = callback.message
+            split = "test" if test_metrics else "val"
+            result.chance_note = near_chance_note(test_metrics or val_metrics, callback.last, len(data.datasets[split]))
     if save:
         write_run_files(config, result)
         result.skipped_file = write_skipped(data, out)
@@ -235,7 +248,7 @@ def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionMod
     # LastCheckpoint after the best-model checkpoint: it saves the state that one has just updated.
     callbacks: list[L.Callback] = [
         checkpoint, LastCheckpoint(last_checkpoint(out), config.trainer.checkpoint_every_n_steps, config_json(config)),
-        RandomState(), LoaderPosition(train_loader), NonFiniteGuard(config.trainer.on_nonfinite)]
+        RandomState(), LoaderPosition(train_loader), NonFiniteGuard(config.trainer.on_nonfinite), StallDetector()]
     if config.trainer.patience:
         callbacks.append(EarlyStopping(monitor=checkpoint.monitor or "val_loss", mode=checkpoint.mode,
                                        patience=config.trainer.patience, stopping_threshold=config.trainer.stop_at))
