@@ -96,6 +96,7 @@ def write_plots(study: optuna.Study, out_dir: Path) -> tuple[dict[str, Path], li
     notes: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message=".*importances will be equal", category=UserWarning)
         save_png(_figure(optuna_plots.plot_optimization_history(study)), out_dir / "history.png")
         files["history"] = out_dir / "history.png"
         completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
