@@ -266,3 +266,15 @@ def test_tune_cli_bad_options_are_clear(synth_manifest: Path, tmp_path: Path) ->
         result = CliRunner().invoke(app, ["tune", "-c", str(config), "--space", str(space), "--out",
                                           str(tmp_path / "t"), *extra])
         assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_shipped_space_and_methods_examples_are_valid() -> None:
+    from mmfuse.analysis.bench_methods import load_method_options
+
+    repo = Path(__file__).resolve().parents[1]
+    base = load_config(repo / "configs" / "synthetic.yaml")
+    space = load_space(repo / "configs" / "tune" / "space-synthetic.yaml", base)
+    assert "fusion.rank" in space.keys and space.params[space.keys.index("fusion.rank")].when == {
+        "fusion.name": ("lmf",)}
+    assert load_method_options(repo / "configs" / "tune" / "bench-methods.yaml") == {
+        "lmf": {"rank": 8}, "mult": {"heads": 2, "layers": 1}}
