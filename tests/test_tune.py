@@ -158,6 +158,21 @@ def test_pruning_callback_ignores_the_sanity_check_and_missing_metrics() -> None
     assert reports == [(pytest.approx(0.1), 2)]
 
 
+def test_pruning_stops_training_after_the_reported_epoch(base: Any, one_thread: None) -> None:
+    from mmfuse.engine.data import prepare_data
+    from mmfuse.engine.fit import fit
+
+    config = base.model_copy(update={"trainer": base.trainer.model_copy(update={"max_epochs": 4})})
+    reports: list[tuple[float, int]] = []
+    verdicts = iter([False, True])  # keep the first epoch, prune at the second
+    fake = SimpleNamespace(report=lambda value, step: reports.append((value, step)),
+                           should_prune=lambda: next(verdicts))
+    with pytest.raises(optuna.TrialPruned, match="at epoch 1"):
+        fit(config, prepare_data(config), save=False, callbacks=[PruneOnValidation(fake, "val_accuracy")])
+    assert [step for _, step in reports] == [0, 1] and all(0.0 <= value <= 1.0 for value, _ in reports)
+    assert not (config.trainer.output_dir / "metrics.json").exists()  # a pruned run writes no results
+
+
 # ---- studies end to end -----------------------------------------------------------------------------
 
 
