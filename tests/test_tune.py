@@ -293,3 +293,30 @@ def test_shipped_space_and_methods_examples_are_valid() -> None:
         "fusion.name": ("lmf",)}
     assert load_method_options(repo / "configs" / "tune" / "bench-methods.yaml") == {
         "lmf": {"rank": 8}, "mult": {"heads": 2, "layers": 1}}
+
+
+def _study_with(values: list[float | None]) -> Any:
+    study = optuna.create_study(direction="maximize")
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    for i, value in enumerate(values):
+        study.add_trial(optuna.trial.create_trial(
+            params={"optim.lr": 1e-3 * (i + 1)}, distributions={"optim.lr": lr}, value=value,
+            state=optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL))
+    return study
+
+
+@pytest.mark.parametrize(("values", "note"), [
+    ([0.5, None], "needs at least 2 completed trials, the study has 1"),
+    ([0.5, 0.5, 0.5], "every completed trial scored the same"),
+    ([0.2, 0.5, 0.4], None),
+])
+def test_importance_plot_only_when_there_is_something_to_attribute(tmp_path: Path, values: list[float | None],
+                                                                   note: str | None) -> None:
+    from mmfuse.analysis.tune_report import write_plots
+
+    files, notes = write_plots(_study_with(values), tmp_path)
+    assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG" and files["history"] == tmp_path / "history.png"
+    if note is None:
+        assert notes == [] and (tmp_path / "importance.png").read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert len(notes) == 1 and note in notes[0] and not (tmp_path / "importance.png").exists()

@@ -103,6 +103,9 @@ def write_plots(study: optuna.Study, out_dir: Path) -> tuple[dict[str, Path], li
         if len(completed) < 2:
             notes.append(f"no importance plot: it needs at least 2 completed trials, the study has {len(completed)}")
             return files, notes
+        if len({t.value for t in completed}) == 1:
+            notes.append("no importance plot: every completed trial scored the same, nothing to attribute")
+            return files, notes
         try:
             importances = optuna.importance.get_param_importances(study)
         except (RuntimeError, ValueError) as exc:
