@@ -320,3 +320,19 @@ def test_importance_plot_only_when_there_is_something_to_attribute(tmp_path: Pat
         assert notes == [] and (tmp_path / "importance.png").read_bytes()[:4] == b"\x89PNG"
     else:
         assert len(notes) == 1 and note in notes[0] and not (tmp_path / "importance.png").exists()
+
+
+@pytest.mark.slow
+def test_two_worker_processes_share_one_study(synth_manifest: Path, tmp_path: Path) -> None:
+    """--jobs 2: two spawned processes on one SQLite study; slow (each imports torch and prepares the data)."""
+    config = write(tmp_path / "cfg.yaml", tiny_config(synth_manifest, tmp_path / "base-run"))
+    space = write(tmp_path / "space.yaml", {"optim.lr": SPACE["optim.lr"]})
+    out = tmp_path / "tune"
+    result = CliRunner().invoke(app, ["tune", "-c", str(config), "--space", str(space), "--out", str(out),
+                                      "--trials", "3", "--jobs", "2", "--pruner", "none"])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="mmfuse", storage=f"sqlite:///{out / 'study.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 3 <= len(complete) == len(study.trials) <= 4  # a worker that started a trial finishes it
+    assert len({t.params["optim.lr"] for t in complete}) == len(complete)  # the workers sample apart
+    assert sorted(p.name for p in (out / "trials").iterdir()) == [f"{t.number:04d}" for t in study.trials]

@@ -207,11 +207,14 @@ def run_tune(base: ExperimentConfig, space: SearchSpace, options: TuneOptions,
     remaining = options.trials - finished
     if finished:
         notes.append(f"study '{options.study_name}' continues: {finished} finished trial(s) kept")
-    if remaining > 0 and options.jobs == 1:
+    if remaining <= 0:
+        notes.append(f"the study already holds {finished} finished trial(s) (--trials {options.trials}): "
+                     "nothing to run; raise --trials to search further")
+    elif options.jobs == 1:
         objective = Objective(base, space, options.out_dir)
         objective.reuse(base, data)
         _optimize(study, objective, options, remaining, [on_trial] if on_trial else [])
-    elif remaining > 0:
+    else:
         _run_workers(base, space, options, direction, monitor, remaining)
     ran = sum(1 for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_start >= started)
     files, report_notes = write_outputs(study, base, options.out_dir)
