@@ -204,7 +204,11 @@ def test_study_writes_best_config_and_trials_then_resumes_with_only_the_missing_
     assert best.data.batch_size == int(best_row["data.batch_size"])
     assert best.trainer.output_dir == out / "best-run" and not best.trainer.output_dir.exists()
     assert best.encoders == validate_config(tiny_config(synth_manifest, out)).encoders
-    assert (out / "history.png").stat().st_size > 1000 and (out / "importance.png").stat().st_size > 1000
+    assert (out / "history.png").stat().st_size > 1000
+    if rows[0]["value"] != rows[1]["value"]:  # importance needs values that differ (tested on its own below)
+        assert (out / "importance.png").stat().st_size > 1000
+    else:
+        assert "every completed trial scored the same" in first.output
 
     again = CliRunner().invoke(app, [*command, "--trials", "3"])
     assert again.exit_code == 0, again.output
