@@ -116,6 +116,13 @@ def test_searching_the_monitor_is_refused(base: Any, tmp_path: Path) -> None:
         run_tune(base, space, TuneOptions(trials=1, out_dir=tmp_path / "t"))
 
 
+def test_multi_device_trials_are_refused(base: Any, tmp_path: Path) -> None:
+    config = base.model_copy(update={"trainer": base.trainer.model_copy(update={"devices": 2})})
+    with pytest.raises(ConfigError, match="one device"):
+        run_tune(config, parse_space({"optim.lr": SPACE["optim.lr"]}), TuneOptions(trials=1, out_dir=tmp_path / "t"))
+    assert not (tmp_path / "t").exists()
+
+
 # ---- pruning ----------------------------------------------------------------------------------------
 
 

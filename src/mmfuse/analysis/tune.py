@@ -185,6 +185,10 @@ def run_tune(base: ExperimentConfig, space: SearchSpace, options: TuneOptions,
     """Runs (or continues) the study until ``options.trials`` trials have finished, then writes
     ``best.yaml``, ``trials.csv`` and the plots into ``options.out_dir``."""
     options.check()
+    if str(base.trainer.devices) != "1" or base.trainer.num_nodes != 1 or any(
+            key in space.keys for key in ("trainer.devices", "trainer.num_nodes")):
+        raise ConfigError("mmfuse tune trains each trial on one device (trainer.devices: 1, trainer.num_nodes: 1); "
+                          "run trials in parallel with --jobs, or on several machines with a shared --storage")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     storage = open_storage(options)
