@@ -274,6 +274,22 @@ def test_trial_stopped_by_sigterm_is_queued_again_and_runs_first_next_time(
     assert result.ran == 2
 
 
+def test_cli_stopped_by_sigterm_exits_143_and_says_how_to_continue(
+        synth_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmfuse.analysis.tune_objective as objective
+
+    def stopped(*args: Any, **kwargs: Any) -> Any:
+        raise SignalInterrupt(signal.SIGTERM)
+
+    monkeypatch.setattr(objective, "fit", stopped)
+    config = write(tmp_path / "cfg.yaml", tiny_config(synth_manifest, tmp_path / "run"))
+    space = write(tmp_path / "space.yaml", {"optim.lr": SPACE["optim.lr"]})
+    result = CliRunner().invoke(app, ["tune", "-c", str(config), "--space", str(space), "--out", str(tmp_path / "t")])
+    assert result.exit_code == 143
+    assert "marked failed and queued again" in " ".join(result.output.split())
+    assert "Run the same command to continue the study" in " ".join(result.output.split())
+
+
 def test_a_study_scored_by_another_metric_is_not_continued(base: Any, tmp_path: Path) -> None:
     options = TuneOptions(trials=1, out_dir=tmp_path / "tune")
     options.out_dir.mkdir()

@@ -9,8 +9,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mmfuse.cli.app import app, console, friendly_errors
+from mmfuse.cli.app import app, console, err_console, friendly_errors
 from mmfuse.core.errors import MMFuseError
+from mmfuse.engine.interrupts import SignalInterrupt, signal_name
 
 SHOWN_TRIALS = 10
 
@@ -79,7 +80,14 @@ def tune(
         console.print(f"trial {trial.number}: {trial.state.name.lower()}{value} ({shown})", highlight=False)
 
     console.print(f"study '{study_name}' in {options.storage_url}: {trials} trials, {jobs} worker(s)", highlight=False)
-    result = run_tune(base, search, options, on_trial=report)
+    try:
+        result = run_tune(base, search, options, on_trial=report)
+    except SignalInterrupt as stop:
+        err_console.print(f"[bold yellow]interrupted:[/] {signal_name(stop.signum)}; the running trial is marked "
+                          "failed and queued again with its values, finished trials are kept in "
+                          f"{options.storage_url}. Run the same command to continue the study.",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(stop.exit_code) from None
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(_summary_table(trial_rows(result.study), result.monitor, result.direction))
