@@ -27,6 +27,7 @@ from typing import get_args
 import torch
 import yaml
 
+from mmfuse.analysis.bench_methods import MethodOptions, method_fusion, unused_methods
 from mmfuse.analysis.bench_results import UNIMODAL_SUFFIX, BenchRun, plot_bench, write_runs, write_summary
 from mmfuse.config import ExperimentConfig, FusionConfig
 from mmfuse.config.balance import BalanceName
@@ -102,12 +103,14 @@ def with_balance(label: str, config: ExperimentConfig, balance: str) -> tuple[st
 
 
 def planned_runs(config: ExperimentConfig, methods: list[str], dropouts: list[float],
-                 unimodal: bool, balances: list[str] | None = None) -> Plan:
+                 unimodal: bool, balances: list[str] | None = None,
+                 method_options: MethodOptions | None = None) -> Plan:
     """(method label, modality dropout, config) per run, before seeds are applied.
 
     A baseline (``"<modality> only"``) reads one modality through ``baseline_fusion`` and trains
     without modality dropout: hiding its only modality would just blank samples. A method keeps the
-    config's fusion options when it is the config's method, else runs with its defaults.
+    config's fusion options when it is the config's method, else runs with its defaults; either is
+    updated with the method's entry in ``method_options`` (``--methods-config``, see ``bench_methods``).
     ``model_copy(update=...)`` skips validation on purpose: the data section keeps every modality
     (the prepared data is shared) while a unimodal run's model reads only one of them. ``balances``
     (``--balance``) runs each method under each ``trainer.balance``; baselines train without one.
@@ -122,8 +125,7 @@ def planned_runs(config: ExperimentConfig, methods: list[str], dropouts: list[fl
             })
             runs.append((f"{modality}{UNIMODAL_SUFFIX}", 0.0, solo))
     for method in methods:
-        fusion = (config.fusion if method == config.fusion.name
-                  else FusionConfig(name=method, out_dim=config.fusion.out_dim))
+        fusion = method_fusion(config, method, method_options)
         for rate in dropouts:
             trainer = config.trainer.model_copy(update={"modality_dropout": rate})
             run_config = config.model_copy(deep=True, update={"fusion": fusion, "trainer": trainer})
@@ -268,23 +270,29 @@ def run_one(label: str, rate: float, config: ExperimentConfig, seed: int, data: 
     missing = missing_modality_scores(result.model, dataset, main_metric)
     return BenchRun(method=label, modalities="+".join(result.model.modalities), seed=seed, modality_dropout=rate,
                     metrics=metrics, missing=missing, params=result.params, train_seconds=result.train_seconds,
-                    peak_memory_mb=memory.peak_mb, balance=config.trainer.balance)
+                    peak_memory_mb=memory.peak_mb, balance=config.trainer.balance,
+                    fusion_options={"out_dim": config.fusion.out_dim, **config.fusion.options})
 
 
 def run_bench(config: ExperimentConfig, methods: list[str], seeds: int, out_dir: Path,
               dropouts: list[float] | None = None, unimodal: bool = True,
               on_run: Callable[[BenchRun, int, int], None] | None = None, skip_incompatible: bool = False,
-              on_note: Callable[[str], None] | None = None, balances: list[str] | None = None) -> list[BenchRun]:
+              on_note: Callable[[str], None] | None = None, balances: list[str] | None = None,
+              method_options: MethodOptions | None = None) -> list[BenchRun]:
     """Trains every planned run for ``seeds`` seeds and writes the result files into ``out_dir``.
 
     ``skip_incompatible`` (``--methods all``) leaves out methods the task cannot use instead of
     failing; every run left out is told to ``on_note`` and listed in ``summary.md``.
+    ``method_options`` (``--methods-config``) sets options per method.
     """
     if seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     data = prepare_data(config)
     plan, notes = check_plan(planned_runs(config, methods, dropouts or [config.trainer.modality_dropout], unimodal,
-                                          balances), data, skip_incompatible)
+                                          balances=balances, method_options=method_options), data,
+                             skip_incompatible)
+    notes += [f"--methods-config: options for '{m}' unused, it is not benchmarked"
+              for m in unused_methods(method_options or {}, methods)]
     if not plan:
         raise ConfigError("nothing to train: " + "; ".join(notes))
     for note in notes:

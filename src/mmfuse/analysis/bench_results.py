@@ -8,11 +8,12 @@ complete file or the new one, never a truncated table.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mmfuse.core.atomic import atomic_file, write_text_atomic
 
@@ -35,6 +36,8 @@ class BenchRun:
     peak_memory_mb: float = 0.0
     balance: str = "none"
     """``trainer.balance`` of the run (a remedy other than 'none' is also in ``method``: concat+ogm_ge)."""
+    fusion_options: dict[str, Any] = field(default_factory=dict)
+    """The options the run's fusion was built with (``out_dim`` included); ``runs.csv`` shows them as JSON."""
 
     def row(self) -> dict[str, object]:
         return {
@@ -43,6 +46,7 @@ class BenchRun:
             **{k: round(v, 6) for k, v in self.missing.items()},
             "params": self.params, "train_seconds": round(self.train_seconds, 2),
             "peak_memory_mb": round(self.peak_memory_mb, 1), "balance": self.balance,
+            "fusion_options": json.dumps(self.fusion_options, sort_keys=True),
         }
 
 

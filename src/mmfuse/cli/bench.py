@@ -79,6 +79,9 @@ def bench(
     balance: Annotated[str | None, typer.Option(
         help="Comma-separated trainer.balance settings to compare, e.g. 'none,ogm_ge,agm' (default: the config's).")]
     = None,
+    methods_config: Annotated[Path | None, typer.Option(
+        "--methods-config", help="YAML of per-method fusion options, e.g. 'lmf: {rank: 8}' (tuned methods are "
+        "not compared with defaults); the options of each run go to runs.csv.")] = None,
 ) -> None:
     """Train every fusion method (and each modality alone) on the same data and budget; tabulate."""
     from mmfuse.analysis.bench import resolve_balances, resolve_methods, run_bench
@@ -88,6 +91,11 @@ def bench(
     cfg = load_config(config or preset_path("demo"), list(set_ or []))
     names = resolve_methods(methods)
     balances = resolve_balances(balance) if balance else None
+    method_options = None
+    if methods_config is not None:
+        from mmfuse.analysis.bench_methods import load_method_options
+
+        method_options = load_method_options(methods_config)
     try:
         rates = [float(r) for r in modality_dropout.split(",")] if modality_dropout else None
     except ValueError:
@@ -103,7 +111,8 @@ def bench(
         console.print(f"[yellow]note:[/] {text}", highlight=False)
 
     runs = run_bench(cfg, names, seeds, out, dropouts=rates, unimodal=unimodal, on_run=report,
-                     skip_incompatible=methods.strip() == "all", on_note=note, balances=balances)
+                     skip_incompatible=methods.strip() == "all", on_note=note, balances=balances,
+                     method_options=method_options)
     if not runs:  # a DDP rank other than 0
         return
     console.print(_bench_table(runs))

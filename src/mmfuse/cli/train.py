@@ -200,28 +200,33 @@ def evaluate(
         "gaussian_blur, occlusion, white_noise, time_mask, typos, word_dropout.")] = None,
     threads: Annotated[int | None, typer.Option(
         min=1, help="CPU threads for torch (default: torch's, one per core); set on a shared machine.")] = None,
+    by: Annotated[str | None, typer.Option(
+        "--by", help="Also metrics per value of this manifest column (e.g. speaker, source); rows without it "
+        "form the group '(missing)'. In the table, the JSON and the robustness files.")] = None,
 ) -> None:
     """Evaluate a saved model on a manifest; --robustness adds missing-modality and noise studies."""
     from mmfuse.engine.fit import torch_threads
 
     with torch_threads(threads):
         if pack is not None:
-            _evaluate_pack(model, pack, data, split, json_out, robustness, label_column)
+            _evaluate_pack(model, pack, data, split, json_out, robustness, label_column, by)
             return
         if data is None:
             raise MMFuseError("give the data to evaluate on: --data MANIFEST or --pack PACK")
-        _evaluate(model, data, split, on_error, json_out, robustness, out, label_column, seed, levels, corruptions)
+        _evaluate(model, data, split, on_error, json_out, robustness, out, label_column, seed, levels, corruptions,
+                  by)
 
 
 def _evaluate_pack(model: Path, pack: str, data: Path | None, split: str | None, json_out: Path | None,
-                   robustness: bool, label_column: str | None) -> None:
+                   robustness: bool, label_column: str | None, by: str | None) -> None:
     """``evaluate --pack``: the metrics of the model on a pack's split (see ``mmfuse.engine.pack_eval``)."""
     from mmfuse.core.atomic import write_text_atomic
     from mmfuse.engine.evaluate import evaluate as run_evaluation
     from mmfuse.engine.pack_eval import pack_split_for_model
     from mmfuse.model import MultimodalModel
 
-    for given, option in ((data, "--data"), (robustness or None, "--robustness"), (label_column, "--label-column")):
+    for given, option in ((data, "--data"), (robustness or None, "--robustness"), (label_column, "--label-column"),
+                          (by, "--by")):
         if given is not None:
             raise MMFuseError(f"--pack evaluates preprocessed tensors; {option} needs the raw data (--data MANIFEST)")
     json_out = _output_file(json_out, "--json")
@@ -235,13 +240,19 @@ def _evaluate_pack(model: Path, pack: str, data: Path | None, split: str | None,
 
 
 def _evaluate(model: Path, data: Path, split: str | None, on_error: str, json_out: Path | None, robustness: bool,
-              out: Path | None, label_column: str | None, seed: int, levels: int, corruptions: str | None) -> None:
+              out: Path | None, label_column: str | None, seed: int, levels: int, corruptions: str | None,
+              by: str | None = None) -> None:
     from mmfuse.core.atomic import write_text_atomic
     from mmfuse.engine.evaluate import evaluate as run_evaluation
 
     started = time.perf_counter()
     _check_on_error(on_error)
     json_out = _output_file(json_out, "--json")
+    groups = None
+    if by is not None:  # a wrong column fails before any work
+        from mmfuse.analysis.groups import manifest_groups
+
+        groups = manifest_groups(data, by)
     loaded, dataset = _load_dataset(model, data, split, on_error, with_targets=True, label_column=label_column)
     names = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions is not None else None
     if robustness:  # bad options fail before any work
@@ -257,8 +268,15 @@ def _evaluate(model: Path, data: Path, split: str | None, on_error: str, json_ou
     metrics = run_evaluation(loaded, dataset)
     console.print(metrics_table(f"{data.name}: {len(dataset)} samples", metrics))
     _report_skipped(dataset.report, console)
+    summary: dict[str, Any] = dict(metrics)
+    if by is not None and groups is not None:
+        from mmfuse.analysis.groups import evaluate_by_group, groups_json, groups_table
+
+        by_group = evaluate_by_group(loaded, dataset, groups)
+        console.print(groups_table(by, by_group))
+        summary["groups"] = groups_json(by, by_group)
     if json_out:
-        write_text_atomic(json_out, json.dumps(metrics, indent=2))
+        write_text_atomic(json_out, json.dumps(summary, indent=2))
     if robustness:
         from mmfuse.analysis.robustness import evaluation_records, report_tables, run_robustness
 
@@ -269,6 +287,12 @@ def _evaluate(model: Path, data: Path, split: str | None, on_error: str, json_ou
                                     on_error="skip" if on_error == "skip" else "raise")
         for table in report_tables(report):
             console.print(table)
+        if by is not None and groups is not None:
+            from mmfuse.analysis.groups import group_robustness_table, robustness_by_group, write_group_robustness
+
+            per_group = robustness_by_group(loaded, records, groups, on_error="skip" if on_error == "skip" else "raise")
+            console.print(group_robustness_table(by, per_group))
+            report.files.update(write_group_robustness(per_group, by, folder))
         stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in report.seconds.items() if name != "total")
         console.print(f"robustness files in [bold]{folder}[/]: {', '.join(p.name for p in report.files.values())}; "
                       f"{time.perf_counter() - started:.1f} s in all ({stages})")

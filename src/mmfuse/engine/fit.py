@@ -25,7 +25,7 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,14 +154,17 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def fit(config: ExperimentConfig, data: PreparedData, save: bool = True, resume: bool = False) -> TrainResult:
+def fit(config: ExperimentConfig, data: PreparedData, save: bool = True, resume: bool = False,
+        callbacks: Sequence[L.Callback] = ()) -> TrainResult:
     """Trains one model on already-prepared data (the demo and benchmarks reuse one PreparedData);
-    ``resume`` continues the run in ``trainer.output_dir`` from its ``last.ckpt``."""
+    ``resume`` continues the run in ``trainer.output_dir`` from its ``last.ckpt``. ``callbacks`` are
+    added to the Trainer's own (``mmfuse tune`` reports each validation epoch to its trial)."""
     with torch_threads(config.trainer.threads), raise_on_signals():
-        return _fit(config, data, save, resume)
+        return _fit(config, data, save, resume, callbacks)
 
 
-def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool) -> TrainResult:
+def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool,
+         extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
     out = check_output_dir(config, resume)
     resume_from = last_checkpoint(out) if resume else None
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -191,7 +194,7 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = _checkpoint_callback(config, data.task, out)
     with lightning_output(config.trainer.verbose):
-        trainer, train_seconds = _run_trainer(config, data, module, checkpoint, out, resume_from)
+        trainer, train_seconds = _run_trainer(config, data, module, checkpoint, out, resume_from, extra_callbacks)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Training is over: what follows (evaluation, saving) is rank 0's alone, and a metric that
         # tried to sync with ranks that have moved on (or exited) would wait for ever.
@@ -227,28 +230,35 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool)
     return result
 
 
-def _checkpoint_callback(config: ExperimentConfig, task: Task, out: Path) -> BestCheckpoint:
-    """Keeps the best epoch by the task's main validation metric (or ``trainer.monitor``)."""
+def monitored_metric(config: ExperimentConfig, task: Task) -> tuple[str, str]:
+    """The logged validation metric that picks the best epoch (``val_<name>``) and its mode (min/max):
+    the task's main metric, or ``trainer.monitor``."""
     metric, mode = task.monitor
     monitor = config.trainer.monitor or f"val_{metric}"
     valid = [f"val_{name}" for name in task.metrics().keys()] + ["val_loss"]  # noqa: SIM118
     if monitor not in valid:
         raise ConfigError(f"trainer.monitor '{monitor}' is not a validation metric; choose from {', '.join(valid)}")
-    if monitor == "val_loss":
-        mode = "min"
+    return monitor, "min" if monitor == "val_loss" else mode
+
+
+def _checkpoint_callback(config: ExperimentConfig, task: Task, out: Path) -> BestCheckpoint:
+    """Keeps the best epoch by the task's main validation metric (or ``trainer.monitor``)."""
+    monitor, mode = monitored_metric(config, task)
     return BestCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode,
                           save_top_k=1, enable_version_counter=False)
 
 
 def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionModule, checkpoint: ModelCheckpoint,
-                 out: Path, resume_from: Path | None = None) -> tuple[L.Trainer, float]:
+                 out: Path, resume_from: Path | None = None,
+                 extra_callbacks: Sequence[L.Callback] = ()) -> tuple[L.Trainer, float]:
     collator = Collator(data.preprocessor, data.task)
     batch_size, workers = config.data.batch_size, config.data.num_workers
     train_loader = ResumableLoader(data.datasets["train"], collator, batch_size, True, workers, config.seed)
     # LastCheckpoint after the best-model checkpoint: it saves the state that one has just updated.
     callbacks: list[L.Callback] = [
         checkpoint, LastCheckpoint(last_checkpoint(out), config.trainer.checkpoint_every_n_steps, config_json(config)),
-        RandomState(), LoaderPosition(train_loader), NonFiniteGuard(config.trainer.on_nonfinite), StallDetector()]
+        RandomState(), LoaderPosition(train_loader), NonFiniteGuard(config.trainer.on_nonfinite), StallDetector(),
+        *extra_callbacks]
     if config.trainer.patience:
         callbacks.append(EarlyStopping(monitor=checkpoint.monitor or "val_loss", mode=checkpoint.mode,
                                        patience=config.trainer.patience, stopping_threshold=config.trainer.stop_at))
