@@ -66,7 +66,9 @@ def train_child(manifest: Path, out: Path, pack: str) -> None:
 
 def run_child(manifest: Path, out: Path, pack: Path | str | None) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", str(manifest), str(out), str(pack or "")]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
