@@ -21,10 +21,11 @@ from mmfuse.config.schema import (
     TaskConfig,
     TextPrep,
     TrainerConfig,
+    VideoPrep,
 )
 
 __all__ = [
     "AudioPrep", "ComponentConfig", "DataConfig", "EncoderConfig", "ExperimentConfig", "FeaturesPrep",
     "FusionConfig", "ImagePrep", "ModalitySpec", "OptimConfig", "StrictModel", "SynthConfig", "TaskConfig",
-    "TextPrep", "TrainerConfig", "apply_override", "check_components", "load_config", "validate_config"
+    "TextPrep", "TrainerConfig", "VideoPrep", "apply_override", "check_components", "load_config", "validate_config"
 ]
