@@ -5,10 +5,10 @@ User errors (``MMFuseError``) print one red line and exit 1; ``--debug`` shows t
 
 import os
 
-from mmfuse.cli import bench, cache, data, export, retrieval, serve, train
+from mmfuse.cli import bench, cache, data, export, retrieval, serve, train, video
 from mmfuse.cli.app import app
 
-__all__ = ["app", "bench", "cache", "data", "export", "main", "retrieval", "serve", "train"]
+__all__ = ["app", "bench", "cache", "data", "export", "main", "retrieval", "serve", "train", "video"]
 
 
 def main() -> None:

@@ -5,7 +5,10 @@ pooled (B, D). The frames of the batch are folded into the image encoder's batch
 but only the real frames of present samples run: padding frames (``fps`` sampling of a short clip)
 and absent samples cost nothing and cannot move a BatchNorm statistic. The frame encoder is any
 registered image encoder (``image_cnn``, ``lenet``, ``hf_image``, ``timm_image``, a plugin) with its
-own options; each frame gives its ``pooled`` vector.
+own options. Each frame gives its ``pooled`` vector (``frame_features: pooled``), or all its tokens
+concatenated (``flatten``: a CNN's cells in order, then projected to ``dim``): pooled CNN features
+are blind to *where* things are in the frame (max or mean over cells), so motion such as "moves left"
+is only visible to the temporal model through ``flatten``.
 
 ``temporal: mean`` averages the frames (order-blind: a clip and its reverse look the same);
 ``temporal: transformer`` adds learned frame positions and a small Transformer over the frames, so
@@ -28,6 +31,7 @@ from mmfuse.core.registry import ENCODERS
 from mmfuse.encoders.base import Encoder, finish_features
 
 Temporal = Literal["mean", "transformer"]
+FrameFeatures = Literal["pooled", "flatten"]
 
 
 class VideoFrameEncoder(Encoder):
@@ -38,11 +42,16 @@ class VideoFrameEncoder(Encoder):
                       "selection that a graph export cannot follow; video models run in PyTorch only")
 
     def __init__(self, frame_encoder: Encoder, max_frames: int, temporal: Temporal, dim: int | None,
-                 layers: int, heads: int, dropout: float) -> None:
+                 layers: int, heads: int, dropout: float, frame_features: FrameFeatures = "pooled",
+                 frame_width: int = 0) -> None:
+        """``frame_width``: the width of one frame's features (the encoder's out_dim, or tokens x out_dim
+        for ``flatten``)."""
         super().__init__()
         self.frame_encoder = frame_encoder
-        self.out_dim = dim or frame_encoder.out_dim
-        self.proj: nn.Module = nn.Linear(frame_encoder.out_dim, dim) if dim else nn.Identity()
+        self.frame_features = frame_features
+        self.frame_width = frame_width or frame_encoder.out_dim
+        self.out_dim = dim or self.frame_width
+        self.proj: nn.Module = nn.Linear(self.frame_width, dim) if dim else nn.Identity()
         self.temporal = temporal
         self.transformer: nn.TransformerEncoder | None = None
         if temporal == "transformer":
@@ -64,11 +73,12 @@ class VideoFrameEncoder(Encoder):
         valid = frame_mask & present[:, None]
         flat = pixels.reshape(batch * steps, *pixels.shape[2:])
         rows = valid.reshape(-1).nonzero().flatten()
-        per_frame = flat.new_zeros(batch * steps, self.frame_encoder.out_dim)
+        per_frame = flat.new_zeros(batch * steps, self.frame_width)
         if rows.numel():
             ones = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
             frames = self.frame_encoder({"pixels": flat.index_select(0, rows)}, ones)
-            per_frame = per_frame.index_copy(0, rows, frames.pooled.to(per_frame.dtype))
+            values = frames.pooled if self.frame_features == "pooled" else frames.tokens.flatten(1)
+            per_frame = per_frame.index_copy(0, rows, values.to(per_frame.dtype))
         x = self.proj(per_frame.reshape(batch, steps, -1))
         if self.transformer is not None:
             if steps > self.position.shape[0]:
@@ -85,9 +95,10 @@ class VideoFrameEncoder(Encoder):
 @ENCODERS.register("video_frames")
 def video_frames(context: EncoderContext, frame_encoder: str = "image_cnn", frame_options: dict[str, Any] | None = None,
                  temporal: Temporal = "mean", dim: int | None = None, layers: int = 1, heads: int = 4,
-                 dropout: float = 0.1) -> Encoder:
+                 dropout: float = 0.1, frame_features: FrameFeatures = "pooled") -> Encoder:
     """``frame_encoder`` (an image encoder's registry name) with ``frame_options`` on each frame, then
-    ``temporal`` pooling; ``dim`` projects the frame features first (null: the frame encoder's width)."""
+    ``temporal`` pooling; ``dim`` projects the frame features first (null: the frame encoder's width;
+    required with ``frame_features: flatten``)."""
     if context.kind != "video":
         raise ConfigError(f"encoder 'video_frames' reads video but the modality is of kind '{context.kind}'")
     if frame_encoder == "video_frames":
@@ -100,10 +111,29 @@ def video_frames(context: EncoderContext, frame_encoder: str = "image_cnn", fram
     encoder = ENCODERS.create(frame_encoder, context=frame_context, **options)
     if not isinstance(encoder, Encoder) or encoder.kind != "image":
         raise ConfigError(f"video_frames: frame_encoder '{frame_encoder}' is not an image encoder")
-    width = dim or encoder.out_dim
+    if frame_features not in ("pooled", "flatten"):
+        raise ConfigError(f"video_frames: frame_features must be pooled or flatten, got '{frame_features}'")
+    frame_width = encoder.out_dim
+    if frame_features == "flatten":
+        if dim is None:
+            raise ConfigError("video_frames: frame_features flatten needs dim (the width its concatenated tokens "
+                              "are projected to)")
+        frame_width = _token_count(encoder, context) * encoder.out_dim
+    width = dim or frame_width
     if temporal == "transformer" and width % heads:
         raise ConfigError(f"video_frames: the temporal transformer's width ({width}) must be divisible by "
                           f"heads ({heads}); set dim or heads")
     if dim is not None and dim < 1:
         raise ConfigError(f"video_frames: dim must be >= 1, got {dim}")
-    return VideoFrameEncoder(encoder, max(1, context.max_length), temporal, dim, layers, heads, dropout)
+    return VideoFrameEncoder(encoder, max(1, context.max_length), temporal, dim, layers, heads, dropout,
+                             frame_features, frame_width)
+
+
+def _token_count(encoder: Encoder, context: EncoderContext) -> int:
+    """How many tokens the frame encoder gives per frame: one dry run on a blank frame (eval, no grad)."""
+    was_training = encoder.training
+    blank = torch.zeros(1, context.channels, context.image_size, context.image_size)
+    with torch.no_grad():
+        tokens = encoder.eval()({"pixels": blank}, torch.ones(1, dtype=torch.bool)).tokens
+    encoder.train(was_training)
+    return int(tokens.shape[1])
