@@ -45,6 +45,8 @@ def _av() -> Any:
 def _check_file(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"video file not found: {path}")
+    if path.stat().st_size == 0:  # an interrupted download or copy: say so, not "invalid data"
+        raise DataError(f"video file {path} is empty (0 bytes)")
     return str(path)
 
 

@@ -131,7 +131,8 @@ def write_video(path: Path, frames: NDArray[np.uint8], audio: NDArray[np.float32
     """Writes (T, H, W, 3) uint8 frames (+ a mono float soundtrack) as MPEG-4 video + PCM audio in MP4.
 
     Bit-exact muxing and one encoder thread: the bytes depend only on the inputs. Also what the tests
-    use to make videos without an audio track (``audio=None``) or without frames (``len(frames) == 0``).
+    use to make videos without an audio track (``audio=None``) or with no video stream (no frames:
+    the muxer leaves the empty stream out).
     """
     try:
         import av
