@@ -162,7 +162,8 @@ def test_broken_videos_follow_on_error(small_set: Path, tmp_path: Path) -> None:
         rows[i]["video"] = str(paths[name])
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    with pytest.raises(DataError, match=r"manifest\.jsonl row 4 \(id v00003\): cannot decode (the audio track of )?video .*corrupt\.mp4"):
+    first_bad = r"manifest\.jsonl row 4 \(id v00003\): cannot decode (the audio track of )?video .*corrupt\.mp4"
+    with pytest.raises(DataError, match=first_bad):
         prepare_data(video_config(manifest, tmp_path / "run", ("video", "audio")))
     skipping = prepare_data(video_config(manifest, tmp_path / "run", ("video", "audio"), on_error="skip"))
     report = skipping.datasets["train"].report
@@ -288,7 +289,7 @@ def test_feature_cache_stores_a_frozen_frame_encoder(frame: str, small_set: Path
     data = prepare_data(config)
     torch.manual_seed(0)
     model = MultimodalModel.from_config(config, data.preprocessor, data.task).eval()
-    first, stats = cache_datasets(model, data.datasets, tmp_path / "cache", device="cpu")
+    _, stats = cache_datasets(model, data.datasets, tmp_path / "cache", device="cpu")
     assert stats.computed == {"video": 24} and stats.hits == {"video": 0}
     again, stats = cache_datasets(model, data.datasets, tmp_path / "cache", device="cpu")
     assert stats.computed == {"video": 0} and stats.hits == {"video": 24}
@@ -356,15 +357,23 @@ def test_video_config_errors_name_the_key() -> None:
     base = {"data": {"train": "t.jsonl", "modalities": {"clip": {"kind": "video", "column": "video",
                                                                  "from_video": True}}},
             "encoders": {"clip": {"name": "video_frames"}}}
-    with pytest.raises(ConfigError, match="data.modalities.clip: from_video reads a video's audio track: it needs kind 'audio'"):
+    with pytest.raises(ConfigError, match=r"data\.modalities\.clip: from_video reads a video's audio track: it needs "
+                       r"kind 'audio'"):
         validate_config(base)
-    with pytest.raises(ConfigError, match="unknown key 'frame'.*did you mean 'frames'"):
-        validate_config({"data": {"train": "t.jsonl", "video": {"frame": 4}}, "encoders": {"video": {"name": "video_frames"}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'frame'.*did you mean 'frames'"):
+        validate_config({"data": {"train": "t.jsonl", "video": {"frame": 4}},
+                         "encoders": {"video": {"name": "video_frames"}}})
     config = validate_config({"data": {"train": "t.jsonl"}, "encoders": {"video": {"name": "video_frames"}}})
     assert config.data.modalities["video"].kind == "video" and config.data.modalities["video"].column == "video"
 
 
 # ---- training -----------------------------------------------------------------------------------------
+
+
+def fast_config(manifest: Path, out: Path, modalities: tuple[str, ...], fusion: str) -> ExperimentConfig:
+    """4 frames of 16 x 16 (enough to see the direction), 20 epochs at most, stopping at 95% val accuracy."""
+    config = video_config(manifest, out, modalities, fusion, video={"frames": 4, "size": 16})
+    return config.model_copy(update={"trainer": config.trainer.model_copy(update={"max_epochs": 20, "stop_at": 0.95})})
 
 
 def test_fused_video_audio_text_beats_the_ceiling_of_any_single_modality(train_set: Path, tmp_path: Path) -> None:
@@ -373,7 +382,7 @@ def test_fused_video_audio_text_beats_the_ceiling_of_any_single_modality(train_s
     get well past that (the slow test below trains every single modality too). The saved model reloads."""
     from mmfuse.engine.fit import fit
 
-    config = video_config(train_set, tmp_path / "fused")
+    config = fast_config(train_set, tmp_path / "fused", ("video", "audio", "text"), "concat")
     data = prepare_data(config)
     result = fit(config, data)
     assert result.test_metrics is not None
@@ -392,7 +401,7 @@ def test_fused_beats_each_single_modality(train_set: Path, tmp_path: Path) -> No
     for name, modalities, fusion in (("video", ("video",), "concat"), ("audio", ("audio",), "concat"),
                                      ("text", ("text",), "concat"), ("concat", ("video", "audio", "text"), "concat"),
                                      ("mult", ("video", "audio", "text"), "mult")):
-        config = video_config(train_set, tmp_path / name, modalities, fusion)
+        config = fast_config(train_set, tmp_path / name, modalities, fusion)
         result = fit(config, prepare_data(config))
         assert result.test_metrics is not None
         accuracy[name] = (result.val_metrics["accuracy"] + result.test_metrics["accuracy"]) / 2

@@ -39,7 +39,8 @@ class Batch:
     """A collated batch.
 
     inputs:  modality -> named input tensors (text: input_ids, attention_mask; image: pixels;
-             audio: mel, frame_mask; video: pixels (B, T, C, H, W), frame_mask (B, T)). Absent samples hold zeros and have present=False.
+             audio: mel, frame_mask; video: pixels (B, T, C, H, W), frame_mask (B, T)).
+             Absent samples hold zeros and have present=False.
     present: modality -> (B,) bool.
     target:  (B,) long for multi-class, (B, C) float for multi-label, (B, K) float for regression;
              None when predicting.
