@@ -20,7 +20,7 @@ from mmfuse.core.contracts import EncoderContext
 from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.core.registry import ENCODERS, FUSIONS
 from mmfuse.data.audio import CropTally, load_waveform, log_mel
-from mmfuse.data.dataset import CACHED_POOLED, Collator
+from mmfuse.data.dataset import CACHED_POOLED, Collator, MultimodalDataset
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.data.video import load_video, load_video_waveform
 from mmfuse.datasets.synth_video import generate_synthetic_video, write_video
@@ -103,6 +103,30 @@ def test_frames_are_sampled_uniformly_or_at_fps_and_resized_like_images(tmp_path
     # max_seconds decodes only the start: the first half of the clip, uniformly.
     half = load_video(path, VideoPrep(frames=2, size=8, max_seconds=0.5, **plain))
     assert torch.allclose(half.mean(dim=(1, 2, 3)) * 255, torch.tensor([32.0, 96.0]), atol=6.0)
+
+
+def test_fps_clips_shorter_than_frames_are_padded_and_masked(tmp_path: Path) -> None:
+    from mmfuse.data.dataset import Sample
+    from mmfuse.data.memory import ArrayDataset, from_dataset
+
+    write_video(tmp_path / "one.mp4", ramp(16), None, fps=16)  # 1 s: fps 4 gives 4 frames
+    write_video(tmp_path / "half.mp4", ramp(8), None, fps=16)  # 0.5 s: 2 frames
+    pre = Preprocessor({"clip": ModalitySpec(kind="video", column="video")}, TextPrep(), ImagePrep(), AudioPrep(),
+                       video=VideoPrep(frames=6, fps=4.0, size=8))
+    samples = [Sample(name, {"clip": pre.encode("clip", str(tmp_path / f"{name}.mp4"))}) for name in ("one", "half")]
+    samples.append(Sample("none", {"clip": None}))
+    batch = Collator(pre, None)(samples)
+    assert batch.inputs["clip"]["pixels"].shape == (3, 6, 3, 8, 8)
+    assert batch.inputs["clip"]["frame_mask"].sum(dim=1).tolist() == [4, 2, 0]
+    assert batch.present["clip"].tolist() == [True, True, False]
+    assert not batch.inputs["clip"]["pixels"][0, 4:].any() and not batch.inputs["clip"]["pixels"][2].any()
+    # The in-memory path trims the padding back off a sample.
+    dataset = MultimodalDataset([], pre, None)
+    dataset.samples = samples
+    arrays = from_dataset(dataset, Collator(pre, None))
+    assert isinstance(arrays, ArrayDataset)
+    assert arrays[1].inputs["clip"]["pixels"].shape == (2, 3, 8, 8)  # type: ignore[index]
+    assert torch.equal(arrays[1].inputs["clip"]["pixels"], samples[1].inputs["clip"]["pixels"])  # type: ignore[index]
 
 
 def test_the_audio_track_is_featurised_exactly_like_a_wav_file(tmp_path: Path) -> None:
