@@ -330,6 +330,37 @@ def test_feature_cache_stores_a_frozen_frame_encoder(frame: str, small_set: Path
         torch.testing.assert_close(model(hit_batch), model(raw_batch), atol=1e-5, rtol=1e-5)
 
 
+def test_hf_image_frame_encoder_takes_its_processor_caches_and_reloads(small_set: Path, tmp_path: Path,
+                                                                       one_thread: None) -> None:
+    """A (tiny, random) ViT per frame: data.video.processor sets size/mean/std, the frozen encoder is cached,
+    and a saved model rebuilds the ViT from its own folder (the frame encoder's assets)."""
+    transformers = pytest.importorskip("transformers")
+    vit = tmp_path / "vit"
+    torch.manual_seed(0)
+    transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32)).save_pretrained(str(vit))
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.4, 0.5, 0.6],
+                                   image_std=[0.2, 0.25, 0.3]).save_pretrained(str(vit))
+    raw = {"data": {"manifest": str(small_set), "modalities": {"video": SPECS["video"]}, "cache": True,
+                    "cache_dir": str(tmp_path / "cache"), "video": {"frames": 4, "processor": str(vit)}},
+           "encoders": {"video": {"name": "video_frames", "frame_encoder": "hf_image",
+                                  "frame_options": {"model": str(vit)}}},
+           "fusion": {"name": "concat", "out_dim": 8}, "trainer": {"output_dir": str(tmp_path / "run")}}
+    config = validate_config(raw)
+    data = prepare_data(config)
+    assert data.preprocessor.video.size == 16 and data.preprocessor.video.mean == pytest.approx((0.4, 0.5, 0.6))
+    model = MultimodalModel.from_config(config, data.preprocessor, data.task).eval()
+    _, stats = cache_datasets(model, data.datasets, tmp_path / "cache", device="cpu")
+    assert stats.computed == {"video": 24}
+    model.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "encoders" / "video" / "config.json").is_file()
+    reloaded = MultimodalModel.from_pretrained(tmp_path / "model")
+    assert reloaded.preprocessor.video == data.preprocessor.video
+    batch = Collator(reloaded.preprocessor, reloaded.task)(data.datasets["train"].samples[:4])
+    with torch.no_grad():
+        assert torch.equal(model(batch), reloaded(batch))
+
+
 def test_in_memory_and_pack_paths_hold_the_same_video_tensors(small_set: Path, tmp_path: Path) -> None:
     from mmfuse.data.memory import ArrayDataset
     from mmfuse.engine.pack import pack_data
