@@ -377,6 +377,11 @@ def test_in_memory_and_pack_paths_hold_the_same_video_tensors(small_set: Path, t
     pytest.importorskip("webdataset")
     pack_data(plain, tmp_path / "pack", workers=1, shard_size=8)
     packed = prepare_data(plain.model_copy(update={"data": plain.data.model_copy(update={"pack": tmp_path / "pack"})}))
+    # data.video is part of the pack's fingerprint: other frame settings do not read this pack.
+    two_frames = plain.data.model_copy(update={"pack": tmp_path / "pack", "video": VideoPrep(frames=2, size=16)})
+    with pytest.raises(DataError, match=r"does not match the config: data\.video: .*'frames': 4.* in the pack, "
+                                        r".*'frames': 2"):
+        prepare_data(plain.model_copy(update={"data": two_frames}))
     for other in (arrays, packed.datasets["train"]):
         for i in (0, 7, len(other) - 1):
             ours, theirs = other[i], reference.datasets["train"][i]
