@@ -23,7 +23,7 @@ def test_each_method_gets_its_options_over_its_defaults_or_the_configs() -> None
     options = parse_method_options({"lmf": {"rank": "3"}, "concat": {"dropout": 0.2}, "mult": {"out_dim": 12}})
     assert options["lmf"] == {"rank": 3}  # coerced to the factory's type
     plan = {label: cfg for label, _, cfg in planned_runs(config, ["concat", "lmf", "mult", "late"], [0.0], False,
-                                                         options)}
+                                                         method_options=options)}
     assert plan["lmf"].fusion.options == {"rank": 3} and plan["lmf"].fusion.out_dim == config.fusion.out_dim
     assert plan["concat"].fusion.options == {**config.fusion.options, "dropout": 0.2}
     assert plan["concat"].fusion.options["hidden"] == 24

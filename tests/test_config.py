@@ -353,7 +353,7 @@ def test_custom_modality_names() -> None:
     assert config.data.modalities["title"].kind == "text" and config.data.modalities["title"].column == "headline"
     assert config.data.modalities["speech"].kind == "audio"
     # A bad modality kind names the key.
-    data["data"]["modalities"]["title"]["kind"] = "video"
+    data["data"]["modalities"]["title"]["kind"] = "hologram"
     assert "data.modalities.title.kind" in error_of(data)
 
 

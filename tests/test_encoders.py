@@ -18,12 +18,14 @@ from mmfuse.encoders.pretrained import PRETRAINED_ENCODERS
 NAMES = [n for n in ENCODERS.names() if n not in PRETRAINED_ENCODERS]  # see tests/test_pretrained.py
 VOCAB, MAX_LEN, CHANNELS, SIZE, N_MELS, MAX_FRAMES = 40, 16, 3, 16, 16, 40
 FEATURE_DIM, FEATURE_STEPS = 11, 12
+VIDEO_FRAMES = 4
 
 CONTEXTS = {
     "text": EncoderContext(kind="text", vocab_size=VOCAB, max_length=MAX_LEN),
     "image": EncoderContext(kind="image", channels=CHANNELS, image_size=SIZE),
     "audio": EncoderContext(kind="audio", n_mels=N_MELS, max_frames=MAX_FRAMES),
     "features": EncoderContext(kind="features", feature_dim=FEATURE_DIM, max_length=FEATURE_STEPS),
+    "video": EncoderContext(kind="video", channels=CHANNELS, image_size=SIZE, max_length=VIDEO_FRAMES),
 }
 PRESENT = torch.tensor([True, True, False, True, True])
 
@@ -107,6 +109,13 @@ def inputs_for(kind: str, present: Tensor = PRESENT, seed: int = 0) -> dict[str,
     if kind == "features":
         return feature_inputs([0 if not p else 1 + (5 * i) % FEATURE_STEPS for i, p in enumerate(present.tolist())],
                               seed=seed)
+    if kind == "video":  # clips of 1..VIDEO_FRAMES frames, padded frames and absent rows zero and masked
+        gen = torch.Generator().manual_seed(seed)
+        pixels = torch.randn(batch, VIDEO_FRAMES, CHANNELS, SIZE, SIZE, generator=gen)
+        mask = torch.zeros(batch, VIDEO_FRAMES, dtype=torch.bool)
+        for i, p in enumerate(present.tolist()):
+            mask[i, : 0 if not p else 1 + (3 * i) % VIDEO_FRAMES] = True
+        return {"pixels": pixels * mask[:, :, None, None, None], "frame_mask": mask}
     frames = [0 if not p else 17 + (7 * i) % 23 for i, p in enumerate(present.tolist())]
     return audio_inputs(frames, seed=seed)
 

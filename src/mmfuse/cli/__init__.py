@@ -5,11 +5,11 @@ User errors (``MMFuseError``) print one red line and exit 1; ``--debug`` shows t
 
 import os
 
-from mmfuse.cli import bench, cache, data, data_import, data_xor, export, retrieval, serve, train, tune
+from mmfuse.cli import bench, cache, data, data_import, data_xor, export, retrieval, serve, train, tune, video
 from mmfuse.cli.app import app
 
 __all__ = ["app", "bench", "cache", "data", "data_import", "data_xor", "export", "main", "retrieval", "serve", "train",
-           "tune"]
+           "tune", "video"]
 
 
 def main() -> None:

@@ -25,11 +25,12 @@ from mmfuse.config.schema import (
     TextAugment,
     TextPrep,
     TrainerConfig,
+    VideoPrep,
 )
 
 __all__ = [
     "AudioAugment", "AudioPrep", "AugmentConfig", "ComponentConfig", "DataConfig", "EncoderConfig",
     "ExperimentConfig", "FeaturesPrep", "FusionConfig", "ImageAugment", "ImagePrep", "ModalitySpec", "OptimConfig",
-    "StrictModel", "SynthConfig", "TaskConfig", "TextAugment", "TextPrep", "TrainerConfig", "apply_override",
-    "check_components", "load_config", "validate_config"
+    "StrictModel", "SynthConfig", "TaskConfig", "TextAugment", "TextPrep", "TrainerConfig", "VideoPrep",
+    "apply_override", "check_components", "load_config", "validate_config"
 ]

@@ -11,11 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from mmfuse.core.errors import did_you_mean
 
-ModalityKind = Literal["text", "image", "audio", "features"]
+ModalityKind = Literal["text", "image", "audio", "features", "video"]
 
 
 class StrictModel(BaseModel):
@@ -107,6 +115,21 @@ class AudioPrep(StrictModel):
         return int(self.max_seconds * self.sample_rate) // self.hop_length + 1
 
 
+class VideoPrep(ImagePrep):
+    """Frames of a video file (decoded with PyAV), each framed and normalised like an image (``ImagePrep``).
+
+    ``fps: null`` (the default) takes ``frames`` frames spread uniformly over the clip (repeating
+    frames of a clip that has fewer); ``fps: F`` takes one frame every 1/F s from the start, at
+    most ``frames`` of them (a shorter clip gives fewer: the batch pads them and masks them out).
+    Only the first ``max_seconds`` are decoded (null: the whole clip, which costs memory on long
+    videos).
+    """
+
+    frames: int = Field(8, gt=0, description="frames per clip (uniform), or at most this many (fps)")
+    fps: float | None = Field(None, gt=0, description="sample at this rate from the start; null = uniform")
+    max_seconds: float | None = Field(10.0, gt=0, description="decode only the first max_seconds; null = all")
+
+
 class FeaturesPrep(StrictModel):
     """Pre-extracted feature arrays (T, D) or (D,); D is learned from the training split per modality."""
 
@@ -166,8 +189,30 @@ class AugmentConfig(StrictModel):
 
 
 class ModalitySpec(StrictModel):
+    """A modality: its kind and the manifest column holding it.
+
+    ``from_video: true`` (audio only) reads the audio track of the video file the column names,
+    so one ``video`` column can feed both a video and an audio modality.
+    """
+
     kind: ModalityKind
     column: str
+    from_video: bool = False
+
+    @model_validator(mode="after")
+    def _from_video_is_audio(self) -> ModalitySpec:
+        if self.from_video and self.kind != "audio":
+            raise ValueError(f"from_video reads a video's audio track: it needs kind 'audio', not '{self.kind}'")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_from_video_default(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leaves ``from_video: false`` out, so configs, saved models and cache keys of runs without
+        video dump exactly as before the field existed."""
+        data: dict[str, Any] = handler(self)
+        if not self.from_video:
+            data.pop("from_video", None)
+        return data
 
 
 class SynthConfig(StrictModel):
@@ -193,6 +238,7 @@ class DataConfig(StrictModel):
     image: ImagePrep = Field(default_factory=ImagePrep)
     audio: AudioPrep = Field(default_factory=AudioPrep)
     features: FeaturesPrep = Field(default_factory=FeaturesPrep)
+    video: VideoPrep = Field(default_factory=VideoPrep)
     on_error: Literal["raise", "skip"] = "raise"
     allow_overlap: bool = Field(False, description="let an id appear in more than one of train/val/test "
                                 "(a warning instead of an error)")
@@ -387,7 +433,7 @@ class ExperimentConfig(StrictModel):
             raise ValueError("'encoders' must name at least one modality")
         for modality in self.encoders:
             if modality not in self.data.modalities:
-                if modality not in ("text", "image", "audio"):
+                if modality not in ("text", "image", "audio", "video"):
                     raise ValueError(
                         f"modality '{modality}' needs an entry in data.modalities (kind and column)"
                     )

@@ -39,7 +39,8 @@ class Batch:
     """A collated batch.
 
     inputs:  modality -> named input tensors (text: input_ids, attention_mask; image: pixels;
-             audio: mel, frame_mask). Absent samples hold zeros and have present=False.
+             audio: mel, frame_mask; video: pixels (B, T, C, H, W), frame_mask (B, T)).
+             Absent samples hold zeros and have present=False.
     present: modality -> (B,) bool.
     target:  (B,) long for multi-class, (B, C) float for multi-label, (B, K) float for regression;
              None when predicting.
@@ -70,6 +71,7 @@ class EncoderContext:
     kind: str
     vocab_size: int = 0
     max_length: int = 0
+    """Tokens (text), steps (features) or frames per clip (video)."""
     channels: int = 0
     image_size: int = 0
     n_mels: int = 0

@@ -87,6 +87,14 @@ def decode_waveform_bytes(data: bytes, label: str, prep: AudioPrep, max_seconds:
     return _finish(samples, sr, total, label, prep, None)
 
 
+def waveform_from_samples(samples: np.ndarray, sr: int, total: int, label: str, prep: AudioPrep,
+                          crops: CropTally | None = None) -> np.ndarray:
+    """``load_waveform`` of samples decoded elsewhere (a video's audio track, ``mmfuse.data.video``):
+    (frames, channels) float32 at ``sr`` Hz, ``total`` frames in the whole clip -> the mono waveform
+    at ``prep.sample_rate``, cropped, with the same checks, resampling and crop count."""
+    return _finish(samples, sr, total, label, prep, crops)
+
+
 def _finish(samples: np.ndarray, sr: int, total: int, label: str, prep: AudioPrep,
             crops: CropTally | None) -> np.ndarray:
     """(frames, channels) as read -> the mono waveform at ``prep.sample_rate``, cropped."""

@@ -142,7 +142,22 @@ class Collator:
             return {"pixels": torch.stack([blank if v is None else v["pixels"] for v in values])}
         if kind == "features":
             return self._collate_features(values, self.preprocessor.feature_dims.get(modality, 0))
+        if kind == "video":
+            return self._collate_video(values)
         return self._collate_audio(values)
+
+    def _collate_video(self, values: list[ModalityInputs | None]) -> dict[str, Tensor]:
+        """pixels (B, frames, C, H, W) and frame_mask (B, frames): clips with fewer frames (``fps``
+        sampling of a short clip) are zero-padded and masked; absent rows are zeros, all masked."""
+        prep = self.preprocessor.video
+        clips = [torch.zeros(0, prep.channels, prep.size, prep.size) if v is None else v["pixels"] for v in values]
+        frames = max(prep.frames, *(len(c) for c in clips))
+        out = torch.zeros(len(clips), frames, prep.channels, prep.size, prep.size)
+        mask = torch.zeros(len(clips), frames, dtype=torch.bool)
+        for i, clip in enumerate(clips):
+            out[i, : len(clip)] = clip
+            mask[i, : len(clip)] = True
+        return {"pixels": out, "frame_mask": mask}
 
     @staticmethod
     def _collate_cached(values: list[ModalityInputs | None]) -> dict[str, Tensor]:

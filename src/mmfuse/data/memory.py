@@ -122,6 +122,9 @@ def _trim(row: dict[str, Tensor]) -> dict[str, Tensor]:
     if "values" in row and "mask" in row:
         n = int(row["mask"].sum())
         return {"values": row["values"][:n]}
+    if "pixels" in row and "frame_mask" in row:  # video frames (B, T, C, H, W)
+        n = int(row["frame_mask"].sum())
+        return {"pixels": row["pixels"][:n]}
     return row
 
 
@@ -178,7 +181,7 @@ def from_dataset(dataset: MultimodalDataset, collator: Collator) -> ArrayDataset
     return ArrayDataset(inputs, present, target, ids, dataset.report)
 
 
-DECODING_LIBRARIES = ("numpy", "torch", "Pillow", "soundfile", "scipy", "transformers", "tokenizers")
+DECODING_LIBRARIES = ("numpy", "torch", "Pillow", "soundfile", "scipy", "transformers", "tokenizers", "av")
 """Distributions whose code turns files into the cached tensors (decoders, mel filters, tokenizers)."""
 
 

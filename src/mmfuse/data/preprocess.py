@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mmfuse.config import AudioPrep, FeaturesPrep, ImagePrep, ModalitySpec, TextPrep
+from mmfuse.config import AudioPrep, FeaturesPrep, ImagePrep, ModalitySpec, TextPrep, VideoPrep
 from mmfuse.core.contracts import EncoderContext
 from mmfuse.core.errors import DataError
 from mmfuse.data.array_rows import is_array_reference, load_image_array, load_spectrogram_array, spectrogram_tensor
@@ -25,10 +25,12 @@ from mmfuse.data.image import decode_image, image_to_tensor
 from mmfuse.data.manifest import Record
 from mmfuse.data.pretrained_prep import PretrainedTokenizer, image_prep_from_processor
 from mmfuse.data.text import Tokenizer
+from mmfuse.data.video import decode_video, frames_to_tensor, load_video_waveform
 
 ModalityInputs = dict[str, Tensor]
-RawInput = str | Image.Image | np.ndarray
-"""A decoded field: text, a PIL image, a mono waveform or a feature array (see ``Preprocessor.decode``)."""
+RawInput = str | Image.Image | np.ndarray | list[Image.Image]
+"""A decoded field: text, a PIL image, a mono waveform, a feature array or a video's frames
+(see ``Preprocessor.decode``)."""
 AnyTokenizer = Tokenizer | PretrainedTokenizer
 TOKENIZER_DIR = "tokenizers"
 """Sub-folder of a saved model that holds one pretrained tokenizer folder per text modality."""
@@ -44,10 +46,12 @@ class Preprocessor:
         tokenizers: dict[str, AnyTokenizer] | None = None,
         features: FeaturesPrep | None = None,
         feature_dims: dict[str, int] | None = None,
+        video: VideoPrep | None = None,
     ) -> None:
         self.modalities = {m: modalities[m] for m in sorted(modalities)}
         self.text, self.image, self.audio = text, image, audio
         self.features = features or FeaturesPrep()
+        self.video = video or VideoPrep()
         self.tokenizers = dict(tokenizers or {})
         self.feature_dims = dict(feature_dims or {})
         self.crops = CropTally()
@@ -65,6 +69,8 @@ class Preprocessor:
         # A pretrained image processor's size/mean/std become the image settings the model records.
         if any(spec.kind == "image" for spec in self.modalities.values()):
             self.image = image_prep_from_processor(self.image)
+        if any(spec.kind == "video" for spec in self.modalities.values()):
+            self.video = image_prep_from_processor(self.video)  # type: ignore[assignment]  # a VideoPrep copy
         for modality, spec in self.modalities.items():
             if spec.kind == "text" and self.text.tokenizer:
                 self.tokenizers[modality] = PretrainedTokenizer.load(self.text.tokenizer, self.text.max_length)
@@ -98,7 +104,8 @@ class Preprocessor:
         """The first half of ``encode``: the raw input in memory, before features are computed.
 
         text -> the string itself; image -> the upright RGB/L ``PIL.Image`` at its own size;
-        audio -> the mono float32 waveform at ``audio.sample_rate``, cropped to ``max_seconds``;
+        audio -> the mono float32 waveform at ``audio.sample_rate``, cropped to ``max_seconds`` (of the
+        video file's audio track with ``from_video``); video -> the chosen frames as PIL images;
         features -> the float32 array of shape (T, D) or (D,) (see ``mmfuse.data.arrays``).
         Robustness tests corrupt this raw input and finish with ``encode_decoded``, so a file is
         read once however many corruptions are tried.
@@ -116,9 +123,13 @@ class Preprocessor:
                 if spectrogram.shape[1] > self.audio.max_frames:  # cropped by ``spectrogram_tensor``
                     self.crops.add((spectrogram.shape[1] - 1) * self.audio.hop_length / self.audio.sample_rate)
                 return spectrogram
+            if self.modalities[modality].from_video:
+                return load_video_waveform(Path(value), self.audio, self.crops)
             return load_waveform(Path(value), self.audio, self.crops)
         if kind == "features":
             return load_array(value)
+        if kind == "video":
+            return decode_video(Path(value), self.video)
         raise DataError(f"unknown modality kind '{kind}'")
 
     def encode_decoded(self, modality: str, raw: RawInput) -> ModalityInputs | None:
@@ -139,6 +150,9 @@ class Preprocessor:
         if kind == "features":
             assert isinstance(raw, np.ndarray), f"features modality '{modality}' expects an array"
             return {"values": self._feature_values(modality, raw)}
+        if kind == "video":
+            assert isinstance(raw, list), f"video modality '{modality}' expects a list of frames"
+            return {"pixels": frames_to_tensor(raw, self.video)}
         raise DataError(f"unknown modality kind '{kind}'")
 
     def _feature_values(self, modality: str, array: np.ndarray) -> torch.Tensor:
@@ -206,6 +220,11 @@ class Preprocessor:
                 raise DataError(f"the features modality '{modality}' has no fitted feature width")
             return EncoderContext(kind=kind, feature_dim=self.feature_dims[modality],
                                   max_length=self.features.max_length)
+        if kind == "video":
+            return EncoderContext(kind=kind, channels=self.video.channels, image_size=self.video.size,
+                                  image_mean=_per_channel(self.video.mean, self.video.channels),
+                                  image_std=_per_channel(self.video.std, self.video.channels),
+                                  max_length=self.video.frames)
         return EncoderContext(kind=kind, n_mels=self.audio.n_mels, max_frames=self.audio.max_frames,
                               audio_features=self.audio.features, sample_rate=self.audio.sample_rate,
                               n_fft=self.audio.n_fft, hop_length=self.audio.hop_length)
@@ -225,7 +244,14 @@ class Preprocessor:
             "features": self.features.model_dump(),
             "tokenizers": {m: t.to_dict() for m, t in self.tokenizers.items()},
             "feature_dims": dict(self.feature_dims),
+            # Only with a video modality: the state (and the cache keys made from it) of other runs
+            # stays as it was before video existed.
+            **({"video": self.video.model_dump()} if self._has_video else {}),
         }
+
+    @property
+    def _has_video(self) -> bool:
+        return any(spec.kind == "video" for spec in self.modalities.values())
 
     @classmethod
     def from_state(cls, state: dict[str, Any], folder: Path | None = None) -> Preprocessor:
@@ -239,6 +265,7 @@ class Preprocessor:
             # Absent from models saved before the features modality existed.
             features=FeaturesPrep(**state.get("features", {})),
             feature_dims={m: int(d) for m, d in state.get("feature_dims", {}).items()},
+            video=VideoPrep(**state.get("video", {})),
         )
 
 

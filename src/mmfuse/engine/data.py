@@ -137,7 +137,7 @@ def _augmented(config: ExperimentConfig, data: PreparedData) -> PreparedData:
 def new_preprocessor(config: ExperimentConfig) -> Preprocessor:
     """The config's preprocessing, not fitted yet."""
     return Preprocessor(config.data.modalities, config.data.text, config.data.image, config.data.audio,
-                        features=config.data.features)
+                        features=config.data.features, video=config.data.video)
 
 
 def fit_preprocessing(config: ExperimentConfig, splits: dict[str, list[Record]]) -> tuple[Preprocessor, Task]:

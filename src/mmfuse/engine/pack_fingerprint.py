@@ -59,13 +59,18 @@ def input_files(records: list[Record], preprocessor: Preprocessor, known: list[F
     return out
 
 
+def _video_fields(config: ExperimentConfig) -> set[str]:
+    """``data.video`` shapes the tensors only when a modality is a video (other packs keep their fingerprint)."""
+    return {"video"} if any(spec.kind == "video" for spec in config.data.modalities.values()) else set()
+
+
 def fingerprint(config: ExperimentConfig, splits: dict[str, list[Record]], preprocessor: Preprocessor,
                 known: list[FileEntry] | None = None) -> tuple[dict[str, Any], list[FileEntry]]:
     """The pack's fingerprint for this config and records, and the input files it covers."""
     files = input_files([r for records in splits.values() for r in records], preprocessor, known)
     return {
         "format": FORMAT,
-        "preprocessing": config.data.model_dump(mode="json", include=PREPROCESSING_FIELDS),
+        "preprocessing": config.data.model_dump(mode="json", include=PREPROCESSING_FIELDS | _video_fields(config)),
         "task": {"name": config.task.name, "options": config.task.options},
         "records": {name: _sha([[r.id, r.fields, r.target] for r in records]) for name, records in splits.items()},
         "files": _sha([entry[:2] for entry in files]),

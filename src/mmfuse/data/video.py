@@ -1,0 +1,153 @@
+"""Video decoding with PyAV: a file -> (T, C, size, size) float32 frames, and its audio track -> a waveform.
+
+Why PyAV: its wheels bundle FFmpeg, so ``pip install 'mmfuse[video]'`` decodes MP4/H.264, WebM,
+MKV, AVI, ... with no system library (torchcodec needs a system FFmpeg of a matching version;
+torchvision's video reader is deprecated and being removed).
+
+Frames are chosen from the timestamps of the decoded frames (``VideoPrep``): ``frames`` frames at
+the middles of equal segments of the clip (uniform, the default), or one every 1/fps seconds from
+the start (``fps``). Each chosen frame is then framed and normalised exactly like an image
+(``mmfuse.data.image.image_to_tensor``). The audio track is decoded to float samples at the file's
+rate and finished by ``mmfuse.data.audio.waveform_from_samples`` (mono, resampled, cropped), so an
+``audio`` modality read from a video (``from_video: true``) gets the same features as one read
+from a WAV file. A file that cannot be decoded, that has no frames, or (when its audio is asked
+for) no audio track raises ``DataError`` naming the file, so ``data.on_error`` can skip it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmfuse.config import AudioPrep, VideoPrep
+from mmfuse.core.errors import ConfigError, DataError
+from mmfuse.data.audio import CropTally, waveform_from_samples
+from mmfuse.data.image import image_to_tensor
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ogv", ".flv", ".3gp")
+"""File types a video column usually holds (documentation and examples; PyAV reads whatever FFmpeg reads)."""
+
+
+def _av() -> Any:
+    """The PyAV module, or a ConfigError saying how to install it (it is an optional extra)."""
+    try:
+        import av
+    except ImportError:
+        raise ConfigError("video modalities need PyAV: pip install 'mmfuse[video]'") from None
+    return av
+
+
+def _check_file(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"video file not found: {path}")
+    if path.stat().st_size == 0:  # an interrupted download or copy: say so, not "invalid data"
+        raise DataError(f"video file {path} is empty (0 bytes)")
+    return str(path)
+
+
+def _reason(exc: BaseException) -> str:
+    """FFmpeg's message without the path it repeats, on one line."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    return " ".join(str(text).split()) or type(exc).__name__
+
+
+def decode_video(path: Path, prep: VideoPrep) -> list[Image.Image]:
+    """The chosen frames of ``path`` as RGB images at their own resolution (see ``select_frames``)."""
+    av = _av()
+    label = _check_file(Path(path))
+    try:
+        with av.open(label) as container:
+            if not container.streams.video:
+                raise DataError(f"video file {label} has no video stream")
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 25)
+            frames: list[Any] = []
+            times: list[float] = []
+            start: float | None = None
+            for index, frame in enumerate(container.decode(stream)):
+                t = float(frame.time) if frame.time is not None else index / rate
+                start = t if start is None else start
+                if prep.max_seconds is not None and t - start >= prep.max_seconds:
+                    break
+                frames.append(frame)
+                times.append(t - start)
+            if not frames:
+                raise DataError(f"video file {label} has no frames")
+            return [frames[i].to_image() for i in select_frames(times, rate, prep)]
+    except av.FFmpegError as exc:
+        raise DataError(f"cannot decode video {label}: {_reason(exc)}") from None
+
+
+def select_frames(times: list[float], rate: float, prep: VideoPrep) -> list[int]:
+    """Indices of the frames to keep, given every decoded frame's time (s from the first frame).
+
+    Uniform (``fps`` null): the frame at the middle of each of ``frames`` equal segments, so a clip
+    with fewer frames repeats some and every clip gives exactly ``frames``. ``fps``: the last frame
+    shown at each time k / fps (k = 0, 1, ...) that lies within the clip, at most ``frames``.
+    """
+    n = len(times)
+    if prep.fps is None:
+        return [min(n - 1, math.floor((k + 0.5) * n / prep.frames)) for k in range(prep.frames)]
+    duration = times[-1] + 1.0 / rate
+    sorted_times = np.asarray(times)
+    picks = []
+    for k in range(prep.frames):
+        t = k / prep.fps
+        if t >= duration:
+            break
+        picks.append(max(0, int(np.searchsorted(sorted_times, t + 1e-6, side="right")) - 1))
+    return picks
+
+
+def frames_to_tensor(frames: list[Image.Image], prep: VideoPrep) -> torch.Tensor:
+    """(T, C, size, size) float32: each frame resized, cropped and normalised as ``data.image`` would."""
+    return torch.stack([image_to_tensor(frame, prep) for frame in frames])
+
+
+def load_video(path: Path, prep: VideoPrep) -> torch.Tensor:
+    """Decodes ``path`` into (T, C, size, size) float32 frames (T = prep.frames, or fewer with fps)."""
+    return frames_to_tensor(decode_video(path, prep), prep)
+
+
+def load_video_waveform(path: Path, prep: AudioPrep, crops: CropTally | None = None) -> np.ndarray:
+    """The audio track of ``path`` as ``load_waveform`` gives a WAV: mono float32 at ``prep.sample_rate``,
+    cropped to ``max_seconds`` (only that much, plus a little context for resampling, is decoded).
+
+    Samples before time 0 (an AAC encoder's priming, when the file says so) are dropped.
+    """
+    av = _av()
+    label = _check_file(Path(path))
+    try:
+        with av.open(label) as container:
+            if not container.streams.audio:
+                raise DataError(f"video file {label} has no audio track")
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="fltp")  # float planar, the file's own rate and layout
+            chunks: list[np.ndarray] = []
+            kept, sr, limit = 0, 0, 0
+            for frame in container.decode(stream):
+                if not sr:
+                    sr = int(frame.sample_rate)
+                    limit = math.ceil(prep.max_seconds * sr) + sr // 50 + 1
+                skip = round(-float(frame.time) * sr) if frame.time is not None and frame.time < 0 else 0
+                for out in resampler.resample(frame):
+                    array = out.to_ndarray()[:, skip:]
+                    skip = max(0, skip - out.samples)
+                    chunks.append(array[:, : limit - kept])
+                    kept += chunks[-1].shape[1]
+                if kept >= limit:
+                    break
+            total = kept
+            if stream.duration is not None and stream.time_base is not None and sr:
+                total = max(kept, int(float(stream.duration * stream.time_base) * sr))
+    except av.FFmpegError as exc:
+        raise DataError(f"cannot decode the audio track of video {label}: {_reason(exc)}") from None
+    if not chunks or not sr:
+        raise DataError(f"video file {label} has an audio track with no samples")
+    samples = np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False)  # (frames, channels)
+    return waveform_from_samples(samples, sr, total, f"{label} (audio track)", prep, crops)
