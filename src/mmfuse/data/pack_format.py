@@ -103,16 +103,73 @@ def _spans(path: Path) -> list[tuple[int, int]]:
 
 def decode_sample(data: bytes, where: str) -> Sample:
     """The bytes of one sample's span -> ``Sample``; arrays are read with ``allow_pickle=False``."""
-    members: dict[str, bytes] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                extracted = tar.extractfile(info)
-                assert extracted is not None
-                members[info.name.split(".", 1)[1]] = extracted.read()
-    except (tarfile.TarError, IndexError, EOFError) as exc:
+        members = {name.split(".", 1)[1]: body for name, body in span_members(data)}
+    except (ValueError, IndexError) as exc:
         raise DataError(f"{where}: corrupt sample in the pack ({type(exc).__name__}: {exc})") from None
     return sample_from_members(members, where)
+
+
+def span_members(data: bytes) -> list[tuple[str, bytes]]:
+    """(name, content) of the regular files in a run of tar blocks: one sample's span of a shard.
+
+    Why not ``tarfile``: opening a ``TarFile`` per sample and its generic member handling took 60% of
+    the time of reading a pack (measured: 1.3 s of 2.1 s for 1,600 samples); a span holds a handful
+    of members that our own writer made (POSIX ustar headers, each with a PAX header carrying the
+    path), so this reads exactly that format: header checksums verified, PAX ``path`` records and
+    GNU long names honoured, anything else refused (ValueError).
+    """
+    members: list[tuple[str, bytes]] = []
+    offset, long_name = 0, None
+    while offset + _BLOCK <= len(data):
+        header = data[offset:offset + _BLOCK]
+        if header == _ZERO_BLOCK:
+            break
+        checksum = int(header[148:156].strip(b"\0 ") or b"0", 8)
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field counts as spaces
+            raise ValueError(f"bad tar header checksum at byte {offset}")
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        kind = header[156:157]
+        body = data[offset + _BLOCK:offset + _BLOCK + size]
+        if len(body) != size:
+            raise ValueError(f"member at byte {offset} runs past the end of the sample")
+        offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
+        if kind == b"x":  # PAX extended header: applies to the next member
+            long_name = _pax_path(body) or long_name
+        elif kind == b"L":  # GNU long name
+            long_name = body.rstrip(b"\0").decode()
+        elif kind in (b"0", b"\0"):
+            name = long_name or _ustar_name(header)
+            members.append((name, body))
+            long_name = None
+        elif kind != b"g":
+            raise ValueError(f"unexpected tar member type {kind!r} at byte {offset}")
+    if offset < len(data) and data[offset:] != bytes(len(data) - offset):
+        raise ValueError(f"{len(data) - offset} bytes after the last whole member: the sample is cut short")
+    return members
+
+
+_BLOCK = tarfile.BLOCKSIZE
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[0:100].split(b"\0", 1)[0].decode()
+    prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _pax_path(body: bytes) -> str | None:
+    """The ``path`` record of a PAX header ("<length> path=<value>\\n" records)."""
+    position = 0
+    while position < len(body):
+        space = body.index(b" ", position)
+        length = int(body[position:space])
+        key, _, value = body[space + 1:position + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode()
+        position += length
+    return None
 
 
 def sample_from_members(members: dict[str, Any], where: str) -> Sample:
@@ -129,4 +186,36 @@ def sample_from_members(members: dict[str, Any], where: str) -> Sample:
 
 
 def _load(data: bytes) -> torch.Tensor:
-    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+    """One ``.npy`` member -> a tensor, its header parsed once per distinct header.
+
+    ``np.load`` parses every header with ``ast.literal_eval`` (40% of reading a pack's arrays); the
+    members of one modality share one header, so the parsed (dtype, shape, order) are cached by the
+    header's bytes. Object dtypes are refused as ``np.load(allow_pickle=False)`` refuses them.
+    """
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not a .npy array")
+    width = 2 if data[6] == 1 else 4
+    start = 8 + width + int.from_bytes(data[8:8 + width], "little")
+    header = data[:start]
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        stream = io.BytesIO(header)
+        version = np.lib.format.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):  # 3.0 (utf-8 field names): never written by a pack
+            return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran_order, dtype = read_header(stream)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed in a pack (they would need pickle)")
+        if len(_NPY_HEADERS) >= 256:
+            _NPY_HEADERS.clear()
+        parsed = _NPY_HEADERS[header] = (shape, fortran_order, dtype)
+    shape, fortran_order, dtype = parsed
+    count = int(np.prod(shape, dtype=np.int64))
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=start)
+    array = array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
+    return torch.from_numpy(array.copy())  # a writable copy: the bytes are read-only
+
+
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}

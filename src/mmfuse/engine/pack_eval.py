@@ -53,7 +53,10 @@ def pack_split_for_model(model: MultimodalModel, location: str | Path, split: st
     if differs:
         raise DataError(f"the pack {where} was preprocessed differently from the model (its {', '.join(differs)} "
                         "differ): pack the data with the model's training config")
-    if _plain(state["task"]) != _plain(model.task.state()):
+    # The keys the pack's targets were encoded with; a trained model's task also holds state fitted
+    # after training (calibration temperatures) that the data does not depend on.
+    model_task, pack_task = _plain(model.task.state()), _plain(state["task"])
+    if not isinstance(pack_task, dict) or any(model_task.get(k) != v for k, v in pack_task.items()):
         raise DataError(f"the pack {where} has other labels or targets than the model's task")
     if remote:
         report = SkipReport()
