@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 200000])
     parser.add_argument("--eager", type=int, nargs="*", default=[20000, 50000])
     parser.add_argument("--in-memory", type=int, nargs="*", default=[20000])
+    parser.add_argument("--pack-workers", type=int, nargs="+", default=[0],
+                        help="DataLoader workers of the runs from the pack (one run per count)")
     parser.add_argument("--root", type=Path, required=True, help="scratch folder (GBs at 200k); removed at the end")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pack-scale-cpu.json"))
     args = parser.parse_args()
@@ -47,7 +49,9 @@ def main() -> None:
                 row["pack_seconds"] = round(time.perf_counter() - started, 1)
                 row["pack_mib"] = round(sum(p.stat().st_size for p in (root / f"pack{n}").rglob("*")
                                             if p.is_file()) / 2**20, 1)
-                row["from_pack"] = run_child(manifest, root / f"run-pack{n}", root / f"pack{n}")
+                for workers in args.pack_workers:
+                    key = "from_pack" if workers == 0 else f"from_pack_{workers}_workers"
+                    row[key] = run_child(manifest, root / f"run-pack{n}-{workers}", root / f"pack{n}", workers)
             if n in args.in_memory:
                 row["in_memory"] = run_child(manifest, root / f"run-mem{n}", "in_memory")
             if n in args.eager:

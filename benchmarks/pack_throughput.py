@@ -27,12 +27,14 @@ from pathlib import Path
 from mmfuse.config import ExperimentConfig, validate_config
 
 
-def bench_config(manifest: Path, out: Path, pack: Path | None = None, in_memory: bool = False) -> ExperimentConfig:
+def bench_config(manifest: Path, out: Path, pack: Path | None = None, in_memory: bool = False,
+                 workers: int = 0) -> ExperimentConfig:
     return validate_config({
         "seed": 0,
         "data": {"manifest": str(manifest), "text": {"max_length": 16}, "image": {"size": 32, "mode": "rgb"},
                  "audio": {"sample_rate": 16000, "n_mels": 32, "n_fft": 512, "hop_length": 256, "max_seconds": 1.0},
                  "batch_size": 64, "pack": None if pack is None else str(pack), "in_memory": in_memory,
+                 "num_workers": workers,
                  "in_memory_cache": str(out / "arrays") if in_memory else None},
         "encoders": {"text": {"name": "text_gru", "dim": 32},
                      "image": {"name": "image_cnn", "dim": 32, "channels": [8]},
@@ -50,7 +52,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_child(manifest: Path, out: Path, pack: str) -> None:
+def train_child(manifest: Path, out: Path, pack: str, workers: int = 0) -> None:
     """One epoch in this process; prints seconds (all, and the training loop's own), the RSS before
     training and the peak RSS (MiB) as JSON. ``pack`` 'in_memory' selects the in-memory fast path."""
     from mmfuse.engine.fit import train
@@ -58,14 +60,14 @@ def train_child(manifest: Path, out: Path, pack: str) -> None:
     before = peak_rss_mib()  # the libraries alone
     started = time.perf_counter()
     in_memory = pack == "in_memory"
-    result = train(bench_config(manifest, out, Path(pack) if pack and not in_memory else None, in_memory))
+    result = train(bench_config(manifest, out, Path(pack) if pack and not in_memory else None, in_memory, workers))
     peak = peak_rss_mib()
     print(json.dumps({"seconds": time.perf_counter() - started, "train_seconds": result.train_seconds,
                       "peak_rss_mib": peak, "growth_mib": peak - before}))
 
 
-def run_child(manifest: Path, out: Path, pack: Path | str | None) -> dict[str, float]:
-    command = [sys.executable, __file__, "--child", str(manifest), str(out), str(pack or "")]
+def run_child(manifest: Path, out: Path, pack: Path | str | None, workers: int = 0) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", str(manifest), str(out), str(pack or ""), str(workers)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -75,10 +77,10 @@ def run_child(manifest: Path, out: Path, pack: Path | str | None) -> dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs=2, default=[800, 3200])
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        train_child(Path(args.child[0]), Path(args.child[1]), args.child[2])
+        train_child(Path(args.child[0]), Path(args.child[1]), args.child[2], int(args.child[3]))
         return
     from mmfuse.datasets.synth import generate_synthetic
     from mmfuse.engine.pack import pack_data
