@@ -77,10 +77,10 @@ def run_child(manifest: Path, out: Path, pack: Path | str | None, workers: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs=2, default=[800, 3200])
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        train_child(Path(args.child[0]), Path(args.child[1]), args.child[2], int(args.child[3]))
+        train_child(Path(args.child[0]), Path(args.child[1]), args.child[2], int((args.child[3:] or [0])[0]))
         return
     from mmfuse.datasets.synth import generate_synthetic
     from mmfuse.engine.pack import pack_data
