@@ -267,6 +267,10 @@ def _tiny_data(name: str, request: pytest.FixtureRequest, tiny: dict[str, Path])
         from mmfuse.datasets.xor_features import generate_xor_features
 
         manifest = generate_xor_features(tiny["cache"].parent / "xor", n_samples=60, dim=4)
+    elif name.startswith("video"):
+        from mmfuse.datasets.synth_video import generate_synthetic_video
+
+        manifest = generate_synthetic_video(tiny["cache"].parent / "video", n_samples=40, seed=0)
     else:  # the manifest template and the pretrained configs read text + image + audio files
         manifest = tiny["synthetic"]
     return [f"data.manifest={manifest}"]

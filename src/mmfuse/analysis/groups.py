@@ -93,7 +93,8 @@ def groups_table(column: str, results: list[GroupMetrics]) -> Table:
     names = list(results[0].metrics) if results else []
     table = Table(title=f"by {column}")
     for heading in (column, "samples", *names):
-        table.add_column(heading, justify="left" if heading == column else "right")
+        # the group names must stay readable: a narrow terminal squeezes the numbers first
+        table.add_column(heading, justify="left" if heading == column else "right", no_wrap=heading == column)
     for r in results:
         table.add_row(r.group, str(r.samples), *(f"{r.metrics[n]:.4f}" for n in names))
     return table
@@ -162,7 +163,8 @@ def group_robustness_table(column: str, results: list[GroupRobustness]) -> Table
     columns = [column, "samples", "all", *[f"no {m}" for m in modalities], "none",
                *[f"Shapley {m}" for m in modalities]]
     for heading in columns:
-        table.add_column(heading, justify="left" if heading == column else "right")
+        # the group names must stay readable: a narrow terminal squeezes the numbers first
+        table.add_column(heading, justify="left" if heading == column else "right", no_wrap=heading == column)
     for r in results:
         everything = set(modalities)
         table.add_row(r.group, str(r.samples), f"{r.subsets.value(everything):.4f}",
