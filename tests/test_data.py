@@ -637,3 +637,11 @@ def test_synthetic_complete_set_with_two_modalities_loads_in_batches(synth_manif
         assert math.isfinite(float(batch.inputs["image"]["pixels"].abs().sum()))
         assert batch.target is not None and batch.target.shape == (batch.size,)
     assert sizes == [64, 64, 32]
+
+
+def test_a_jsonl_manifest_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    """JSONL rows are read one at a time (a 200k-row manifest is never held as raw dicts); a decoding
+    error on the way still names the file instead of escaping as a UnicodeDecodeError."""
+    (tmp_path / "m.jsonl").write_bytes(b'{"id": "a", "text": "t", "label": "x"}\n{"id": "b", "text": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"cannot read manifest .*m\.jsonl"):
+        read_manifest(tmp_path / "m.jsonl", {"text": MODALITIES["text"]})

@@ -72,3 +72,13 @@ def test_a_damaged_span_names_where(tmp_path) -> None:
         decode_sample(path.read_bytes()[start:end - 512 + 50], "cut")  # the last array's bytes cut
     with pytest.raises(DataError, match="cut short"):
         decode_sample(path.read_bytes()[start:end - 1024 + 100], "cut")  # inside the last header
+
+
+def test_fingerprint_hashes_lists_piecewise_to_the_same_digest() -> None:
+    """Streaming the records into the hash must not change a pack's fingerprint (old packs stay valid)."""
+    from mmfuse.engine.pack_fingerprint import _sha, _sha_of_list
+
+    items = [["a", {"image": "/p/a.png", "text": None}, 3], ["b", {"text": "ünïcode", "x": 1.5}, [1, 2]], []]
+    assert _sha_of_list(iter(items)) == _sha(items)
+    assert _sha_of_list(iter([])) == _sha([])
+    assert _sha_of_list(iter(items[:2])) != _sha(items)

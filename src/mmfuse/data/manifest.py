@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,19 +55,25 @@ def is_empty(value: Any) -> bool:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {line_no}: expected a JSON object")
-            rows.append(row)
-    return rows
+    return list(_iter_jsonl(path))
+
+
+def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows one at a time: a manifest of 200k rows never sits in memory as raw dicts."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} line {line_no}: expected a JSON object")
+                yield row
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read manifest {path}: {exc}") from None
 
 
 def read_table(path: Path) -> list[dict[str, Any]]:
@@ -102,10 +109,7 @@ def read_table(path: Path) -> list[dict[str, Any]]:
     ]
 
 
-def _check_columns(path: Path, rows: list[dict[str, Any]], required: list[str]) -> None:
-    columns: set[str] = set()
-    for row in rows:
-        columns.update(row)
+def _check_columns(path: Path, columns: set[str], required: list[str]) -> None:
     for column in required:
         if column not in columns:
             raise DataError(
@@ -146,17 +150,17 @@ def read_manifest(
     absent from the whole file is an error (a typo would otherwise silently drop a modality).
     """
     path = Path(path).resolve()
-    rows = read_table(path)
-    if not rows:
-        raise DataError(f"manifest {path} has no rows")
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path}")
+    rows = _iter_jsonl(path) if path.suffix.lower() == ".jsonl" else iter(read_table(path))
     required = [spec.column for spec in modalities.values()]
     if target_column:
         required.append(target_column)
     if split_column:
         required.append(split_column)
-    _check_columns(path, rows, required)
-    records, seen = [], set()
+    records, seen, columns = [], set(), set[str]()
     for index, row in enumerate(rows, start=1):
+        columns.update(row)
         sample_id = row.get(id_column)
         sample_id = str(index - 1) if is_empty(sample_id) else str(sample_id)
         if sample_id in seen:
@@ -170,4 +174,7 @@ def read_manifest(
             target=_target(row.get(target_column)) if target_column else None,
             split=None if not split_column or is_empty(row.get(split_column)) else str(row[split_column]).strip(),
         ))
+    if not records:
+        raise DataError(f"manifest {path} has no rows")
+    _check_columns(path, columns, required)
     return records

@@ -249,9 +249,10 @@ def open_pack(config: ExperimentConfig, folder: Path) -> PreparedData:
         hint = " (an unfinished pack: run `mmfuse data pack` again to finish it)" \
             if (folder / PARTIAL_FILE).exists() else ""
         raise DataError(f"{folder} is not a finished pack: no {PACK_FILE}{hint}")
-    splits = load_records(config)
-    current, files = fingerprint(config, splits, new_preprocessor(config), load_files(folder))
-    diff = differences(saved["fingerprint"], current, load_files(folder), files)
+    saved_files = load_files(folder)
+    current, files = fingerprint(config, load_records(config), new_preprocessor(config), saved_files)
+    diff = differences(saved["fingerprint"], current, saved_files, files)
+    del saved_files, files  # the file lists are the largest thing here at 200k samples; training needs neither
     if diff:
         raise DataError(f"the pack {folder} does not match the config: {'; '.join(diff)}; "
                         "rebuild it with `mmfuse data pack --rebuild` (or `mmfuse train --rebuild-pack`)")

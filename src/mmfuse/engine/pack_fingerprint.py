@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,19 @@ FileEntry = list[Any]
 
 def _sha(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _sha_of_list(items: Iterable[object]) -> str:
+    """``_sha(list(items))`` without building the list or its JSON text: the same bytes are hashed piece
+    by piece (``json.dumps`` writes a list as '[' + items joined by ', ' + ']'), so a 200k-sample pack
+    does not hold a copy of every record as one string, and existing packs keep their fingerprint."""
+    digest = hashlib.sha256(b"[")
+    for number, item in enumerate(items):
+        if number:
+            digest.update(b", ")
+        digest.update(json.dumps(item, sort_keys=True, default=str).encode())
+    digest.update(b"]")
+    return digest.hexdigest()
 
 
 def _stamp(path: str) -> list[int] | None:
@@ -72,8 +86,9 @@ def fingerprint(config: ExperimentConfig, splits: dict[str, list[Record]], prepr
         "format": FORMAT,
         "preprocessing": config.data.model_dump(mode="json", include=PREPROCESSING_FIELDS | _video_fields(config)),
         "task": {"name": config.task.name, "options": config.task.options},
-        "records": {name: _sha([[r.id, r.fields, r.target] for r in records]) for name, records in splits.items()},
-        "files": _sha([entry[:2] for entry in files]),
+        "records": {name: _sha_of_list([r.id, r.fields, r.target] for r in records)
+                    for name, records in splits.items()},
+        "files": _sha_of_list(entry[:2] for entry in files),
         "code": preprocessing_identity(),
     }, files
 
