@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from mmfuse.config.schema import StrictModel
+from mmfuse.config.strict import StrictModel
 
 BalanceName = Literal["none", "ogm_ge", "grad_blend", "agm"]
 

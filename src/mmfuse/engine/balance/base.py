@@ -20,6 +20,7 @@ changes its gradients identically and the replicas stay equal.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -43,16 +44,17 @@ class BalanceStep:
     logs: dict[str, float] = field(default_factory=dict)
 
 
-class BalanceMethod(nn.Module):
-    """Base of the remedies; the default hooks do nothing."""
+class BalanceMethod(nn.Module, ABC):
+    """Base of the remedies: each computes its own training loss; the other hooks default to nothing."""
 
     name: ClassVar[str] = ""
     uses_validation: ClassVar[bool] = False
     """True when ``validation_step`` needs the encoded validation batches (they cost an extra encode)."""
 
+    @abstractmethod
     def training_loss(self, model: MultimodalModel, features: dict[str, Features], target: Tensor,
                       epoch: int) -> BalanceStep:
-        raise NotImplementedError
+        """The step's loss (fused, and whatever per-modality terms the remedy adds) and values to log."""
 
     def before_optimizer_step(self, model: MultimodalModel, epoch: int, step: int = 0) -> dict[str, float]:
         """Changes the accumulated gradients of optimizer step ``step``; returns values to log."""
