@@ -20,9 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mmfuse.config import ExperimentConfig, FusionConfig
+from mmfuse.config.loading import read_yaml
 from mmfuse.core.errors import ConfigError
 from mmfuse.fusion import FUSIONS
 
@@ -58,12 +57,7 @@ def parse_method_options(raw: Any, source: str = "methods config") -> MethodOpti
 
 
 def load_method_options(path: Path) -> MethodOptions:
-    if not path.is_file():
-        raise ConfigError(f"methods config not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path, "methods config")
     return parse_method_options(raw, str(path))
 
 

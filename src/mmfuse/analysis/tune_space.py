@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
-
 from mmfuse.config import ExperimentConfig, validate_config
+from mmfuse.config.loading import read_yaml
 from mmfuse.core.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
@@ -176,12 +175,7 @@ def parse_space(raw: Any, source: str = "search space") -> SearchSpace:
 
 def load_space(path: Path, base: ExperimentConfig) -> SearchSpace:
     """Reads a space file and checks every key against the config it will be applied to."""
-    if not path.is_file():
-        raise ConfigError(f"search space file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path, "search space file")
     space = parse_space(raw, str(path))
     check_space(space, base)
     return space

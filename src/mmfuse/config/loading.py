@@ -78,6 +78,16 @@ def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
                 data[key] = str(given if given.is_absolute() else (base / given).resolve())
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content, or a ConfigError naming the file: missing (``what`` not found) or invalid."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Reads a YAML config, applies ``--set`` overrides and validates it.
 
@@ -92,12 +102,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     from anywhere.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path, "config file") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     _resolve_data_paths(raw, path.parent)  # what the YAML says: against its folder

@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -353,17 +354,21 @@ def synthetic_dataset(config: SynthConfig) -> Path:
     an interrupted run can never leave a half-written folder that a later run would trust.
     """
     _validate(config.n_samples, config.seed, config.missing_rate)
-    root = _cache_root(config)
-    final = root / _cache_name(config)
+    return cached_build(_cache_root(config) / _cache_name(config), "synthetic data",
+                        lambda tmp: generate_synthetic(tmp, config.n_samples, config.seed, config.missing_rate))
+
+
+def cached_build(final: Path, what: str, build: Callable[[Path], object]) -> Path:
+    """``final``'s manifest, after ``build(staging_folder)`` wrote it there once (staged, renamed into place)."""
     manifest = final / MANIFEST_NAME
     if manifest.is_file():
         return manifest
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"{root}: cannot create the synthetic data cache folder ({exc})") from exc
+        raise DataError(f"{final.parent}: cannot create the {what} cache folder ({exc})") from exc
     if final.exists():  # only possible if something other than us wrote or damaged it
         shutil.rmtree(final, ignore_errors=True)
     with staged_folder(final, keep_existing=True) as tmp:
-        generate_synthetic(tmp, config.n_samples, config.seed, config.missing_rate)
+        build(tmp)
     return manifest

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +29,13 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
-from mmfuse.core.atomic import staged_folder
 from mmfuse.core.cache_home import cache_dir
 from mmfuse.core.errors import ConfigError, DataError
+from mmfuse.datasets.synth import MANIFEST_NAME, cached_build
 
 __all__ = ["LABEL_FACTORS", "generate_synthetic_video", "synthetic_video_dataset"]
 
 LABEL_FACTORS: tuple[str, ...] = ("direction", "pitch", "mood")
-MANIFEST_NAME = "manifest.jsonl"
 _FORMAT_VERSION = "v1"  # bump when the generated content changes, so stale caches are never reused
 
 FRAMES = 16
@@ -200,16 +198,5 @@ def synthetic_video_dataset(n_samples: int = 400, seed: int = 0, root: Path | No
     and renamed into place."""
     _validate(n_samples, seed)
     base = Path(root).expanduser() if root is not None else cache_dir("synth")
-    final = base / f"video-{_FORMAT_VERSION}-n{n_samples}-s{seed}"
-    manifest = final / MANIFEST_NAME
-    if manifest.is_file():
-        return manifest
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"{base}: cannot create the synthetic video cache folder ({exc})") from exc
-    if final.exists():  # only possible if something other than us wrote or damaged it
-        shutil.rmtree(final, ignore_errors=True)
-    with staged_folder(final, keep_existing=True) as tmp:
-        generate_synthetic_video(tmp, n_samples, seed)
-    return manifest
+    return cached_build(base / f"video-{_FORMAT_VERSION}-n{n_samples}-s{seed}", "synthetic video",
+                        lambda tmp: generate_synthetic_video(tmp, n_samples, seed))
