@@ -21,7 +21,7 @@ from mmfuse.data.dataset import Collator
 from mmfuse.data.pack_dataset import PackDataset
 from mmfuse.engine import loader as loader_module
 from mmfuse.engine import pack as pack_module
-from mmfuse.engine import pack_fingerprint
+from mmfuse.engine import pack_check, pack_fingerprint
 from mmfuse.engine.data import prepare_data
 from mmfuse.engine.evaluate import evaluate
 from mmfuse.engine.fit import fit
@@ -149,7 +149,8 @@ def test_changed_file_or_option_invalidates_the_pack(own_data: Path, tmp_path: P
     pack_data(config, tmp_path / "pack", workers=1, shard_size=80)
     hashed: list[object] = []
     real_digest = pack_fingerprint.file_digest
-    monkeypatch.setattr(pack_fingerprint, "file_digest", lambda path: hashed.append(path) or real_digest(path))
+    for module in (pack_fingerprint, pack_check):
+        monkeypatch.setattr(module, "file_digest", lambda path: hashed.append(path) or real_digest(path))
     open_pack(config, tmp_path / "pack")  # matches, and no unchanged file is read again to say so
     assert hashed == []
     with pytest.raises(DataError, match=r"data\.audio: .*n_mels.* --rebuild"):

@@ -149,6 +149,18 @@ def read_manifest(
     Only the columns of configured modalities are required to exist; a modality column that is
     absent from the whole file is an error (a typo would otherwise silently drop a modality).
     """
+    return list(iter_manifest(path, modalities, id_column, target_column, split_column))
+
+
+def iter_manifest(
+    path: Path,
+    modalities: dict[str, ModalitySpec],
+    id_column: str = "id",
+    target_column: str | None = "label",
+    split_column: str | None = None,
+) -> Iterator[Record]:
+    """``read_manifest`` one record at a time (a JSONL file is also read row by row); the checks that need
+    the whole file (columns present, not empty) run after its last row."""
     path = Path(path).resolve()
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
@@ -158,7 +170,8 @@ def read_manifest(
         required.append(target_column)
     if split_column:
         required.append(split_column)
-    records, seen, columns = [], set(), set[str]()
+    seen: set[str] = set()
+    columns: set[str] = set()
     for index, row in enumerate(rows, start=1):
         columns.update(row)
         sample_id = row.get(id_column)
@@ -166,15 +179,14 @@ def read_manifest(
         if sample_id in seen:
             raise DataError(f"{path.name} row {index}: duplicate id '{sample_id}'")
         seen.add(sample_id)
-        records.append(Record(
+        yield Record(
             source=path,
             row=index,
             id=sample_id,
             fields={m: _resolve(row.get(spec.column), spec.kind, path.parent) for m, spec in modalities.items()},
             target=_target(row.get(target_column)) if target_column else None,
             split=None if not split_column or is_empty(row.get(split_column)) else str(row[split_column]).strip(),
-        ))
-    if not records:
+        )
+    if not seen:
         raise DataError(f"manifest {path} has no rows")
     _check_columns(path, columns, required)
-    return records

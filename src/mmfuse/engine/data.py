@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.augment import with_augmentation
 from mmfuse.data.dataset import Collator, MultimodalDataset, SkipReport
 from mmfuse.data.lazy import LazyDataset, lazy_base
-from mmfuse.data.manifest import Record, read_manifest
+from mmfuse.data.manifest import Record, iter_manifest
 from mmfuse.data.memory import ArrayDataset, ArrayLoader, cached_arrays
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.tasks import TASKS, Task
@@ -29,40 +30,56 @@ log = logging.getLogger(__name__)
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 
 
-def load_records(config: ExperimentConfig) -> dict[str, list[Record]]:
-    """Records per split ('train', 'val', 'test'), from a split column or separate manifests."""
+def split_records(config: ExperimentConfig) -> Iterator[tuple[str, Record]]:
+    """(split, record) in manifest order, before a validation split is carved out of train.
+
+    A generator, so that a check over 200k rows (``mmfuse.engine.pack_check``) never holds them all;
+    ``load_records`` collects it.
+    """
     data = config.data
     read = dict(modalities=data.modalities, id_column=data.id_column, target_column=data.target_column)
     if data.train is not None:
-        splits = {"train": read_manifest(data.train, **read)}  # type: ignore[arg-type]
-        for name, path in (("val", data.val), ("test", data.test)):
+        for name, path in (("train", data.train), ("val", data.val), ("test", data.test)):
             if path is not None:
-                splits[name] = read_manifest(path, **read)  # type: ignore[arg-type]
-    else:
-        if data.synthetic is not None:
-            from mmfuse.datasets.synth import synthetic_dataset
+                yield from ((name, record) for record in iter_manifest(path, **read))  # type: ignore[arg-type]
+        return
+    if data.synthetic is not None:
+        from mmfuse.datasets.synth import synthetic_dataset
 
-            manifest = synthetic_dataset(data.synthetic)
-        else:
-            assert data.manifest is not None
-            manifest = data.manifest
-        splits = {}
-        for record in read_manifest(manifest, split_column=data.split_column, **read):  # type: ignore[arg-type]
-            split = SPLIT_NAMES.get((record.split or "").lower())
-            if split is None:
-                raise DataError(f"{record.where}: split '{record.split}' is not one of train/val/test")
-            splits.setdefault(split, []).append(record)
+        manifest = synthetic_dataset(data.synthetic)
+    else:
+        assert data.manifest is not None
+        manifest = data.manifest
+    for record in iter_manifest(manifest, split_column=data.split_column, **read):  # type: ignore[arg-type]
+        split = SPLIT_NAMES.get((record.split or "").lower())
+        if split is None:
+            raise DataError(f"{record.where}: split '{record.split}' is not one of train/val/test")
+        yield split, record
+
+
+def validation_positions(config: ExperimentConfig, n_train: int) -> list[int]:
+    """Positions (sorted) of the training records that become the validation split when the data has none."""
+    if n_train == 0:
+        raise DataError("the data has no training samples")
+    if config.data.val_fraction <= 0:
+        raise ConfigError("no validation data: give data.val, a 'val' split, or data.val_fraction > 0")
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    return sorted(order[:max(1, round(n_train * config.data.val_fraction))])
+
+
+def load_records(config: ExperimentConfig) -> dict[str, list[Record]]:
+    """Records per split ('train', 'val', 'test'), from a split column or separate manifests."""
+    splits: dict[str, list[Record]] = {}
+    for split, record in split_records(config):
+        splits.setdefault(split, []).append(record)
     if not splits.get("train"):
         raise DataError("the data has no training samples")
     if "val" not in splits:
-        if data.val_fraction <= 0:
-            raise ConfigError("no validation data: give data.val, a 'val' split, or data.val_fraction > 0")
-        order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(config.seed)).tolist()
-        n_val = max(1, round(len(order) * data.val_fraction))
         train = splits["train"]
-        splits["val"] = [train[i] for i in sorted(order[:n_val])]
-        splits["train"] = [train[i] for i in sorted(order[n_val:])]
-    check_overlap(splits, data.allow_overlap)
+        val = set(validation_positions(config, len(train)))
+        splits["val"] = [train[i] for i in sorted(val)]
+        splits["train"] = [r for i, r in enumerate(train) if i not in val]
+    check_overlap(splits, config.data.allow_overlap)
     return splits
 
 

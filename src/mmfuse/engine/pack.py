@@ -46,9 +46,11 @@ from mmfuse.data.pack_dataset import PackDataset, check_shard
 from mmfuse.data.pack_format import FORMAT, INDEX_SUFFIX, ShardIndex, write_shard
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.engine.data import PreparedData, fit_preprocessing, load_records, new_preprocessor
+from mmfuse.engine.pack_check import pack_differences
 from mmfuse.engine.pack_fingerprint import (
     FILES_FILE,
     PREPROCESSING_FIELDS,
+    changed_files,
     differences,
     fingerprint,
     load_files,
@@ -152,9 +154,10 @@ def pack_data(config: ExperimentConfig, folder: Path, workers: int | None = None
     folder = Path(folder)
     splits = load_records(config)
     saved = _read_json(folder / PACK_FILE)
-    current, files = fingerprint(config, splits, new_preprocessor(config), load_files(folder))
+    saved_files = load_files(folder)
+    current, files = fingerprint(config, splits, new_preprocessor(config), saved_files)
     if saved is not None and not rebuild:
-        diff = differences(saved["fingerprint"], current, load_files(folder), files)
+        diff = differences(saved["fingerprint"], current, changed_files(saved_files, files))
         if diff:
             raise DataError(f"{folder} holds a pack of other data or preprocessing ({'; '.join(diff)}); "
                             "pass --rebuild to replace it")
@@ -249,10 +252,7 @@ def open_pack(config: ExperimentConfig, folder: Path) -> PreparedData:
         hint = " (an unfinished pack: run `mmfuse data pack` again to finish it)" \
             if (folder / PARTIAL_FILE).exists() else ""
         raise DataError(f"{folder} is not a finished pack: no {PACK_FILE}{hint}")
-    saved_files = load_files(folder)
-    current, files = fingerprint(config, load_records(config), new_preprocessor(config), saved_files)
-    diff = differences(saved["fingerprint"], current, saved_files, files)
-    del saved_files, files  # the file lists are the largest thing here at 200k samples; training needs neither
+    diff = pack_differences(config, folder, saved["fingerprint"])
     if diff:
         raise DataError(f"the pack {folder} does not match the config: {'; '.join(diff)}; "
                         "rebuild it with `mmfuse data pack --rebuild` (or `mmfuse train --rebuild-pack`)")
@@ -278,8 +278,5 @@ def shard_report(folder: Path, shard_names: list[str]) -> SkipReport:
 def ensure_pack(config: ExperimentConfig, folder: Path, workers: int | None = None) -> PackResult:
     """The pack in ``folder``, packed (or repacked) first when it is missing, unfinished or of other data."""
     saved = _read_json(Path(folder) / PACK_FILE)
-    stale = False
-    if saved is not None:
-        current, files = fingerprint(config, load_records(config), new_preprocessor(config), load_files(Path(folder)))
-        stale = bool(differences(saved["fingerprint"], current, load_files(Path(folder)), files))
+    stale = saved is not None and bool(pack_differences(config, Path(folder), saved["fingerprint"]))
     return pack_data(config, folder, workers=workers, rebuild=stale)

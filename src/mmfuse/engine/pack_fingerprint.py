@@ -40,20 +40,35 @@ def _sha(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _sha_of_list(items: Iterable[object]) -> str:
+class ListDigest:
     """``_sha(list(items))`` without building the list or its JSON text: the same bytes are hashed piece
     by piece (``json.dumps`` writes a list as '[' + items joined by ', ' + ']'), so a 200k-sample pack
     does not hold a copy of every record as one string, and existing packs keep their fingerprint."""
-    digest = hashlib.sha256(b"[")
-    for number, item in enumerate(items):
-        if number:
-            digest.update(b", ")
-        digest.update(json.dumps(item, sort_keys=True, default=str).encode())
-    digest.update(b"]")
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256(b"[")
+        self._empty = True
+
+    def add(self, item: object) -> None:
+        if not self._empty:
+            self._digest.update(b", ")
+        self._empty = False
+        self._digest.update(json.dumps(item, sort_keys=True, default=str).encode())
+
+    def hexdigest(self) -> str:
+        final = self._digest.copy()
+        final.update(b"]")
+        return final.hexdigest()
+
+
+def _sha_of_list(items: Iterable[object]) -> str:
+    digest = ListDigest()
+    for item in items:
+        digest.add(item)
     return digest.hexdigest()
 
 
-def _stamp(path: str) -> list[int] | None:
+def stamp_of(path: str) -> list[int] | None:
     try:
         return list(stat_stamp(path))
     except OSError:
@@ -66,7 +81,7 @@ def input_files(records: list[Record], preprocessor: Preprocessor, known: list[F
     cached = {str(e[0]): e for e in known or [] if len(e) == 3 and e[2] is not None}
     out: list[FileEntry] = []
     for path in referenced_files(records, preprocessor):
-        stamp = _stamp(path)
+        stamp = stamp_of(path)
         entry = cached.get(path)
         digest = entry[1] if entry is not None and stamp is not None and entry[2] == stamp else file_digest(path)
         out.append([path, digest, stamp])
@@ -82,20 +97,33 @@ def fingerprint(config: ExperimentConfig, splits: dict[str, list[Record]], prepr
                 known: list[FileEntry] | None = None) -> tuple[dict[str, Any], list[FileEntry]]:
     """The pack's fingerprint for this config and records, and the input files it covers."""
     files = input_files([r for records in splits.values() for r in records], preprocessor, known)
+    records = {name: _sha_of_list([r.id, r.fields, r.target] for r in records) for name, records in splits.items()}
+    return fingerprint_of(config, records, _sha_of_list(entry[:2] for entry in files)), files
+
+
+def fingerprint_of(config: ExperimentConfig, records: dict[str, str], files: str) -> dict[str, Any]:
+    """The fingerprint from the digests of each split's records and of the input files' list."""
     return {
         "format": FORMAT,
         "preprocessing": config.data.model_dump(mode="json", include=PREPROCESSING_FIELDS | _video_fields(config)),
         "task": {"name": config.task.name, "options": config.task.options},
-        "records": {name: _sha_of_list([r.id, r.fields, r.target] for r in records)
-                    for name, records in splits.items()},
-        "files": _sha_of_list(entry[:2] for entry in files),
+        "records": records,
+        "files": files,
         "code": preprocessing_identity(),
-    }, files
+    }
 
 
-def differences(saved: dict[str, Any], current: dict[str, Any], saved_files: list[FileEntry] | None,
-                current_files: list[FileEntry]) -> list[str]:
-    """What differs between a pack's fingerprint and the config's, in words (empty when they match)."""
+def changed_files(saved_files: list[FileEntry] | None, current_files: list[FileEntry]) -> list[str]:
+    """The paths whose digest differs between the two lists, or that only the saved one has."""
+    before = {str(e[0]): e[1] for e in saved_files or []}
+    now = {str(e[0]) for e in current_files}
+    return [str(e[0]) for e in current_files if before.get(str(e[0]), "absent") != e[1]] + \
+        [p for p in before if p not in now]
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any], changed: list[str]) -> list[str]:
+    """What differs between a pack's fingerprint and the config's, in words (empty when they match);
+    ``changed`` names the input files that differ (``changed_files``)."""
     out: list[str] = []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key), current.get(key)
@@ -105,10 +133,6 @@ def differences(saved: dict[str, Any], current: dict[str, Any], saved_files: lis
             out += [f"data.{k}: {old.get(k)!r} in the pack, {new.get(k)!r} in the config"
                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         elif key == "files":
-            before = {str(e[0]): e[1] for e in saved_files or []}
-            now = {str(e[0]) for e in current_files}
-            changed = [str(e[0]) for e in current_files if before.get(str(e[0]), "absent") != e[1]]
-            changed += [p for p in before if p not in now]
             out.append(f"input files changed since packing: {', '.join(changed[:3]) or 'unknown'}"
                        + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
         elif key == "records":
