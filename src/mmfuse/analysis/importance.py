@@ -3,34 +3,13 @@
 
 from __future__ import annotations
 
-import itertools
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mmfuse.analysis.subsets import MissingSubsetsResult, SubsetScore
+from mmfuse.core.shapley import shapley_values
 
-
-def shapley_values(players: Sequence[str], value: Callable[[frozenset[str]], float]) -> dict[str, float]:
-    """Exact Shapley values of the cooperative game ``value`` (called once per subset of ``players``).
-
-    phi_i = sum over S not containing i of |S|! (n - |S| - 1)! / n! * (v(S + i) - v(S)).
-    """
-    names = sorted(set(players))
-    n = len(names)
-    cache = {frozenset(c): float(value(frozenset(c)))
-             for k in range(n + 1) for c in itertools.combinations(names, k)}
-    result = {}
-    for player in names:
-        others = [p for p in names if p != player]
-        total = 0.0
-        for k in range(n):
-            weight = math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n)
-            for coalition in itertools.combinations(others, k):
-                s = frozenset(coalition)
-                total += weight * (cache[s | {player}] - cache[s])
-        result[player] = total
-    return result
+__all__ = ["ImportanceResult", "shapley_importance", "shapley_values"]
 
 
 @dataclass

@@ -5,20 +5,19 @@ See ``mmfuse.analysis.robustness`` for the three studies this module is one of.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from mmfuse.core.contracts import Batch, Features
 from mmfuse.core.errors import ConfigError, DataError
-from mmfuse.data.dataset import Collator, MultimodalDataset, Sample
-from mmfuse.engine.evaluate import hide_modalities, model_device
+from mmfuse.data.dataset import MultimodalDataset, Sample
+from mmfuse.engine.cached_runner import CachedRunner, task_metrics
 from mmfuse.model import MultimodalModel
-from mmfuse.tasks.base import HeadTask, Task
+from mmfuse.tasks.base import Task
+
+__all__ = ["CachedRunner", "MissingSubsetsResult", "SubsetScore", "missing_subsets", "subset_name"]
 
 NONE_NAME = "none"
 """The name of the empty subset (every modality hidden)."""
@@ -90,75 +89,7 @@ def _as_samples(data: MultimodalDataset | Sequence[Sample]) -> Sequence[Sample]:
     return samples
 
 
-@contextlib.contextmanager
-def _inference(model: MultimodalModel) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-class CachedRunner:
-    """Runs ``model`` on fixed samples many times, each encoder's features computed once.
-
-    A modality's features do not depend on the other modalities, and hiding a modality from every
-    sample gives the same all-absent features ``model.encode`` makes for it, so each study only
-    re-runs what changes: fusion and head for a subset, one encoder for a corrupted modality.
-    """
-
-    def __init__(self, model: MultimodalModel, samples: Sequence[Sample], batch_size: int = 128) -> None:
-        self.model, self.batch_size = model, batch_size
-        self.collate = Collator(model.preprocessor, model.task)
-        self.device = model_device(model)
-        self.clean: list[dict[str, Features]] = []
-        self.hidden: list[dict[str, Features]] = []
-        targets = []
-        with _inference(model):  # only features and targets are kept, not the input tensors
-            for start in range(0, len(samples), batch_size):
-                batch = self._collate(samples[start:start + batch_size])
-                assert batch.target is not None
-                self.clean.append(model.encode(batch))
-                self.hidden.append(model.encode(hide_modalities(batch, model.modalities)))
-                targets.append(batch.target.cpu())
-        self.targets = torch.cat(targets)
-
-    def _collate(self, samples: Sequence[Sample]) -> Batch:
-        return self.collate(list(samples)).to(self.device)
-
-    def _head(self, features: dict[str, Features]) -> Tensor:
-        assert self.model.fusion is not None, "robustness studies need a model with a fusion"
-        outputs = self.model.head(self.model.fusion(features))
-        if isinstance(self.model.task, HeadTask):  # as model(batch) reports them
-            outputs = self.model.task.calibrate(outputs, {m: f.present for m, f in features.items()})
-        return outputs.float().cpu()
-
-    def outputs(self, present: Collection[str]) -> Tensor:
-        """Outputs with only ``present`` modalities shown (as ``evaluate(absent=the others)``)."""
-        with _inference(self.model):
-            return torch.cat([
-                self._head({m: clean[m] if m in present else hidden[m] for m in self.model.modalities})
-                for clean, hidden in zip(self.clean, self.hidden, strict=True)
-            ])
-
-    def outputs_replacing(self, modality: str, samples: Sequence[Sample]) -> Tensor:
-        """Outputs with ``modality``'s inputs taken from ``samples`` (same order) and the rest clean."""
-        others = [m for m in self.model.modalities if m != modality]
-        result = []
-        with _inference(self.model):
-            for k, clean in enumerate(self.clean):
-                batch = self._collate(samples[k * self.batch_size:(k + 1) * self.batch_size])
-                replaced = self.model.encode(hide_modalities(batch, others))[modality]
-                result.append(self._head({**clean, modality: replaced}))
-        return torch.cat(result)
-
-
-def _metrics(task: Task, outputs: Tensor, targets: Tensor) -> dict[str, float]:
-    metrics = task.metrics()
-    metrics.update(*task.metric_inputs(outputs, targets))
-    return {name: float(value) for name, value in metrics.compute().items()}
+_metrics = task_metrics
 
 
 def _class_names(task: Task, targets: Tensor) -> list[str] | None:

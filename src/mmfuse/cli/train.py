@@ -89,6 +89,8 @@ def train(
         console.print(f"[yellow]{result.nonfinite_summary}[/]", highlight=False, soft_wrap=True)
     if result.chance_note:  # a run that ended at chance says so, and what to try (engine/stall.py)
         console.print(f"[yellow]{result.chance_note}[/]", highlight=False, soft_wrap=True)
+    if result.contribution_note:  # a modality that adds next to nothing (engine/contribution.py)
+        console.print(f"[yellow]{result.contribution_note}[/]", highlight=False, soft_wrap=True)
     resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
     console.print(f"model saved to [bold]{result.model_dir}[/] ({result.params:,} parameters, "
                   f"{result.train_seconds:.1f} s training{resumed})")

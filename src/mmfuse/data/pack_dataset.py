@@ -76,9 +76,10 @@ class PackDataset(MultimodalDataset):
 
     def __getitem__(self, index: int) -> Sample:
         number, start, end = (int(v) for v in self.index[index])
-        data = os.pread(self._fd(number), end - start, start)
+        data = bytearray(end - start)  # writable: the tensors are views of it (see decode_sample)
+        read = os.preadv(self._fd(number), [data], start)
         where = f"{self.paths[number]} (sample {index}, bytes {start}-{end})"
-        if len(data) != end - start:
+        if read != end - start:
             raise DataError(f"{where}: pack shard is truncated; rebuild the pack with --rebuild")
         return decode_sample(data, where)
 

@@ -43,6 +43,7 @@ from mmfuse.data.memory import ArrayDataset
 from mmfuse.engine.balance import build_balance
 from mmfuse.engine.calibration import calibrate
 from mmfuse.engine.checkpoint_io import AtomicCheckpointIO
+from mmfuse.engine.contribution import contribution_note, contributions
 from mmfuse.engine.data import PreparedData, prepare_data, warn_lazy_crops, write_skipped
 from mmfuse.engine.evaluate import evaluate
 from mmfuse.engine.interrupts import raise_on_signals
@@ -85,6 +86,8 @@ class TrainResult:
     stall_warning: str | None = None
     """The stall warning (engine/stall.py) if validation looked stalled for several epochs."""
     chance_note: str | None = None
+    contribution_note: str | None = None
+    """Said when a modality adds next to nothing to validation accuracy (``mmfuse.engine.contribution``)."""
     """Set when the final accuracy ends within a few points of the majority-class rate."""
 
 
@@ -211,11 +214,13 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool,
     val_metrics = evaluate(model, data.datasets["val"])
     test_metrics = evaluate(model, data.datasets["test"]) if len(data.datasets.get("test", [])) else None
     warn_lazy_crops(config, data)  # lazy splits: known only now that every split has been read
+    note = contribution_note(contributions(model, data.datasets["val"]))
     model_dir = model.save_pretrained(out / "model") if save else None
     result = TrainResult(
         model=model, output_dir=out, model_dir=model_dir, val_metrics=val_metrics, test_metrics=test_metrics,
         train_seconds=train_seconds, params=count_parameters(model), epochs=trainer.current_epoch,
         skipped={name: report.count for name, report in data.skipped.items()}, resumed_from=resume_from,
+        contribution_note=note,
     )
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, NonFiniteGuard):
