@@ -50,7 +50,8 @@ def contributions(model: MultimodalModel, dataset: MultimodalDataset) -> Contrib
     if not isinstance(model.task, ClassificationTask) or model.fusion is None \
             or not 2 <= len(modalities) <= MAX_MODALITIES or len(dataset) == 0:
         return None
-    samples = [dataset.samples[i] for i in range(min(len(dataset), MAX_SAMPLES))]
+    every = dataset.samples  # once: on some datasets each access builds the sequence anew
+    samples = [every[i] for i in range(min(len(every), MAX_SAMPLES))]
     if any(s.target is None for s in samples):
         return None
     runner = CachedRunner(model, samples)
