@@ -314,3 +314,22 @@ def test_packing_without_the_pack_extra_says_which_to_install(tmp_path: Path, mo
     with pytest.raises(ConfigError, match=r"needs the pack extra: pip install 'mmfuse\[pack\]'"):
         pack_module.pack_data(None, tmp_path / "pack")  # type: ignore[arg-type]
     assert not (tmp_path / "pack").exists()
+
+
+def test_a_pack_without_member_layouts_reads_the_same_samples(synth_manifest: Path, tmp_path: Path) -> None:
+    """Indexes written before member layouts existed: the tar headers are parsed instead."""
+    config = pack_config(synth_manifest, tmp_path / "run")
+    pack_data(config, tmp_path / "pack", workers=1, shard_size=50)
+    with_layouts = open_pack(config, tmp_path / "pack").datasets["train"]
+    assert isinstance(with_layouts, PackDataset) and (with_layouts.index[:, 3] >= 0).all()
+    for index in (tmp_path / "pack").glob("*.index.json"):
+        state = json.loads(index.read_text())
+        del state["layouts"]
+        index.write_text(json.dumps(state))
+    parsed = open_pack(config, tmp_path / "pack").datasets["train"]
+    assert isinstance(parsed, PackDataset) and (parsed.index[:, 3] == -1).all()
+    for i in range(len(parsed)):
+        a, b = with_layouts[i], parsed[i]
+        assert a.id == b.id and torch.equal(a.target, b.target)
+        for modality, tensors in a.inputs.items():
+            assert all(torch.equal(t, b.inputs[modality][name]) for name, t in (tensors or {}).items())

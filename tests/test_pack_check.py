@@ -23,7 +23,8 @@ def config_for(**data: object) -> ExperimentConfig:
         "seed": 3,
         "data": {"target_column": "pitch", "batch_size": 16, "text": {"max_length": 12}, "image": {"size": 16},
                  "audio": {"n_mels": 32, "n_fft": 512, "hop_length": 256}, **data},
-        "encoders": {"text": {"name": "text_gru", "dim": 16}, "image": {"name": "image_cnn", "dim": 16, "channels": [8]},
+        "encoders": {"text": {"name": "text_gru", "dim": 16},
+                     "image": {"name": "image_cnn", "dim": 16, "channels": [8]},
                      "audio": {"name": "audio_cnn", "dim": 16, "channels": [8, 16]}},
         "fusion": {"name": "concat", "out_dim": 16, "proj_dim": 16, "hidden": 16},
         "trainer": {"max_epochs": 1, "patience": None, "progress_bar": False, "threads": 1},
@@ -67,7 +68,7 @@ def test_the_file_list_is_read_entry_by_entry_in_any_layout(tmp_path: Path, monk
         assert list(pack_check.file_entries(tmp_path)) == (entries if text != "[]" else [])
     for broken in (json.dumps(entries)[:-40], '{"a": 1}', "[[1, 2]]"):
         (tmp_path / "files.json").write_text(broken)
-        with pytest.raises(ValueError, match="files.json"):
+        with pytest.raises(ValueError, match=r"files\.json"):
             list(pack_check.file_entries(tmp_path))
 
 
@@ -101,6 +102,6 @@ def test_a_changed_manifest_row_or_a_missing_file_is_named(synth_manifest: Path,
     rows = manifest.read_text().splitlines()
     edited = json.loads(rows[-1])
     edited["text"] = edited["text"] + " again"
-    manifest.write_text("\n".join(rows[:-1] + [json.dumps(edited)]) + "\n")
+    manifest.write_text("\n".join([*rows[:-1], json.dumps(edited)]) + "\n")
     with pytest.raises(DataError, match=rf"the manifest rows of {edited['split']} differ"):
         open_pack(config, tmp_path / "pack")

@@ -12,7 +12,7 @@ import torch
 
 from mmfuse.core.errors import DataError
 from mmfuse.data.dataset import Sample
-from mmfuse.data.pack_format import _load, decode_sample, span_members, write_shard
+from mmfuse.data.pack_format import ShardIndex, _load, decode_sample, shard_layouts, span_members, write_shard
 
 
 def _samples() -> list[Sample]:
@@ -36,6 +36,36 @@ def test_spans_read_like_tarfile_and_samples_round_trip(tmp_path) -> None:
         assert torch.equal(decoded.inputs["audio"]["mel"], sample.inputs["audio"]["mel"])
         assert torch.equal(decoded.inputs["image"]["flag"], sample.inputs["image"]["flag"])
         assert torch.equal(decoded.target, sample.target)
+
+
+def test_index_layouts_slice_the_same_members_without_parsing_headers(tmp_path) -> None:
+    samples = _samples()
+    path = tmp_path / "shard.tar"
+    spans = write_shard(path, samples, first_key=0)
+    layouts = shard_layouts(path, spans)
+    assert [name for name, _, _ in layouts[0]] == ["audio.mel.npy", "image.flag.npy", "image.pixels.npy", "json",
+                                                   "target.npy"]
+    raw = path.read_bytes()
+    for (start, end), layout in zip(spans, layouts, strict=True):
+        parsed = decode_sample(raw[start:end], "parsed")
+        buffer = bytearray(raw[start:end])
+        sliced = decode_sample(buffer, "sliced", layout)
+        assert sliced.id == parsed.id and torch.equal(sliced.target, parsed.target)
+        mel = sliced.inputs["audio"]["mel"]
+        assert torch.equal(mel, parsed.inputs["audio"]["mel"])
+        mel += 1  # a view of the read buffer, not a copy: writable and shared
+        again = decode_sample(buffer, "again", layout).inputs["audio"]["mel"]
+        assert torch.equal(again, parsed.inputs["audio"]["mel"] + 1)
+    start, end = spans[0]
+    with pytest.raises(DataError, match="layout runs past the end"):
+        decode_sample(raw[start:end - 1024], "cut", layouts[0])
+    index = ShardIndex("shard.tar", path.stat().st_size, spans, [], layouts)
+    assert ShardIndex.read(_written(tmp_path / "shard.tar.index.json", index.to_json())) == index
+
+
+def _written(path, text: str):  # type: ignore[no-untyped-def]
+    path.write_text(text)
+    return path
 
 
 @pytest.mark.parametrize("array", [np.arange(6, dtype=np.float32).reshape(2, 3), np.asfortranarray(

@@ -4,8 +4,9 @@ Why map-style with positioned reads instead of an iterable over whole shards: th
 (``mmfuse.engine.loader``) then keeps every property it has on the other paths (order a function of
 seed + epoch, resumable mid-epoch, sharded by DDP rank with equal batch counts, whole batches
 spread over DataLoader workers) and a pack trains on exactly the batches the per-sample path gives.
-Memory is bounded by the index alone, three int64 per sample (no ids or tensors are held: the id is
-read back with the sample), plus the batches in flight; nothing of a shard is cached beyond what
+Memory is bounded by the index alone, four int64 per sample (shard, span, member layout; the distinct
+layouts are few: text lengths x missing modalities), no ids or tensors (the id is read back with the
+sample), plus the batches in flight; nothing of a shard is cached beyond what
 the OS page cache keeps. The price is one positioned read (``os.pread``) per sample rather than a
 sequential scan: fine on local disks, slower on network file systems that penalise random reads.
 """
@@ -22,7 +23,7 @@ import numpy as np
 
 from mmfuse.core.errors import DataError
 from mmfuse.data.dataset import MultimodalDataset, Sample, SkipReport
-from mmfuse.data.pack_format import INDEX_SUFFIX, ShardIndex, decode_sample
+from mmfuse.data.pack_format import INDEX_SUFFIX, Layout, ShardIndex, decode_sample
 
 
 def check_shard(path: Path, index: ShardIndex) -> None:
@@ -50,12 +51,21 @@ class PackDataset(MultimodalDataset):
         self.paths = list(shards)
         self.report = report or SkipReport()
         rows: list[np.ndarray] = []
+        self.layouts: list[Layout] = []  # the distinct member layouts: few (text lengths x missing modalities)
+        known: dict[Layout, int] = {}
         for number, path in enumerate(self.paths):
             index = ShardIndex.read(path.with_name(path.name + INDEX_SUFFIX))
             check_shard(path, index)
             spans = np.asarray(index.spans, dtype=np.int64).reshape(-1, 2)
-            rows.append(np.column_stack([np.full(len(spans), number, dtype=np.int64), spans]))
-        self.index = np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
+            layout_ids = np.full(len(spans), -1, dtype=np.int64)  # -1: an older pack, headers parsed
+            if index.layouts is not None and len(index.layouts) == len(spans):
+                for row, layout in enumerate(index.layouts):
+                    if layout not in known:
+                        known[layout] = len(self.layouts)
+                        self.layouts.append(layout)
+                    layout_ids[row] = known[layout]
+            rows.append(np.column_stack([np.full(len(spans), number, dtype=np.int64), spans, layout_ids]))
+        self.index = np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
 
@@ -75,13 +85,13 @@ class PackDataset(MultimodalDataset):
         return self._fds[number]
 
     def __getitem__(self, index: int) -> Sample:
-        number, start, end = (int(v) for v in self.index[index])
+        number, start, end, layout = self.index[index].tolist()
         data = bytearray(end - start)  # writable: the tensors are views of it (see decode_sample)
         read = os.preadv(self._fd(number), [data], start)
         where = f"{self.paths[number]} (sample {index}, bytes {start}-{end})"
         if read != end - start:
             raise DataError(f"{where}: pack shard is truncated; rebuild the pack with --rebuild")
-        return decode_sample(data, where)
+        return decode_sample(data, where, self.layouts[layout] if layout >= 0 else None)
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():

@@ -43,7 +43,7 @@ from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.dataset import MultimodalDataset, Sample, SkipReport, build_sample
 from mmfuse.data.manifest import Record
 from mmfuse.data.pack_dataset import PackDataset, check_shard
-from mmfuse.data.pack_format import FORMAT, INDEX_SUFFIX, ShardIndex, write_shard
+from mmfuse.data.pack_format import FORMAT, INDEX_SUFFIX, ShardIndex, shard_layouts, write_shard
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.engine.data import PreparedData, fit_preprocessing, load_records, new_preprocessor
 from mmfuse.engine.pack_check import pack_differences
@@ -110,7 +110,8 @@ def _pack_shard(shard: _Shard) -> tuple[str, int, int]:
     with atomic_file(path) as tmp:
         spans = write_shard(tmp, samples, shard.first_key)
         size = tmp.stat().st_size
-    index = ShardIndex(shard.name, size, spans, report.entries())
+        layouts = shard_layouts(tmp, spans)
+    index = ShardIndex(shard.name, size, spans, report.entries(), layouts)
     write_text_atomic(path.with_name(path.name + INDEX_SUFFIX), index.to_json())
     return shard.split, len(samples), report.count
 
