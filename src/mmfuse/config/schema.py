@@ -237,6 +237,9 @@ class TrainerConfig(StrictModel):
         "per_subset", description="classification: after training, fit temperatures on the validation split "
         "so probabilities are honest; per_subset = one per set of present modalities (a missing modality "
         "then lowers the confidence), temperature = one for all, none = the raw softmax")
+    contribution_check: bool = Field(
+        True, description="classification: after training, compute each modality's Shapley value on validation "
+        "accuracy (up to 2,000 samples) and say when one adds next to nothing (mmfuse.engine.contribution)")
     output_dir: Path = Path("runs/experiment")
     overwrite: bool = Field(False, description="replace a finished run in output_dir (CLI: --overwrite); "
                             "otherwise training into it stops before any work")

@@ -214,7 +214,7 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool,
     val_metrics = evaluate(model, data.datasets["val"])
     test_metrics = evaluate(model, data.datasets["test"]) if len(data.datasets.get("test", [])) else None
     warn_lazy_crops(config, data)  # lazy splits: known only now that every split has been read
-    note = contribution_note(contributions(model, data.datasets["val"]))
+    note = contribution_note(contributions(model, data.datasets["val"])) if config.trainer.contribution_check else None
     model_dir = model.save_pretrained(out / "model") if save else None
     result = TrainResult(
         model=model, output_dir=out, model_dir=model_dir, val_metrics=val_metrics, test_metrics=test_metrics,
