@@ -7,8 +7,9 @@ samples raise a DataError naming the row, or with ``on_error='skip'`` are skippe
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -74,6 +75,29 @@ def build_sample(record: Record, preprocessor: Preprocessor, task: TargetCodec |
         except ValueError as exc:
             raise DataError(f"{record.where}: {exc}") from None
     return Sample(record.id, inputs, target)
+
+
+class SampleView(Sequence[Sample]):
+    """The first ``length`` samples of something indexable, read only when asked (an index or a slice):
+    a pack's split, or the first validation samples a check looks at, without holding them all."""
+
+    def __init__(self, read: Callable[[int], Sample], length: int) -> None:
+        self.read, self.length = read, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Sample]: ...
+
+    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+        if isinstance(index, slice):
+            return [self.read(i) for i in range(*index.indices(self.length))]
+        if not -self.length <= index < self.length:
+            raise IndexError(index)
+        return self.read(index % self.length)
 
 
 class MultimodalDataset(Dataset[Sample]):

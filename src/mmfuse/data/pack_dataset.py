@@ -17,12 +17,11 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import overload
 
 import numpy as np
 
 from mmfuse.core.errors import DataError
-from mmfuse.data.dataset import MultimodalDataset, Sample, SkipReport
+from mmfuse.data.dataset import MultimodalDataset, Sample, SampleView, SkipReport
 from mmfuse.data.pack_format import INDEX_SUFFIX, Layout, ShardIndex, decode_sample
 
 
@@ -104,30 +103,8 @@ class PackDataset(MultimodalDataset):
     @property  # type: ignore[override]
     def samples(self) -> Sequence[Sample]:
         """The samples as a lazy sequence (each read from disk when indexed)."""
-        return _LazySamples(self)
+        return SampleView(self.__getitem__, len(self))
 
     @samples.setter
     def samples(self, value: list[Sample]) -> None:
         raise AttributeError("PackDataset.samples is read-only: the samples are in the pack")
-
-
-class _LazySamples(Sequence[Sample]):
-    def __init__(self, dataset: PackDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self.dataset[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.dataset[index]

@@ -17,12 +17,10 @@ Either way the note names the options that help (``mmfuse.engine.stall.REMEDIES`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import overload
 
 from mmfuse.core.shapley import shapley_values
-from mmfuse.data.dataset import MultimodalDataset, Sample
+from mmfuse.data.dataset import MultimodalDataset, SampleView
 from mmfuse.engine.cached_runner import CachedRunner, task_metrics
 from mmfuse.engine.stall import REMEDIES
 from mmfuse.model import MultimodalModel
@@ -52,7 +50,8 @@ def contributions(model: MultimodalModel, dataset: MultimodalDataset) -> Contrib
     if not isinstance(model.task, ClassificationTask) or model.fusion is None \
             or not 2 <= len(modalities) <= MAX_MODALITIES or len(dataset) == 0:
         return None
-    samples = _First(dataset.samples, MAX_SAMPLES)  # lazy: a pack's samples are read a batch at a time
+    every = dataset.samples  # once: an ArrayDataset builds this sequence on each access
+    samples = SampleView(every.__getitem__, min(len(every), MAX_SAMPLES))  # a pack's: read a batch at a time
     if any(sample.target is None for sample in samples):
         return None
     runner = CachedRunner(model, samples)
@@ -67,28 +66,6 @@ def contributions(model: MultimodalModel, dataset: MultimodalDataset) -> Contrib
     return Contributions(full=accuracy(frozenset(modalities)), empty=accuracy(frozenset()),
                          alone={m: accuracy(frozenset({m})) for m in modalities}, shapley=shapley,
                          samples=len(samples))
-
-
-class _First(Sequence[Sample]):
-    """The first ``n`` items of a sequence without copying them: slices and items are read when asked."""
-
-    def __init__(self, items: Sequence[Sample], n: int) -> None:
-        self.items, self.n = items, min(n, len(items))
-
-    def __len__(self) -> int:
-        return self.n
-
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self.items[i] for i in range(*index.indices(self.n))]
-        if not -self.n <= index < self.n:
-            raise IndexError(index)
-        return self.items[index % self.n]
 
 
 def contribution_note(found: Contributions | None) -> str | None:
