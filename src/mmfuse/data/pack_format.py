@@ -10,7 +10,9 @@ uninterrupted one byte for byte).
 A sample with key ``K`` is the members ``K.json`` (``{"id": ..., "inputs": {modality: [names] | null},
 "target": bool}``), ``K.<modality>.<name>.npy`` per input tensor and ``K.target.npy``. Its members are
 contiguous in the tar, so the shard's index (``<shard>.index.json``) keeps one byte span per sample
-and a reader fetches a sample with one positioned read, without scanning the shard.
+and a reader fetches a sample with one positioned read, without scanning the shard; the index also
+keeps where each member's bytes lie in that span, so the reader slices them out without parsing the
+tar headers (WebDataset and ``tar`` read the same shard as any tar).
 """
 
 from __future__ import annotations
