@@ -137,7 +137,7 @@ def decode_sample(data: bytes | bytearray, where: str, layout: Layout | None = N
                 raise ValueError("the index's member layout runs past the end of the sample")
             members = {name: view[offset:offset + size] for name, offset, size in layout}
         else:
-            members = {name.split(".", 1)[1]: view[offset:offset + size] for name, offset, size in span_layout(data)}
+            members = {name.split(".", 1)[1]: body for name, body in span_members(data)}
     except (ValueError, IndexError) as exc:
         raise DataError(f"{where}: corrupt sample in the pack ({type(exc).__name__}: {exc})") from None
     return sample_from_members(members, where)

@@ -76,8 +76,9 @@ def load_records(config: ExperimentConfig) -> dict[str, list[Record]]:
         raise DataError("the data has no training samples")
     if "val" not in splits:
         train = splits["train"]
-        val = set(validation_positions(config, len(train)))
-        splits["val"] = [train[i] for i in sorted(val)]
+        positions = validation_positions(config, len(train))
+        val = set(positions)
+        splits["val"] = [train[i] for i in positions]
         splits["train"] = [r for i, r in enumerate(train) if i not in val]
     check_overlap(splits, config.data.allow_overlap)
     return splits

@@ -19,6 +19,7 @@ the records differ, the full comparison runs to name what changed.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,12 @@ CHUNK = 1 << 20
 
 def record_digests(config: ExperimentConfig) -> dict[str, str]:
     """Per split, the digest ``fingerprint`` gives its records, from the manifest read row by row."""
-    counts: dict[str, int] = {}
-    for split, _ in split_records(config):
-        counts[split] = counts.get(split, 0) + 1
-    to_val = iter(validation_positions(config, counts.get("train", 0)) if "val" not in counts else ())
+    carved: list[int] = []
+    if config.data.train is None or config.data.val is None:  # whether val is carved out of train: count first
+        counts = Counter(split for split, _ in split_records(config))
+        if "val" not in counts:
+            carved = validation_positions(config, counts["train"])
+    to_val = iter(carved)
     next_val = next(to_val, -1)
     digests: dict[str, ListDigest] = {}
     train_position = 0
