@@ -34,6 +34,7 @@ def test_is_stalled_needs_the_prior_loss_and_chance_accuracy() -> None:
     assert is_stalled(at_prior)
     assert not is_stalled(EpochStats(100, 0.70, 0.80, 2, math.log(2), 0.5))  # accurate, if overconfident
     assert not is_stalled(EpochStats(100, 0.45, 0.51, 2, math.log(2), 0.5))  # loss well below the prior
+    assert is_stalled(EpochStats(100, 0.90, 0.48, 2, math.log(2), 0.5))  # fits noise: loss above the prior
     assert not is_stalled(EpochStats(0, 0.0, 0.0, 0, 0.0, 0.0))
 
 
@@ -57,13 +58,13 @@ def xor600(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_xor_features(tmp_path_factory.mktemp("xor600"), n_samples=600, dim=8)
 
 
-def run(manifest: Path, out: Path, modalities: list[str], lr: float) -> Any:
+def run(manifest: Path, out: Path, modalities: list[str], lr: float, fusion: str = "concat") -> Any:
     return train(validate_config({
         "seed": 0,
         "data": {"manifest": str(manifest), "batch_size": 32,
                  "modalities": {m: {"kind": "features", "column": m} for m in modalities}},
         "encoders": {m: {"name": "identity", "dim": 8} for m in modalities},
-        "fusion": {"name": "concat", "out_dim": 16}, "optim": {"lr": lr},
+        "fusion": {"name": fusion, "out_dim": 16}, "optim": {"lr": lr},
         "trainer": {"max_epochs": 5, "patience": None, "output_dir": str(out), "progress_bar": False}}))
 
 
@@ -79,6 +80,19 @@ def test_a_run_that_cannot_learn_warns_once(xor600: Path, tmp_path: Path, one_th
                    "warmup_steps", "init_from"):
         assert option in result.stall_warning
     assert result.chance_note is not None and "chance" in result.chance_note
+
+
+def test_decision_level_fusion_is_told_it_cannot_learn_an_interaction(xor600: Path, tmp_path: Path,
+                                                                      one_thread: None) -> None:
+    # Late fusion sums one vote per modality: no sum u(a) + v(b) gets XOR right, so it stays at the
+    # prior with the lr at which concat learns (next test), and every message leads with the fix.
+    result = run(xor600, tmp_path, ["a", "b"], lr=0.01, fusion="late")
+    assert result.val_metrics["accuracy"] < 0.6
+    for message in (result.stall_warning, result.chance_note):
+        assert message is not None
+        assert "first, a feature-level fusion (fusion.name: concat, lmf or tfn): 'late'" in message
+        assert "trainer.balance" in message  # the usual options follow
+    assert result.contribution_note is None or "'late' averages one vote" in result.contribution_note
 
 
 def test_a_learning_run_does_not_warn(xor600: Path, tmp_path: Path, one_thread: None,

@@ -68,7 +68,7 @@ def contributions(model: MultimodalModel, dataset: MultimodalDataset) -> Contrib
                          samples=len(samples))
 
 
-def contribution_note(found: Contributions | None) -> str | None:
+def contribution_note(found: Contributions | None, remedies: str = REMEDIES) -> str | None:
     """One paragraph when a modality adds next to nothing or fusion adds nothing over the best single
     modality; None otherwise."""
     if found is None:
@@ -88,4 +88,4 @@ def contribution_note(found: Contributions | None) -> str | None:
     values = ", ".join(f"{m} {v:+.3f}" for m, v in sorted(found.shapley.items()))
     return (f"modality contributions to validation accuracy ({found.samples} samples; Shapley values: {values}; "
             f"all {found.full:.3f}, none {found.empty:.3f}): {'; '.join(findings)}. If every modality should "
-            f"matter, options that help: {REMEDIES}")
+            f"matter, options that help: {remedies}")

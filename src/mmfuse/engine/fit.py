@@ -53,7 +53,7 @@ from mmfuse.engine.module import FusionModule, lightning_output
 from mmfuse.engine.nonfinite import NonFiniteGuard
 from mmfuse.engine.resume import BestCheckpoint, config_json, keep_earlier_logs, last_checkpoint, resume_point
 from mmfuse.engine.rng import RandomState
-from mmfuse.engine.stall import StallDetector, near_chance_note
+from mmfuse.engine.stall import StallDetector, near_chance_note, remedies_for
 from mmfuse.engine.tracking import build_logger
 from mmfuse.engine.warm_start import warm_start_encoders
 from mmfuse.model import MultimodalModel
@@ -214,7 +214,8 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool,
     val_metrics = evaluate(model, data.datasets["val"])
     test_metrics = evaluate(model, data.datasets["test"]) if len(data.datasets.get("test", [])) else None
     warn_lazy_crops(config, data)  # lazy splits: known only now that every split has been read
-    note = contribution_note(contributions(model, data.datasets["val"])) if config.trainer.contribution_check else None
+    note = (contribution_note(contributions(model, data.datasets["val"]), remedies_for(model))
+            if config.trainer.contribution_check else None)
     model_dir = model.save_pretrained(out / "model") if save else None
     result = TrainResult(
         model=model, output_dir=out, model_dir=model_dir, val_metrics=val_metrics, test_metrics=test_metrics,
@@ -228,7 +229,8 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool,
         if isinstance(callback, StallDetector):
             result.stall_warning = callback.message
             split = "test" if test_metrics else "val"
-            result.chance_note = near_chance_note(test_metrics or val_metrics, callback.last, len(data.datasets[split]))
+            result.chance_note = near_chance_note(test_metrics or val_metrics, callback.last, len(data.datasets[split]),
+                                                  remedies=remedies_for(model))
     if save:
         write_run_files(config, result)
         result.skipped_file = write_skipped(data, out)

@@ -10,9 +10,11 @@ row, logs one warning that names the options that help.
 An epoch is stalled when
 
 * every validation prediction is the same class, or
-* the validation cross-entropy is within ``tolerance`` (relative) of the entropy of the validation
-  label distribution (ln 2 for balanced binary labels: the loss of always predicting the prior)
-  **and** the accuracy is within ``margin`` of the majority-class rate.
+* the validation cross-entropy is not below the entropy of the validation label distribution by
+  more than ``tolerance`` (relative; ln 2 for balanced binary labels: the loss of always predicting
+  the prior) **and** the accuracy is within ``margin`` of the majority-class rate. A loss *above* the
+  prior counts too: a model that fits noise in the training set (late fusion on an interaction
+  label does) is no better off than one predicting the prior.
 
 The model's outputs are read from a forward hook on its head during the validation the Trainer
 runs anyway (no extra forward pass); the label distribution from the validation targets.
@@ -43,6 +45,23 @@ REMEDIES = ("trainer.unimodal_loss_weight: 1.0 (a head per modality keeps every 
 """The options that help a model stuck at chance, named by the stall warning and the end-of-run summary."""
 
 
+def remedies_for(model: Any) -> str:
+    """:data:`REMEDIES`, led by the one that matters first when ``model``'s fusion is decision-level.
+
+    Why: late fusion averages one vote per modality, so its score is a sum of per-modality terms and
+    cannot represent a label that lives in an interaction of modalities (for a XOR b no sum
+    u(a) + v(b) has the right sign in all four cases). No training option fixes that, so it is named first.
+    """
+    fusion = getattr(model, "fusion", None)
+    if not getattr(fusion, "decision_level", False):
+        return REMEDIES
+    name = getattr(getattr(model, "spec", None), "fusion", None)
+    name = getattr(name, "name", type(fusion).__name__)
+    return (f"first, a feature-level fusion (fusion.name: concat, lmf or tfn): '{name}' averages one vote per "
+            f"modality, so it cannot represent a label that depends on how the modalities combine; then "
+            f"{REMEDIES}")
+
+
 @dataclass
 class EpochStats:
     """One validation epoch, as the stall check sees it."""
@@ -70,13 +89,14 @@ def epoch_stats(logits: Tensor, target: Tensor, num_classes: int) -> EpochStats:
 
 
 def is_stalled(stats: EpochStats, tolerance: float = 0.05, margin: float = 0.02) -> bool:
-    """One class for every sample, or a loss at the prior's entropy with accuracy at the majority rate."""
+    """One class for every sample, or a loss at (or above) the prior's entropy with accuracy at the
+    majority rate."""
     if stats.samples == 0:
         return False
     if stats.predicted_classes == 1:
         return True
-    at_prior = abs(stats.loss - stats.prior_entropy) <= tolerance * max(stats.prior_entropy, 1e-8)
-    return at_prior and stats.accuracy <= stats.majority_rate + margin
+    not_below_prior = stats.loss >= stats.prior_entropy - tolerance * max(stats.prior_entropy, 1e-8)
+    return not_below_prior and stats.accuracy <= stats.majority_rate + margin
 
 
 class StallDetector(L.Callback):
@@ -133,24 +153,24 @@ class StallDetector(L.Callback):
         self._logits, self._targets = [], []
         self.streak = self.streak + 1 if is_stalled(self.last, self.tolerance, self.margin) else 0
         if self.streak >= self.patience and self.message is None and trainer.is_global_zero:
-            self.message = stall_message(self.last, self.streak)
+            self.message = stall_message(self.last, self.streak, remedies_for(pl_module.model))
             log.warning("%s", self.message)
 
 
-def stall_message(stats: EpochStats, epochs: int) -> str:
+def stall_message(stats: EpochStats, epochs: int, remedies: str = REMEDIES) -> str:
     """The one-line warning: what was seen, and what to try."""
     if stats.predicted_classes == 1:
         seen = "every validation prediction was the same class"
     else:
-        seen = (f"the validation loss stayed at the label prior's entropy ({stats.loss:.3f} vs "
+        seen = (f"the validation loss stayed at or above the label prior's entropy ({stats.loss:.3f} vs "
                 f"{stats.prior_entropy:.3f}) with accuracy {stats.accuracy:.3f} at the majority rate "
                 f"{stats.majority_rate:.3f}")
     return (f"training looks stalled: for {epochs} epochs {seen}, so far the model is not using its inputs "
-            f"(when each modality alone says little, fusion can stay at chance). Options that help: {REMEDIES}")
+            f"(when each modality alone says little, fusion can stay at chance). Options that help: {remedies}")
 
 
 def near_chance_note(metrics: dict[str, float], stats: EpochStats | None, samples: int,
-                     points: float = 0.03) -> str | None:
+                     points: float = 0.03, remedies: str = REMEDIES) -> str | None:
     """A note when the final accuracy on ``samples`` samples is within ``points`` of the majority-class
     rate (chance for this label distribution), or within two standard errors of it (a small test set
     cannot tell more); None when it is clearly above, or when that rate is unknown."""
@@ -163,4 +183,4 @@ def near_chance_note(metrics: dict[str, float], stats: EpochStats | None, sample
         return None
     return (f"accuracy {accuracy:.3f} is within {margin * 100:.0f} points of chance (the majority-class rate "
             f"{chance:.3f}; {samples} samples): the model predicts little more than the label prior. "
-            f"Options that help: {REMEDIES}")
+            f"Options that help: {remedies}")
