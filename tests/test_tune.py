@@ -318,6 +318,10 @@ def test_shipped_space_and_methods_examples_are_valid() -> None:
     space = load_space(repo / "configs" / "tune" / "space-synthetic.yaml", base)
     assert "fusion.rank" in space.keys and space.params[space.keys.index("fusion.rank")].when == {
         "fusion.name": ("lmf",)}
+    arith = load_space(repo / "configs" / "tune" / "space-avmnist-arith.yaml",
+                       load_config(repo / "configs" / "avmnist-arith.yaml"))
+    assert arith.keys == ["optim.lr", "fusion.name", "fusion.rank", "fusion.out_dim", "trainer.unimodal_loss_weight",
+                          "data.batch_size"]
     assert load_method_options(repo / "configs" / "tune" / "bench-methods.yaml") == {
         "lmf": {"rank": 8}, "mult": {"heads": 2, "layers": 1}}
 
