@@ -214,7 +214,8 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool,
     val_metrics = evaluate(model, data.datasets["val"])
     test_metrics = evaluate(model, data.datasets["test"]) if len(data.datasets.get("test", [])) else None
     warn_lazy_crops(config, data)  # lazy splits: known only now that every split has been read
-    note = (contribution_note(contributions(model, data.datasets["val"]), remedies_for(model))
+    remedies = remedies_for(model)  # what the end-of-run notes suggest, for this fusion
+    note = (contribution_note(contributions(model, data.datasets["val"]), remedies)
             if config.trainer.contribution_check else None)
     model_dir = model.save_pretrained(out / "model") if save else None
     result = TrainResult(
@@ -230,7 +231,7 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool,
             result.stall_warning = callback.message
             split = "test" if test_metrics else "val"
             result.chance_note = near_chance_note(test_metrics or val_metrics, callback.last, len(data.datasets[split]),
-                                                  remedies=remedies_for(model))
+                                                  remedies=remedies)
     if save:
         write_run_files(config, result)
         result.skipped_file = write_skipped(data, out)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmfuse.model import MultimodalModel
 from mmfuse.tasks.classification import ClassificationTask
 
 log = logging.getLogger(__name__)
@@ -45,21 +46,18 @@ REMEDIES = ("trainer.unimodal_loss_weight: 1.0 (a head per modality keeps every 
 """The options that help a model stuck at chance, named by the stall warning and the end-of-run summary."""
 
 
-def remedies_for(model: Any) -> str:
+def remedies_for(model: MultimodalModel) -> str:
     """:data:`REMEDIES`, led by the one that matters first when ``model``'s fusion is decision-level.
 
     Why: late fusion averages one vote per modality, so its score is a sum of per-modality terms and
     cannot represent a label that lives in an interaction of modalities (for a XOR b no sum
     u(a) + v(b) has the right sign in all four cases). No training option fixes that, so it is named first.
     """
-    fusion = getattr(model, "fusion", None)
-    if not getattr(fusion, "decision_level", False):
+    if model.fusion is None or not model.fusion.decision_level:
         return REMEDIES
-    name = getattr(getattr(model, "spec", None), "fusion", None)
-    name = getattr(name, "name", type(fusion).__name__)
-    return (f"first, a feature-level fusion (fusion.name: concat, lmf or tfn): '{name}' averages one vote per "
-            f"modality, so it cannot represent a label that depends on how the modalities combine; then "
-            f"{REMEDIES}")
+    return (f"first, a feature-level fusion (fusion.name: concat, lmf or tfn): '{model.spec.fusion.name}' averages "
+            f"one vote per modality, so it cannot represent a label that depends on how the modalities combine; "
+            f"then {REMEDIES}")
 
 
 @dataclass
@@ -153,7 +151,9 @@ class StallDetector(L.Callback):
         self._logits, self._targets = [], []
         self.streak = self.streak + 1 if is_stalled(self.last, self.tolerance, self.margin) else 0
         if self.streak >= self.patience and self.message is None and trainer.is_global_zero:
-            self.message = stall_message(self.last, self.streak, remedies_for(pl_module.model))
+            model = getattr(pl_module, "model", None)
+            remedies = remedies_for(model) if isinstance(model, MultimodalModel) else REMEDIES
+            self.message = stall_message(self.last, self.streak, remedies)
             log.warning("%s", self.message)
 
 
