@@ -45,7 +45,7 @@ def load_hf_model(model: str, context: EncoderContext, where: str, init: Init,
     """
     from transformers import AutoConfig, AutoModel  # lazy: transformers is slow to import
 
-    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    options: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
     source = context.assets or resolve_source(model, where)
     if context.assets and not (Path(source) / "config.json").is_file():
         raise ConfigError(f"{where}: the saved model lacks {source}/config.json")
