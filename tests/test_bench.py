@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import statistics
 from pathlib import Path
@@ -290,9 +289,6 @@ def _expected_methods(name: str) -> list[str]:
 def test_bench_runs_every_shipped_config(name: str, request: pytest.FixtureRequest, tiny_sets: dict[str, Path],
                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each config's own method and its single-modality baselines, 1 epoch, 1 seed, on a tiny set."""
-    if name == "pretrained-offline.yaml" and importlib.util.find_spec("resemblyzer") is None:
-        pytest.skip("configs/pretrained-offline.yaml: its GE2E audio weights ship in resemblyzer, which is not "
-                    "installed (pip install --no-deps resemblyzer)")
     monkeypatch.setenv("MMFUSE_CACHE", str(tiny_sets["cache"]))
     overrides = [*_tiny_data(name, request, tiny_sets), "trainer.max_epochs=1", "trainer.progress_bar=false"]
     config = load_config(REPO / "configs" / name, overrides)

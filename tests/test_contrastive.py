@@ -291,7 +291,6 @@ def test_info_nce_with_labels() -> None:
 
 
 def test_faiss_approximate_search_matches_exact(tmp_path: Path) -> None:
-    pytest.importorskip("faiss")
     from mmfuse.retrieval import search_faiss, write_faiss
 
     gen = torch.Generator().manual_seed(4)
@@ -312,7 +311,6 @@ def test_faiss_approximate_search_matches_exact(tmp_path: Path) -> None:
 
 
 def test_cli_embed_faiss_and_approximate_retrieve(trained: Path, synth_manifest: Path, tmp_path: Path) -> None:
-    pytest.importorskip("faiss")
     index_path = tmp_path / "index.safetensors"
     result = runner.invoke(app, ["embed", "-m", str(trained), "--data", str(synth_manifest), "--out",
                                  str(index_path), "--faiss"])

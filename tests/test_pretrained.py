@@ -31,8 +31,6 @@ from mmfuse.fusion import FUSIONS
 from mmfuse.model import MultimodalModel
 from mmfuse.tasks import TASKS
 
-transformers = pytest.importorskip("transformers")
-
 WORDS = ["a", "red", "blue", "green", "square", "circle", "loud", "low", "tone", "the", "here", "quiet"]
 TEXTS = ["a red square", "the blue circle", None, "a loud low tone here", "green", "quiet blue tone",
          "red circle here", "the green square"]

