@@ -19,6 +19,7 @@ from mmfuse.config import ExperimentConfig, validate_config
 from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.dataset import Collator
 from mmfuse.data.pack_dataset import PackDataset
+from mmfuse.engine import data as data_module
 from mmfuse.engine import loader as loader_module
 from mmfuse.engine import pack as pack_module
 from mmfuse.engine import pack_check, pack_fingerprint
@@ -298,7 +299,8 @@ def test_bench_reads_the_pack(synth_manifest: Path, tmp_path: Path, monkeypatch:
     path = tmp_path / "cfg.yaml"
     path.write_text(json.dumps(config.model_dump(mode="json", exclude={"trainer": {"overwrite"}})))
     built: list[object] = []
-    monkeypatch.setattr(pack_module, "open_pack", lambda *a: built.append(a) or open_pack(*a))
+    # prepare_data calls the open_pack it imported (mmfuse.engine.data), so that is the name to count
+    monkeypatch.setattr(data_module, "open_pack", lambda *a: built.append(a) or open_pack(*a))
     result = CliRunner().invoke(app, ["bench", "-c", str(path), "--methods", "concat", "--seeds", "1", "--no-unimodal",
                                       "--out", str(tmp_path / "bench"), "--set", f"data.pack={tmp_path / 'pack'}",
                                       "--set", "trainer.max_epochs=1"])

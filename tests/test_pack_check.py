@@ -13,9 +13,9 @@ import pytest
 from mmfuse.config import ExperimentConfig, validate_config
 from mmfuse.core.errors import DataError
 from mmfuse.engine import pack_check
-from mmfuse.engine.data import load_records, new_preprocessor
 from mmfuse.engine.pack import open_pack, pack_data
 from mmfuse.engine.pack_fingerprint import fingerprint
+from mmfuse.engine.records import load_records, new_preprocessor
 
 
 def config_for(**data: object) -> ExperimentConfig:

@@ -45,7 +45,6 @@ from mmfuse.data.manifest import Record
 from mmfuse.data.pack_dataset import PackDataset, check_shard
 from mmfuse.data.pack_format import FORMAT, INDEX_SUFFIX, ShardIndex, shard_layouts, write_shard
 from mmfuse.data.preprocess import Preprocessor
-from mmfuse.engine.data import PreparedData, fit_preprocessing, load_records, new_preprocessor
 from mmfuse.engine.pack_check import pack_differences
 from mmfuse.engine.pack_fingerprint import (
     FILES_FILE,
@@ -56,6 +55,7 @@ from mmfuse.engine.pack_fingerprint import (
     load_files,
     write_files,
 )
+from mmfuse.engine.records import PreparedData, fit_preprocessing, load_records, new_preprocessor
 from mmfuse.tasks import TASKS, Task
 
 PACK_FILE, PARTIAL_FILE = "pack.json", "pack.partial.json"

@@ -26,7 +26,6 @@ from typing import Any
 
 from mmfuse.config import ExperimentConfig
 from mmfuse.core.identity import file_digest
-from mmfuse.engine.data import load_records, new_preprocessor, split_records, validation_positions
 from mmfuse.engine.pack_fingerprint import (
     FILES_FILE,
     FileEntry,
@@ -38,6 +37,7 @@ from mmfuse.engine.pack_fingerprint import (
     load_files,
     stamp_of,
 )
+from mmfuse.engine.records import load_records, new_preprocessor, split_records, validation_positions
 
 CHUNK = 1 << 20
 
