@@ -69,8 +69,8 @@ class MultimodalModel(nn.Module):
         })
         for m in self.modalities:
             if spec.encoders[m].freeze:
-                self._encoder(m).freeze()
-        dims = {m: self._encoder(m).out_dim for m in self.modalities}
+                self.encoder(m).freeze()
+        dims = self.encoder_dims
         decision_level = bool(getattr(FUSIONS.get(spec.fusion.name), "decision_level", False))
         if decision_level and not isinstance(task, HeadTask):
             raise ConfigError(f"fusion '{spec.fusion.name}' outputs decisions, not features; task "
@@ -91,10 +91,31 @@ class MultimodalModel(nn.Module):
             context = dataclasses.replace(context, assets=str(self._assets / ENCODER_ASSETS_DIR / modality))
         return ENCODERS.create(config.name, context=context, **config.options)
 
-    def _encoder(self, modality: str) -> Encoder:
+    def encoder(self, modality: str) -> Encoder:
+        """The encoder of ``modality`` (``self.encoders[modality]``, typed)."""
         encoder = self.encoders[modality]
         assert isinstance(encoder, Encoder)
         return encoder
+
+    # ---- what a task reads of its model (mmfuse.tasks.base.FusedModel) ------------------------
+
+    @property
+    def encoder_dims(self) -> dict[str, int]:
+        """Width of each modality's encoder features, in sorted modality order."""
+        return {m: self.encoder(m).out_dim for m in self.modalities}
+
+    @property
+    def encoder_names(self) -> dict[str, str]:
+        """The registry name of each modality's encoder."""
+        return {m: self.spec.encoders[m].name for m in self.modalities}
+
+    @property
+    def task_config(self) -> TaskConfig:
+        return self.spec.task
+
+    @property
+    def target_column(self) -> str:
+        return self.spec.target_column
 
     @classmethod
     def from_config(cls, config: ExperimentConfig, preprocessor: Preprocessor, task: Task) -> MultimodalModel:
@@ -109,7 +130,7 @@ class MultimodalModel(nn.Module):
         device = next(self.parameters()).device
         features = {}
         for m in self.modalities:
-            encoder = self._encoder(m)
+            encoder = self.encoder(m)
             if m in batch.inputs and eager_any(batch.present[m]):
                 inputs = batch.inputs[m]
                 if CACHED_POOLED in inputs:  # outputs of a frozen encoder, read from the feature cache
@@ -165,7 +186,7 @@ class MultimodalModel(nn.Module):
         alone rebuilds the model: no hub name, package or original folder is needed to load it."""
         self.preprocessor.save_assets(folder)
         for m in self.modalities:
-            save_assets = getattr(self._encoder(m), "save_assets", None)
+            save_assets = getattr(self.encoder(m), "save_assets", None)
             if callable(save_assets):
                 save_assets(folder / ENCODER_ASSETS_DIR / m)
 

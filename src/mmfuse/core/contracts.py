@@ -99,3 +99,23 @@ class TargetCodec(Protocol):
     def encode_target(self, raw: Any) -> torch.Tensor: ...
 
     def collate_targets(self, targets: list[torch.Tensor]) -> torch.Tensor: ...
+
+
+class FusionModule(Protocol):
+    """What a task may use of the model's fusion: ``Features`` per modality in, (B, out_dim) out.
+
+    Every ``mmfuse.fusion`` method implements it. Tasks sit beside the fusion package and may not
+    import it, so they call the fusion through this contract (``mmfuse.tasks.base.FusedModel``).
+    """
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the fused vector (for a decision-level method: the task's number of outputs)."""
+        ...
+
+    @property
+    def decision_level(self) -> bool:
+        """True when the output is already the task's prediction (``late``): a head adds nothing."""
+        ...
+
+    def __call__(self, features: dict[str, Features]) -> Tensor: ...

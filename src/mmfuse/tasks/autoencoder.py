@@ -27,7 +27,7 @@ fused code.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,10 +39,7 @@ from mmfuse.core.errors import ConfigError
 from mmfuse.core.layers import mlp
 from mmfuse.core.registry import TASKS
 from mmfuse.data.text import Tokenizer
-from mmfuse.tasks.base import Task
-
-if TYPE_CHECKING:
-    from mmfuse.model import MultimodalModel
+from mmfuse.tasks.base import FusedModel, Task
 
 # Built-in encoder -> the input it can be asked to reconstruct.
 INPUT_TARGETS = {"image_cnn": "pixels", "audio_cnn": "mel", "text_gru": "words", "text_transformer": "words"}
@@ -191,7 +188,7 @@ class AutoencoderTask(Task):
     def metrics(self) -> MetricCollection:
         return MetricCollection({"nmse_absent": ReconstructionMetric(self.sizes)})
 
-    def build_head(self, model: MultimodalModel) -> nn.Module:
+    def build_head(self, model: FusedModel) -> nn.Module:
         assert model.fusion is not None
         self.modalities = list(model.modalities)
         if len(self.modalities) < 2:
@@ -199,8 +196,8 @@ class AutoencoderTask(Task):
         prep = model.preprocessor
         self.sizes, self.inputs = {}, {}
         for m in self.modalities:
-            self.sizes[f"{m}.features"] = model._encoder(m).out_dim
-            target = INPUT_TARGETS.get(model.spec.encoders[m].name) if self.input_targets else None
+            self.sizes[f"{m}.features"] = model.encoder_dims[m]
+            target = INPUT_TARGETS.get(model.encoder_names[m]) if self.input_targets else None
             if target == "pixels":
                 self.sizes[f"{m}.pixels"] = prep.image.channels * prep.image.size ** 2
                 mean, std = prep.image.mean, prep.image.std
@@ -217,11 +214,11 @@ class AutoencoderTask(Task):
         return AutoencoderHead(model.fusion.out_dim, self.sizes, self.hidden, self.dropout)
 
     @staticmethod
-    def _head(model: MultimodalModel) -> AutoencoderHead:
+    def _head(model: FusedModel) -> AutoencoderHead:
         assert isinstance(model.head, AutoencoderHead)
         return model.head
 
-    def input_target(self, model: MultimodalModel, batch: Batch, m: str) -> tuple[Tensor, Tensor]:
+    def input_target(self, model: FusedModel, batch: Batch, m: str) -> tuple[Tensor, Tensor]:
         """(B, K) flat input target of modality m and its (B, K) element weights (0 = ignore)."""
         kind = self.inputs[m]
         inputs = batch.inputs[m]
@@ -242,7 +239,7 @@ class AutoencoderTask(Task):
         bag[:, 0] = 0.0  # the padding id is not a word
         return bag, torch.ones_like(bag)
 
-    def reconstruct(self, model: MultimodalModel, features: dict[str, Features], keep: dict[str, Tensor],
+    def reconstruct(self, model: FusedModel, features: dict[str, Features], keep: dict[str, Tensor],
                     ) -> dict[str, Tensor]:
         """Predictions (B, K) per target name from the code of the kept modalities (words as logits)."""
         assert model.fusion is not None
@@ -250,7 +247,7 @@ class AutoencoderTask(Task):
         head = self._head(model)
         return {name: head(code, name) for name in self.sizes}
 
-    def _targets(self, model: MultimodalModel, batch: Batch,
+    def _targets(self, model: FusedModel, batch: Batch,
                  features: dict[str, Features]) -> dict[str, tuple[Tensor, Tensor]]:
         """(target, element weight) per target name; rows where the modality is absent weigh 0."""
         out = {}
@@ -276,12 +273,12 @@ class AutoencoderTask(Task):
             losses.append(scale * (err * weight).sum() / weight.sum().clamp(min=1.0))
         return torch.stack(losses).sum()
 
-    def forward(self, model: MultimodalModel, batch: Batch) -> Tensor:
+    def forward(self, model: FusedModel, batch: Batch) -> Tensor:
         """(B, fusion.out_dim) fused code of the present modalities."""
         assert model.fusion is not None
         return model.fusion(model.encode(batch))
 
-    def step_loss(self, model: MultimodalModel, batch: Batch) -> Tensor:
+    def step_loss(self, model: FusedModel, batch: Batch) -> Tensor:
         from mmfuse.core.masking import drop_modalities
 
         features = model.encode(batch)
@@ -293,7 +290,7 @@ class AutoencoderTask(Task):
             head.init_biases(targets)
         return self._loss(self.reconstruct(model, features, keep), targets)
 
-    def eval_step(self, model: MultimodalModel, batch: Batch, metrics: MetricCollection) -> Tensor:
+    def eval_step(self, model: FusedModel, batch: Batch, metrics: MetricCollection) -> Tensor:
         features = model.encode(batch)
         present = {m: features[m].present for m in self.modalities}
         targets = self._targets(model, batch, features)
@@ -315,7 +312,7 @@ class AutoencoderTask(Task):
     def _output(name: str, pred: Tensor) -> Tensor:
         return pred.sigmoid() if name.endswith(".words") else pred
 
-    def predict(self, model: MultimodalModel, batch: Batch) -> list[dict[str, Any]]:
+    def predict(self, model: FusedModel, batch: Batch) -> list[dict[str, Any]]:
         """Per sample and modality: the reconstruction (present) or the imputation (absent).
 
         With ``impute`` set, those modalities are hidden even where given, and only they are output.

@@ -20,17 +20,77 @@ which belongs to the model, so ``save_pretrained`` stores them with everything e
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from mmfuse.core.contracts import Batch
+from mmfuse.config import TaskConfig
+from mmfuse.core.contracts import Batch, Features, FusionModule
 from mmfuse.core.layers import mlp
+from mmfuse.data.preprocess import Preprocessor
 
-if TYPE_CHECKING:
-    from mmfuse.model import MultimodalModel
+
+class FusedModel(Protocol):
+    """What a task may use of the model whose head it is; ``mmfuse.model.MultimodalModel`` provides it.
+
+    Why a protocol: the model sits above the tasks (it builds their heads and calls them), so a task
+    typed against ``MultimodalModel`` had to import it, if only for annotations (a circle in the
+    import graph), and it reached into the model's private encoder accessor and its spec. These
+    members are the whole interface between a task and its model: the model may change anything else.
+    """
+
+    @property
+    def training(self) -> bool: ...
+
+    @property
+    def modalities(self) -> Sequence[str]:
+        """The model's modalities, sorted."""
+        ...
+
+    @property
+    def preprocessor(self) -> Preprocessor: ...
+
+    @property
+    def task(self) -> Task: ...
+
+    @property
+    def fusion(self) -> FusionModule | None:
+        """None for a task that does not use fusion (``Task.uses_fusion``)."""
+        ...
+
+    @property
+    def head(self) -> nn.Module:
+        """What ``build_head`` returned."""
+        ...
+
+    @property
+    def encoder_dims(self) -> dict[str, int]:
+        """Width of each modality's encoder features (``Features.tokens`` and ``pooled``)."""
+        ...
+
+    @property
+    def encoder_names(self) -> dict[str, str]:
+        """The registry name of each modality's encoder."""
+        ...
+
+    @property
+    def task_config(self) -> TaskConfig:
+        """The task's config (``head_hidden``, ``head_dropout`` besides the task's own options)."""
+        ...
+
+    @property
+    def target_column(self) -> str: ...
+
+    def encode(self, batch: Batch) -> dict[str, Features]: ...
+
+    def __call__(self, batch: Batch) -> Tensor: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def eval(self) -> nn.Module: ...
 
 
 class Task(ABC):
@@ -69,23 +129,23 @@ class Task(ABC):
     def load_state(self, state: dict[str, Any]) -> None: ...
 
     @abstractmethod
-    def build_head(self, model: MultimodalModel) -> nn.Module:
+    def build_head(self, model: FusedModel) -> nn.Module:
         """The task's own parameters, built after the encoders and fusion; stored as ``model.head``."""
 
     @abstractmethod
-    def forward(self, model: MultimodalModel, batch: Batch) -> Tensor:
+    def forward(self, model: FusedModel, batch: Batch) -> Tensor:
         """``model(batch)``: the task's main output tensor (documented by each task)."""
 
     @abstractmethod
-    def step_loss(self, model: MultimodalModel, batch: Batch) -> Tensor:
+    def step_loss(self, model: FusedModel, batch: Batch) -> Tensor:
         """The scalar training loss of one batch."""
 
     @abstractmethod
-    def eval_step(self, model: MultimodalModel, batch: Batch, metrics: MetricCollection) -> Tensor:
+    def eval_step(self, model: FusedModel, batch: Batch, metrics: MetricCollection) -> Tensor:
         """Validation / evaluation of one batch: updates ``metrics`` and returns the batch's loss."""
 
     @abstractmethod
-    def predict(self, model: MultimodalModel, batch: Batch) -> list[dict[str, Any]]:
+    def predict(self, model: FusedModel, batch: Batch) -> list[dict[str, Any]]:
         """One JSON-ready prediction per sample (called under ``torch.no_grad`` in eval mode)."""
 
     def collate_targets(self, targets: list[Tensor]) -> Tensor:
@@ -111,17 +171,17 @@ class HeadTask(Task):
     def decode(self, outputs: Tensor) -> list[dict[str, Any]]:
         """Model outputs -> one JSON-ready prediction per sample."""
 
-    def build_head(self, model: MultimodalModel) -> nn.Module:
+    def build_head(self, model: FusedModel) -> nn.Module:
         # A decision-level fusion (late) already outputs num_outputs values per sample.
         assert model.fusion is not None
         if model.fusion.decision_level:
             return nn.Identity()
-        cfg = model.spec.task
+        cfg = model.task_config
         width = model.fusion.out_dim
         return nn.Sequential(nn.GELU(), nn.Dropout(cfg.head_dropout),
                              mlp(width, cfg.head_hidden, self.num_outputs, cfg.head_dropout))
 
-    def forward(self, model: MultimodalModel, batch: Batch) -> Tensor:
+    def forward(self, model: FusedModel, batch: Batch) -> Tensor:
         """(B, num_outputs) outputs (logits or standardised values), calibrated when the task is."""
         assert model.fusion is not None
         return self.calibrate(model.head(model.fusion(model.encode(batch))), batch.present)
@@ -131,15 +191,15 @@ class HeadTask(Task):
         identity unless the task fitted a calibration after training (classification)."""
         return outputs
 
-    def step_loss(self, model: MultimodalModel, batch: Batch) -> Tensor:
+    def step_loss(self, model: FusedModel, batch: Batch) -> Tensor:
         assert batch.target is not None, f"task '{self.name}' needs targets to train"
         return self.loss(model(batch), batch.target)
 
-    def eval_step(self, model: MultimodalModel, batch: Batch, metrics: MetricCollection) -> Tensor:
+    def eval_step(self, model: FusedModel, batch: Batch, metrics: MetricCollection) -> Tensor:
         assert batch.target is not None, f"task '{self.name}' needs targets to evaluate"
         outputs = model(batch)
         metrics.update(*self.metric_inputs(outputs, batch.target))
         return self.loss(outputs, batch.target)
 
-    def predict(self, model: MultimodalModel, batch: Batch) -> list[dict[str, Any]]:
+    def predict(self, model: FusedModel, batch: Batch) -> list[dict[str, Any]]:
         return self.decode(model(batch))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sacrebleu
 import torch
@@ -27,10 +27,7 @@ from torchmetrics import Metric, MetricCollection
 from mmfuse.core.contracts import Batch, Features
 from mmfuse.core.errors import ConfigError
 from mmfuse.core.registry import TASKS
-from mmfuse.tasks.base import Task
-
-if TYPE_CHECKING:
-    from mmfuse.model import MultimodalModel
+from mmfuse.tasks.base import FusedModel, Task
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
@@ -166,40 +163,40 @@ class CaptioningTask(Task):
         self._ids = {w: i for i, w in enumerate(self.vocab)}
         self.constant = str(state["constant"])
 
-    def build_head(self, model: MultimodalModel) -> nn.Module:
+    def build_head(self, model: FusedModel) -> nn.Module:
         assert model.fusion is not None
         if not self.vocab:
             raise ConfigError("task captioning has no vocabulary: fit it on the training captions first")
         columns = {spec.column: m for m, spec in model.preprocessor.modalities.items()}
-        if model.spec.target_column in columns:
-            raise ConfigError(f"captioning target column '{model.spec.target_column}' is also the input of modality "
-                              f"'{columns[model.spec.target_column]}': the model would see the caption it must write")
-        dims = {m: model._encoder(m).out_dim for m in model.modalities}
+        if model.target_column in columns:
+            raise ConfigError(f"captioning target column '{model.target_column}' is also the input of modality "
+                              f"'{columns[model.target_column]}': the model would see the caption it must write")
+        dims = {m: model.encoder_dims[m] for m in model.modalities}
         return CaptionDecoder(len(self.vocab), self.dim, self.layers, self.heads, self.max_length, dims,
                               model.fusion.out_dim, self.dropout)
 
     @staticmethod
-    def _decoder(model: MultimodalModel) -> CaptionDecoder:
+    def _decoder(model: FusedModel) -> CaptionDecoder:
         assert isinstance(model.head, CaptionDecoder)
         return model.head
 
-    def memory(self, model: MultimodalModel, batch: Batch) -> tuple[Tensor, Tensor]:
+    def memory(self, model: FusedModel, batch: Batch) -> tuple[Tensor, Tensor]:
         assert model.fusion is not None
         features = model.encode(batch)
         return self._decoder(model).memory(model.fusion(features), features)
 
-    def forward(self, model: MultimodalModel, batch: Batch) -> Tensor:
+    def forward(self, model: FusedModel, batch: Batch) -> Tensor:
         """(B, L) greedy caption ids (BOS excluded; EOS then padding after the end)."""
         return self.greedy(model, *self.memory(model, batch))
 
-    def step_loss(self, model: MultimodalModel, batch: Batch) -> Tensor:
+    def step_loss(self, model: FusedModel, batch: Batch) -> Tensor:
         assert batch.target is not None, "captioning needs captions to train"
         memory, pad = self.memory(model, batch)
         logits = self._decoder(model)(batch.target[:, :-1], memory, pad)
         return F.cross_entropy(logits.flatten(0, 1), batch.target[:, 1:].flatten(), ignore_index=PAD,
                                label_smoothing=self.label_smoothing)
 
-    def eval_step(self, model: MultimodalModel, batch: Batch, metrics: MetricCollection) -> Tensor:
+    def eval_step(self, model: FusedModel, batch: Batch, metrics: MetricCollection) -> Tensor:
         assert batch.target is not None, "captioning needs captions to evaluate"
         memory, pad = self.memory(model, batch)
         logits = self._decoder(model)(batch.target[:, :-1], memory, pad)
@@ -209,7 +206,7 @@ class CaptioningTask(Task):
         metrics["bleu"].update(hypotheses, references)
         return loss
 
-    def greedy(self, model: MultimodalModel, memory: Tensor, pad: Tensor) -> Tensor:
+    def greedy(self, model: FusedModel, memory: Tensor, pad: Tensor) -> Tensor:
         decoder = self._decoder(model)
         tokens = torch.full((len(memory), 1), BOS, dtype=torch.long, device=memory.device)
         done = torch.zeros(len(memory), dtype=torch.bool, device=memory.device)
@@ -222,7 +219,7 @@ class CaptioningTask(Task):
                 break
         return tokens[:, 1:]
 
-    def beam_search(self, model: MultimodalModel, memory: Tensor, pad: Tensor, beam: int) -> list[list[int]]:
+    def beam_search(self, model: FusedModel, memory: Tensor, pad: Tensor, beam: int) -> list[list[int]]:
         """Beam search per sample; score = sum of log-probabilities / length ** length_penalty.
 
         Stops when the best finished caption beats every live beam (log-probabilities only
@@ -259,7 +256,7 @@ class CaptioningTask(Task):
     def _normalised(self, score: float, seq: list[int]) -> float:
         return score / (max(1, len(seq) - 1) ** self.length_penalty) if self.length_penalty else score
 
-    def predict(self, model: MultimodalModel, batch: Batch) -> list[dict[str, Any]]:
+    def predict(self, model: FusedModel, batch: Batch) -> list[dict[str, Any]]:
         memory, pad = self.memory(model, batch)
         if self.beam_size == 1:
             rows = self.greedy(model, memory, pad).tolist()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,11 +33,8 @@ from mmfuse.core.masking import present_pooled
 from mmfuse.core.registry import TASKS
 from mmfuse.data.manifest import Record
 from mmfuse.retrieval import EmbeddingIndex, info_nce, retrieval_report
-from mmfuse.tasks.base import Task
+from mmfuse.tasks.base import FusedModel, Task
 from mmfuse.tasks.classification import _label_text
-
-if TYPE_CHECKING:
-    from mmfuse.model import MultimodalModel
 
 PairsOption = str | list[list[str]] | list[tuple[str, str]]
 
@@ -174,18 +171,18 @@ class ContrastiveTask(Task):
         self.labels = list(state["labels"])
         self._index = {label: i for i, label in enumerate(self.labels)}
 
-    def build_head(self, model: MultimodalModel) -> nn.Module:
+    def build_head(self, model: FusedModel) -> nn.Module:
         self.modalities = list(model.modalities)
         self.pairs = parse_pairs(self.pairs_option, self.modalities)
-        dims = {m: model._encoder(m).out_dim for m in self.modalities}
+        dims = {m: model.encoder_dims[m] for m in self.modalities}
         return ContrastiveHead(dims, self.dim, self.hidden, self.temperature, self.learn_temperature)
 
     @staticmethod
-    def _head(model: MultimodalModel) -> ContrastiveHead:
+    def _head(model: FusedModel) -> ContrastiveHead:
         assert isinstance(model.head, ContrastiveHead)
         return model.head
 
-    def embed(self, model: MultimodalModel, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def embed(self, model: FusedModel, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Unit embeddings (B, dim) and presence (B,) per modality; absent rows are zero."""
         features = model.encode(batch)
         head = self._head(model)
@@ -194,12 +191,12 @@ class ContrastiveTask(Task):
         }
         return embeddings, {m: f.present for m, f in features.items()}
 
-    def forward(self, model: MultimodalModel, batch: Batch) -> Tensor:
+    def forward(self, model: FusedModel, batch: Batch) -> Tensor:
         """(B, M, dim) unit embeddings in sorted modality order; absent rows are zero."""
         embeddings, _ = self.embed(model, batch)
         return torch.stack([embeddings[m] for m in self.modalities], dim=1)
 
-    def pair_loss(self, model: MultimodalModel, embeddings: dict[str, Tensor], present: dict[str, Tensor],
+    def pair_loss(self, model: FusedModel, embeddings: dict[str, Tensor], present: dict[str, Tensor],
                   labels: Tensor | None) -> Tensor:
         """Mean InfoNCE over the configured pairs that have at least two samples with both modalities."""
         scale = self._head(model).scale()
@@ -214,17 +211,17 @@ class ContrastiveTask(Task):
             return scale * 0.0 + sum(e.sum() for e in embeddings.values()) * 0.0
         return torch.stack(losses).mean()
 
-    def step_loss(self, model: MultimodalModel, batch: Batch) -> Tensor:
+    def step_loss(self, model: FusedModel, batch: Batch) -> Tensor:
         return self.pair_loss(model, *self.embed(model, batch), batch.target)
 
-    def eval_step(self, model: MultimodalModel, batch: Batch, metrics: MetricCollection) -> Tensor:
+    def eval_step(self, model: FusedModel, batch: Batch, metrics: MetricCollection) -> Tensor:
         embeddings, present = self.embed(model, batch)
         stacked = torch.stack([embeddings[m] for m in self.modalities], dim=1)
         labels = batch.target if batch.target is not None else torch.full((batch.size,), -1)
         metrics.update(stacked, torch.stack([present[m] for m in self.modalities], dim=1), labels.to(stacked.device))
         return self.pair_loss(model, embeddings, present, batch.target)
 
-    def predict(self, model: MultimodalModel, batch: Batch) -> list[dict[str, Any]]:
+    def predict(self, model: FusedModel, batch: Batch) -> list[dict[str, Any]]:
         embeddings, present = self.embed(model, batch)
         return [
             {"embeddings": {m: [round(float(v), 6) for v in embeddings[m][i].cpu()]
@@ -243,7 +240,7 @@ def contrastive(dim: int = 64, pairs: PairsOption = "all", temperature: float = 
 
 # ---- embedding a manifest / a query (``mmfuse embed`` and ``mmfuse retrieve``) --------------------
 
-def contrastive_task(model: MultimodalModel) -> ContrastiveTask:
+def contrastive_task(model: FusedModel) -> ContrastiveTask:
     """The model's task if it is contrastive, else a clear error (embed/retrieve need one)."""
     if not isinstance(model.task, ContrastiveTask):
         raise MMFuseError(f"this model was trained for task '{model.task.name}'; embed and retrieve need a "
@@ -251,7 +248,7 @@ def contrastive_task(model: MultimodalModel) -> ContrastiveTask:
     return model.task
 
 
-def embed_records(model: MultimodalModel, records: list[Record], batch_size: int = 256,
+def embed_records(model: FusedModel, records: list[Record], batch_size: int = 256,
                   model_name: str = "") -> EmbeddingIndex:
     """Embeds every modality of every record (in order) into an ``EmbeddingIndex``."""
     from mmfuse.data.dataset import Collator, build_sample
@@ -279,7 +276,7 @@ def embed_records(model: MultimodalModel, records: list[Record], batch_size: int
     )
 
 
-def embed_query(model: MultimodalModel, modality: str, value: str) -> Tensor:
+def embed_query(model: FusedModel, modality: str, value: str) -> Tensor:
     """(dim,) unit embedding of one query (text, or an image/audio file path)."""
     from mmfuse.data.dataset import Collator, build_sample
 
