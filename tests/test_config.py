@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from mmfuse.config import ExperimentConfig, load_config, validate_config
+from mmfuse.config import ExperimentConfig, FusionConfig, TaskConfig, load_config, validate_config
 from mmfuse.config.presets import preset_names, preset_path
 from mmfuse.core.errors import ConfigError, MMFuseError
+from mmfuse.core.registry import Registry
 from mmfuse.encoders import ENCODERS
 from mmfuse.fusion import FUSIONS
 from mmfuse.tasks import TASKS
@@ -218,6 +220,88 @@ def test_unknown_encoder_option_names_it_and_lists_valid_options() -> None:
     assert "valid options: dim, dropout, layers" in message
     message = error_of(raw(fusion={"name": "late", "proj_dim": 3}))
     assert "'fusion.proj_dim'" in message and "valid options: " in message and "hidden" in message
+
+
+# ---- common options (task.head_*, fusion.out_dim): only for the components that take them ----------
+
+
+@pytest.mark.parametrize("task", ["contrastive", "autoencoder", "captioning"])
+def test_a_head_option_the_task_does_not_take_is_an_error(task: str) -> None:
+    valid = ", ".join(sorted(p for p in inspect.signature(TASKS.get(task)).parameters))
+    for key, value in (("head_hidden", 64), ("head_dropout", 0.3)):
+        message = error_of(raw(task={"name": task, key: value}))
+        assert f"option 'task.{key}' does not apply to task '{task}'" in message, message
+        assert message.endswith(f"valid options: {valid}"), message
+        assert "head_" not in message.split("valid options:")[1]
+
+
+def test_a_head_option_set_to_its_default_or_by_override_is_still_an_error(tmp_path: Path) -> None:
+    """Setting it is what counts (``model_fields_set``), not its value; ``--set`` sets it too."""
+    assert "option 'task.head_hidden' does not apply to task 'contrastive'" in error_of(
+        raw(task={"name": "contrastive", "head_hidden": 0}))
+    path = write_yaml(tmp_path / "exp.yaml", raw(task={"name": "classification", "head_hidden": 32}))
+    assert load_config(path).task.head_hidden == 32
+    with pytest.raises(ConfigError, match=r"option 'task.head_hidden' does not apply to task 'contrastive'.*"
+                                          r"valid options: dim, hidden, learn_temperature"):
+        load_config(path, ["task.name=contrastive"])
+    with pytest.raises(ConfigError, match=r"option 'task.head_dropout' does not apply to task 'captioning'"):
+        load_config(write_yaml(tmp_path / "cap.yaml", raw(task={"name": "captioning"})), ["task.head_dropout=0.2"])
+
+
+def test_unset_head_options_are_harmless_and_dumps_leave_out_what_the_task_does_not_take() -> None:
+    config = validate_config(raw(task={"name": "contrastive", "dim": 8}))
+    dumped = config.model_dump(mode="json")
+    assert dumped["task"] == {"name": "contrastive", "dim": 8}
+    assert validate_config(dumped).task.model_dump() == {"name": "contrastive", "dim": 8}  # a saved config reloads
+    classification = validate_config(raw(task={"name": "classification"})).model_dump(mode="json")["task"]
+    assert classification == {"name": "classification", "head_hidden": 0, "head_dropout": 0.1}  # as before
+    assert validate_config(raw(task=classification)).task.head_hidden == 0
+
+
+def test_unknown_task_option_lists_every_valid_key_of_the_task() -> None:
+    message = error_of(raw(task={"name": "classification", "head_hiden": 64}))
+    assert "unknown option 'task.head_hiden' for task 'classification' (did you mean 'head_hidden'?)" in message
+    assert message.endswith("valid options: head_dropout, head_hidden, label_smoothing, labels"), message
+    message = error_of(raw(task={"name": "regression", "label_smoothing": 0.1}))
+    assert message.endswith("valid options: head_dropout, head_hidden, num_targets, standardize"), message
+    message = error_of(raw(task={"name": "contrastive", "dimm": 8}))
+    assert "did you mean 'dim'" in message and "head_" not in message
+
+
+def test_unknown_fusion_option_lists_out_dim_too() -> None:
+    message = error_of(raw(fusion={"name": "late", "proj_dim": 3}))
+    assert "unknown option 'fusion.proj_dim' for fusion 'late'" in message
+    assert message.endswith("valid options: dropout, hidden, out_dim"), message
+
+
+def test_a_fusion_that_does_not_take_out_dim_refuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fusion registered with ``common=()`` (its width is not the config's to choose)."""
+    registry: Registry[Any] = Registry("fusion", reserved=("dims", "out_dim"), common=("out_dim",))
+
+    @registry.register("concat")
+    @registry.register("fixed_width", common=())
+    def fusion(dims: dict[str, int], out_dim: int, hidden: int = 4) -> None: ...
+
+    monkeypatch.setattr(FusionConfig, "registry", registry)
+    message = error_of(raw(fusion={"name": "fixed_width", "out_dim": 16}))
+    assert message == ("option 'fusion.out_dim' does not apply to fusion 'fixed_width' (other fusions take it); "
+                       "valid options: hidden"), message
+    assert "valid options: hidden\n" not in message
+    assert error_of(raw(fusion={"name": "fixed_width", "hiden": 2})).endswith("valid options: hidden")
+    config = validate_config(raw(fusion={"name": "fixed_width", "hidden": 2}))
+    assert config.fusion.model_dump() == {"name": "fixed_width", "hidden": 2}
+    assert validate_config(raw(fusion={"name": "concat", "out_dim": 16})).fusion.out_dim == 16
+
+
+def test_every_common_option_is_a_schema_field() -> None:
+    assert set(TASKS.common) == set(TaskConfig.model_fields) - {"name"}
+    assert set(FUSIONS.common) == set(FusionConfig.model_fields) - {"name"}
+    for name in TASKS.names():
+        assert set(TASKS.common_options(name)) <= set(TASKS.common)
+    assert TASKS.common_options("classification") == ("head_hidden", "head_dropout")
+    assert TASKS.common_options("contrastive") == ()
+    with pytest.raises(ValueError, match="'head_width' is not a common option of tasks"):
+        Registry("task", common=("head_hidden",)).register("x", common=("head_width",))
 
 
 def test_wrong_option_type_names_the_option() -> None:

@@ -14,7 +14,6 @@ import yaml
 
 from mmfuse.config.schema import ComponentConfig, ExperimentConfig
 from mmfuse.core.errors import ConfigError
-from mmfuse.core.registry import ENCODERS, FUSIONS, TASKS
 
 
 def _format_error(exc: pydantic.ValidationError) -> str:
@@ -37,15 +36,23 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
 
 
 def check_components(config: ExperimentConfig) -> None:
-    """Registry names and options are checked here, after registration of all built-ins."""
+    """Registry names and options are checked here, after registration of all built-ins.
+
+    A common option the config sets (``task.head_hidden``) must be one the chosen component takes;
+    left at its default, it is no setting and never an error.
+    """
     for modality, enc in config.encoders.items():
-        _store_options(enc, ENCODERS.validate_options(enc.name, enc.options, where=f"encoders.{modality}"))
-    _store_options(config.fusion, FUSIONS.validate_options(config.fusion.name, config.fusion.options, where="fusion"))
-    _store_options(config.task, TASKS.validate_options(config.task.name, config.task.options, where="task"))
+        _check_component(enc, f"encoders.{modality}")
+    _check_component(config.fusion, "fusion")
+    _check_component(config.task, "task")
 
 
-def _store_options(component: ComponentConfig, options: dict[str, Any]) -> None:
-    """Keeps the validated values (``dim: "16"`` -> 16), so factories get the types they declare."""
+def _check_component(component: ComponentConfig, where: str) -> None:
+    """Checks the component's options, and keeps the validated values (``dim: "16"`` -> 16), so
+    factories get the types they declare."""
+    assert component.registry is not None
+    options = component.registry.validate_options(component.name, component.options, where=where,
+                                                  common=component.set_common())
     if component.model_extra is not None:
         component.model_extra.update(options)
 

@@ -9,7 +9,7 @@ cwd; command-line paths and output folders resolve against the cwd (see ``load_c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -31,6 +31,7 @@ from mmfuse.config.prep import (
     VideoPrep,
 )
 from mmfuse.config.strict import StrictModel
+from mmfuse.core.registry import ENCODERS, FUSIONS, TASKS, Registry
 
 ModalityKind = Literal["text", "image", "audio", "features", "video"]
 
@@ -148,14 +149,35 @@ class DataConfig(StrictModel):
 
 
 class ComponentConfig(BaseModel):
-    """A registry name plus its options; options are validated against the registered factory."""
+    """A registry name plus its options; options are validated against the registered factory.
+
+    A subclass's own fields besides ``name`` are its registry's common options when the registry
+    lists them (``fusion.out_dim``, ``task.head_*``): each component takes some or all of them, and
+    setting one it does not take is an error (see ``set_common``). A dump leaves out those the
+    component does not take, so a saved config loads back under the same check.
+    """
 
     model_config = ConfigDict(extra="allow")
+    registry: ClassVar[Registry[Any] | None] = None
+    """The registry of the component kind; its ``common`` names the fields above that it checks."""
     name: str
 
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    def set_common(self) -> list[str]:
+        """The common options this config sets explicitly; a default alone is not a setting."""
+        common = self.registry.common if self.registry is not None else ()
+        return [key for key in common if key in self.model_fields_set]
+
+    @model_serializer(mode="wrap")
+    def _omit_untaken_common(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.registry is not None and self.registry.common and self.name in self.registry:
+            for key in set(self.registry.common) - set(self.registry.common_options(self.name)):
+                data.pop(key, None)
+        return data
 
 
 class EncoderConfig(ComponentConfig):
@@ -166,17 +188,20 @@ class EncoderConfig(ComponentConfig):
     encoder from the weights of the same modality's encoder in a saved mmfuse model folder.
     """
 
+    registry: ClassVar[Registry[Any] | None] = ENCODERS
     freeze: bool = False
     init_from: Path | None = Field(None, description="saved mmfuse model folder whose encoder of this "
                                    "modality gives the starting weights")
 
 
 class FusionConfig(ComponentConfig):
+    registry: ClassVar[Registry[Any] | None] = FUSIONS
     name: str = "concat"
     out_dim: int = Field(128, gt=0)
 
 
 class TaskConfig(ComponentConfig):
+    registry: ClassVar[Registry[Any] | None] = TASKS
     name: str = "classification"
     head_hidden: int = Field(0, ge=0, description="hidden width of the MLP head; 0 = linear")
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0)

@@ -7,6 +7,12 @@ points), so registration never depends on an import the user could forget. Optio
 config are checked against the factory's signature before anything is built, so an unknown option
 or a wrong type is reported with the registry name and the closest valid option instead of a
 ``TypeError`` deep inside a constructor.
+
+Besides its factory's parameters, a component may take some of its registry's *common options*:
+config fields the schema declares once for every component of a kind (``fusion.out_dim``,
+``task.head_hidden``), because the library, not the factory, reads them. Each component says at
+registration which of them it takes, so one it does not take (``head_hidden`` for a contrastive
+task, which has no MLP head) is refused like any unknown option instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Generic, TypeVar
 
 import pydantic
@@ -29,15 +35,20 @@ class Registry(Generic[T]):
 
     ``reserved`` are keyword arguments the library itself passes (e.g. ``dims`` and ``out_dim`` for
     fusion); they are not user options and are skipped when validating a config's options.
+    ``common`` are the registry's common options: the names of the schema's own fields for this kind
+    of component (besides ``name``) that a component may take; ``register(name, common=...)`` says
+    which ones it does.
     """
 
-    def __init__(self, kind: str, reserved: tuple[str, ...] = (), entry_point_group: str | None = None,
-                 builtins: str | None = None) -> None:
+    def __init__(self, kind: str, reserved: tuple[str, ...] = (), common: tuple[str, ...] = (),
+                 entry_point_group: str | None = None, builtins: str | None = None) -> None:
         self.kind = kind
         self.reserved = reserved
+        self.common = common
         self.entry_point_group = entry_point_group
         self.builtins = builtins
         self._factories: dict[str, Callable[..., T]] = {}
+        self._common: dict[str, tuple[str, ...]] = {}
         self._plugins_loaded = entry_point_group is None and builtins is None
 
     def _load_plugins(self) -> None:
@@ -58,11 +69,22 @@ class Registry(Generic[T]):
                 raise ConfigError(f"{self.kind} plugin '{entry_point.name}' ({entry_point.value}) "
                                   f"failed to load: {exc}") from exc
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, name: str, common: tuple[str, ...] | None = None,
+                 ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Registers a factory under ``name``; ``common``: which of the registry's common options the
+        component takes (None, the default: all of them, as every component did before they were
+        declared; ``()``: none)."""
+        takes = self.common if common is None else tuple(common)
+        unknown = [key for key in takes if key not in self.common]
+        if unknown:
+            raise ValueError(f"{self.kind} '{name}': {unknown[0]!r} is not a common option of {self.kind}s "
+                             f"({', '.join(self.common) or 'none'})")
+
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
                 raise ValueError(f"{self.kind} '{name}' is already registered")
             self._factories[name] = factory
+            self._common[name] = takes
             return factory
 
         return decorator
@@ -87,10 +109,18 @@ class Registry(Generic[T]):
     def create(self, name: str, **kwargs: Any) -> T:
         return self.get(name)(**kwargs)
 
-    def validate_options(self, name: str, options: Mapping[str, Any], where: str) -> dict[str, Any]:
+    def common_options(self, name: str) -> tuple[str, ...]:
+        """The registry's common options that component ``name`` takes."""
+        self.get(name)
+        return self._common[name]
+
+    def validate_options(self, name: str, options: Mapping[str, Any], where: str,
+                         common: Collection[str] = ()) -> dict[str, Any]:
         """Checks ``options`` against the factory's signature; returns them coerced to their types.
 
         ``where`` is the config path of the options (e.g. ``fusion``) so errors name the key.
+        ``common``: the common options the config sets (its values are the schema's to check): one the
+        component does not take is an error, and the valid options an error lists include those it does.
         """
         factory = self.get(name)
         signature = inspect.signature(factory, eval_str=True)
@@ -101,11 +131,16 @@ class Registry(Generic[T]):
             annotation = param.annotation if param.annotation is not inspect.Parameter.empty else Any
             default = param.default if param.default is not inspect.Parameter.empty else ...
             fields[param.name] = (annotation, default)
+        valid = sorted({*fields, *self._common[name]})
+        for key in common:
+            if key not in self._common[name]:
+                raise ConfigError(f"option '{where}.{key}' does not apply to {self.kind} '{name}' (other {self.kind}s "
+                                  f"take it); valid options: {', '.join(valid) or '(none)'}")
         for key in options:
             if key not in fields:
                 raise ConfigError(
-                    f"unknown option '{where}.{key}' for {self.kind} '{name}'{did_you_mean(key, fields)}; "
-                    f"valid options: {', '.join(sorted(fields)) or '(none)'}"
+                    f"unknown option '{where}.{key}' for {self.kind} '{name}'{did_you_mean(key, valid)}; "
+                    f"valid options: {', '.join(valid) or '(none)'}"
                 )
         model = pydantic.create_model(  # type: ignore[call-overload]
             f"{name}_options",
@@ -124,6 +159,10 @@ class Registry(Generic[T]):
 # The three registries of the pipeline; each fills itself from its package on first use.
 ENCODERS: Registry[Any] = Registry("encoder", reserved=("context",), entry_point_group="mmfuse.encoders",
                                    builtins="mmfuse.encoders")
-FUSIONS: Registry[Any] = Registry("fusion", reserved=("dims", "out_dim"), entry_point_group="mmfuse.fusion",
-                                  builtins="mmfuse.fusion")
-TASKS: Registry[Any] = Registry("task", entry_point_group="mmfuse.tasks", builtins="mmfuse.tasks")
+# Common options: the fields of FusionConfig / TaskConfig (mmfuse.config.schema) besides ``name``. Every
+# built-in fusion takes out_dim (for late the model sets it to the task's outputs, so a config's out_dim
+# survives `--set fusion.name=late`); contrastive, autoencoder and captioning take no head_* option.
+FUSIONS: Registry[Any] = Registry("fusion", reserved=("dims", "out_dim"), common=("out_dim",),
+                                  entry_point_group="mmfuse.fusion", builtins="mmfuse.fusion")
+TASKS: Registry[Any] = Registry("task", common=("head_hidden", "head_dropout"), entry_point_group="mmfuse.tasks",
+                                builtins="mmfuse.tasks")

@@ -230,7 +230,7 @@ class ContrastiveTask(Task):
         ]
 
 
-@TASKS.register("contrastive")
+@TASKS.register("contrastive", common=())  # projection heads, no MLP head
 def contrastive(dim: int = 64, pairs: PairsOption = "all", temperature: float = 0.07,
                 learn_temperature: bool = True, hidden: int = 0, positives: str = "instance") -> Task:
     """``positives: label`` treats every same-label item as a positive (supervised contrastive)."""
