@@ -44,7 +44,7 @@ def parse_method_options(raw: Any, source: str = "methods config") -> MethodOpti
             raise ConfigError(f"{source}: '{method}' must map option names to values, got {given!r}")
         try:
             checked = FUSIONS.validate_options(str(method), {k: v for k, v in given.items() if k != "out_dim"},
-                                               where=str(method))
+                                               where=str(method), common=[k for k in given if k == "out_dim"])
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
         if "out_dim" in given:
@@ -69,6 +69,8 @@ def method_fusion(config: ExperimentConfig, method: str, options: MethodOptions 
     base = dict(config.fusion.options) if method == config.fusion.name else {}
     if method == config.fusion.name and not extra and out_dim == config.fusion.out_dim:
         return config.fusion
+    if "out_dim" not in FUSIONS.common_options(method):  # late: its width is the task's
+        return FusionConfig(name=method, **{**base, **extra})
     return FusionConfig(name=method, out_dim=out_dim, **{**base, **extra})
 
 

@@ -13,8 +13,8 @@ to each end of its range (each choice of a categorical), so a typo or an out-of-
 before any training with an error naming the key. ``when`` makes a parameter conditional on other
 parameters' values (a value or a list of values): ``fusion.rank`` is only sampled, and only set,
 in trials that picked ``lmf``. Switching ``fusion.name`` away from the config's method drops the
-config's fusion options (another method's options rarely fit) and keeps ``out_dim``, as ``mmfuse
-bench`` does; the space's own ``fusion.*`` parameters then apply.
+config's fusion options (another method's options rarely fit) and keeps ``out_dim`` (for a method
+that takes it: not ``late``), as ``mmfuse bench`` does; the space's own ``fusion.*`` parameters then apply.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from mmfuse.config import ExperimentConfig, validate_config
 from mmfuse.config.loading import read_yaml
 from mmfuse.core.errors import ConfigError, did_you_mean
+from mmfuse.core.registry import FUSIONS
 
 if TYPE_CHECKING:
     import optuna
@@ -185,7 +186,9 @@ def apply_params(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentCo
     """The base config with a trial's values set (validated: registry names and options too)."""
     raw = base.model_dump(mode="json")
     if "fusion.name" in params and params["fusion.name"] != base.fusion.name:
-        raw["fusion"] = {"name": params["fusion.name"], "out_dim": base.fusion.out_dim}
+        raw["fusion"] = {"name": params["fusion.name"]}
+        if params["fusion.name"] in FUSIONS and "out_dim" in FUSIONS.common_options(params["fusion.name"]):
+            raw["fusion"]["out_dim"] = base.fusion.out_dim
     for key, value in params.items():
         _set(raw, key, value)
     return validate_config(raw)
