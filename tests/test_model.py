@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mmfuse.config import ExperimentConfig, validate_config
+from mmfuse.config import ExperimentConfig, TaskConfig, validate_config
 from mmfuse.core.contracts import Batch
 from mmfuse.core.errors import ConfigError, MMFuseError
 from mmfuse.data.dataset import Collator, build_sample
@@ -231,6 +231,31 @@ def test_custom_fusion_options_survive_saving(records: list[Record], tmp_path: P
     assert loaded.spec.fusion.options == {"proj_dim": 6, "hidden": 0}
     with torch.no_grad():
         assert torch.equal(loaded(batch), model(batch))
+
+
+def test_saved_contrastive_model_of_an_older_version_with_head_options_loads(records: list[Record],
+                                                                          tmp_path: Path) -> None:
+    """Before tasks declared their common options every config.json had ``head_hidden``/``head_dropout``,
+    which a contrastive task does not take: such folders still load, and saving again leaves them out."""
+    config = make_config()
+    config = config.model_copy(update={"task": TaskConfig(name="contrastive", dim=8)})
+    prep = Preprocessor(config.data.modalities, config.data.text, config.data.image, config.data.audio)
+    prep.fit(records)
+    task = TASKS.create("contrastive", dim=8)
+    task.fit([r.target for r in records])
+    torch.manual_seed(0)
+    model = MultimodalModel.from_config(config, prep, task).eval()
+    folder = model.save_pretrained(tmp_path / "new")
+    assert json.loads((folder / CONFIG_FILE).read_text())["task"] == {"name": "contrastive", "dim": 8}
+    old = json.loads((folder / CONFIG_FILE).read_text())
+    old["task"].update(head_hidden=0, head_dropout=0.1)  # what older versions wrote
+    (folder / CONFIG_FILE).write_text(json.dumps(old))
+    loaded = MultimodalModel.from_pretrained(folder)
+    batch = collate(records, model, Collator(prep, task))
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), model(batch))
+    again = loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((again / CONFIG_FILE).read_text())["task"] == {"name": "contrastive", "dim": 8}
 
 
 def test_saving_over_an_existing_folder_replaces_it(records: list[Record], tmp_path: Path) -> None:
