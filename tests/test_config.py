@@ -269,9 +269,44 @@ def test_unknown_task_option_lists_every_valid_key_of_the_task() -> None:
 
 
 def test_unknown_fusion_option_lists_out_dim_too() -> None:
+    message = error_of(raw(fusion={"name": "weighted", "proj_dimm": 3}))
+    assert "unknown option 'fusion.proj_dimm' for fusion 'weighted' (did you mean 'proj_dim'?)" in message
+    assert message.endswith("valid options: dropout, hidden, out_dim, proj_dim"), message
     message = error_of(raw(fusion={"name": "late", "proj_dim": 3}))
     assert "unknown option 'fusion.proj_dim' for fusion 'late'" in message
-    assert message.endswith("valid options: dropout, hidden, out_dim"), message
+    assert message.endswith("valid options: dropout, hidden"), message  # late takes no out_dim
+
+
+def test_late_fusion_refuses_out_dim_its_width_is_the_tasks(tmp_path: Path) -> None:
+    """late's heads output the task's number of outputs, so a config's ``fusion.out_dim`` would be ignored."""
+    expected = ("option 'fusion.out_dim' does not apply to fusion 'late' (its width is the task's number of "
+                "outputs): remove it; valid options: dropout, hidden")
+    assert error_of(raw(fusion={"name": "late", "out_dim": 16})) == expected
+    assert error_of(raw(fusion={"name": "late", "out_dim": 128})) == expected  # the default, set, is a setting
+    path = write_yaml(tmp_path / "exp.yaml", raw())  # BASE sets out_dim: 16 for concat
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["fusion.name=late"])
+    assert str(info.value) == expected
+    config = validate_config(raw(fusion={"name": "late", "hidden": 8}))
+    assert config.fusion.model_dump() == {"name": "late", "hidden": 8}  # a dump leaves out_dim out ...
+    assert validate_config(config.model_dump(mode="json")).fusion.options == {"hidden": 8}  # ... and reloads
+    assert FUSIONS.common_options("late") == ()
+    assert all(FUSIONS.common_options(name) == ("out_dim",) for name in FUSIONS.names() if name != "late")
+
+
+@pytest.mark.parametrize("path", [*CONFIG_FILES, preset_path("demo")], ids=lambda p: p.name)
+def test_switching_a_shipped_config_to_late_fusion(path: Path) -> None:
+    """The README's ``--set fusion.name=late`` works on a config that leaves out_dim at its default (the
+    shipped ones set it only where it differs); where it is set, the switch is an error naming it."""
+    config = load_config(path)
+    if config.task.name == "contrastive" or not set(config.fusion.options) <= set(FUSIONS.option_names("late")):
+        return  # no fusion at all, or options of another method (avmnist-arith's proj_dim)
+    if "out_dim" in config.fusion.model_fields_set:
+        assert config.fusion.out_dim != FusionConfig().out_dim, "a default out_dim needs no line"
+        with pytest.raises(ConfigError, match=r"^option 'fusion.out_dim' does not apply to fusion 'late'"):
+            load_config(path, ["fusion.name=late"])
+    else:
+        assert load_config(path, ["fusion.name=late"]).fusion.name == "late"
 
 
 def test_a_fusion_that_does_not_take_out_dim_refuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,8 +319,8 @@ def test_a_fusion_that_does_not_take_out_dim_refuses_it(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(FusionConfig, "registry", registry)
     message = error_of(raw(fusion={"name": "fixed_width", "out_dim": 16}))
-    assert message == ("option 'fusion.out_dim' does not apply to fusion 'fixed_width' (other fusions take it); "
-                       "valid options: hidden"), message
+    assert message == ("option 'fusion.out_dim' does not apply to fusion 'fixed_width' (other fusions take it): "
+                       "remove it; valid options: hidden"), message
     assert "valid options: hidden\n" not in message
     assert error_of(raw(fusion={"name": "fixed_width", "hiden": 2})).endswith("valid options: hidden")
     config = validate_config(raw(fusion={"name": "fixed_width", "hidden": 2}))
@@ -334,7 +369,7 @@ def test_options_are_coerced_to_their_types() -> None:
 
 
 def test_set_overrides_are_typed(tmp_path: Path) -> None:
-    path = write_yaml(tmp_path / "exp.yaml", raw())
+    path = write_yaml(tmp_path / "exp.yaml", raw(fusion={"name": "concat"}))  # late takes no out_dim
     config = load_config(path, ["trainer.max_epochs=3", "fusion.name=late", "optim.lr=0.05",
                                 "trainer.patience=null", "data.text.lowercase=false", "fusion.hidden=7"])
     assert config.trainer.max_epochs == 3 and isinstance(config.trainer.max_epochs, int)

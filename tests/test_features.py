@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from config_helpers import fusion_section
 
 from mmfuse.config import FeaturesPrep, ModalitySpec, validate_config
 from mmfuse.core.errors import DataError
@@ -131,7 +132,7 @@ def example_config(manifest: Path, out: Path, fusion: str = "concat", **trainer:
                                 "acoustic": {"kind": "features", "column": "acoustic"}}},
         "encoders": {"words": {"name": "sequence", "dim": 16, "layers": 1, "heads": 2},
                      "acoustic": {"name": "identity", "dim": 16}},
-        "fusion": {"name": fusion, "out_dim": 16},
+        "fusion": fusion_section(fusion, out_dim=16),
         "task": {"name": "sentiment"},
         "trainer": {"max_epochs": 1, "patience": None, "output_dir": str(out), "progress_bar": False, **trainer},
     }

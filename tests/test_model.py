@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from config_helpers import fusion_section
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -44,7 +45,7 @@ def make_config(fusion: str = "concat", **fusion_options: Any) -> ExperimentConf
             "image": {"name": "image_cnn", "dim": 12, "channels": [4, 8]},
             "audio": {"name": "audio_cnn", "dim": 10, "channels": [4]},
         },
-        "fusion": {"name": fusion, "out_dim": 16, **fusion_options},
+        "fusion": fusion_section(fusion, out_dim=16, **fusion_options),
         "task": {"name": "classification", "head_hidden": 8},
     })
 

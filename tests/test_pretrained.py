@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from config_helpers import fusion_section
 from PIL import Image
 
 from mmfuse.config import ExperimentConfig, validate_config
@@ -117,7 +118,7 @@ def raw_config(tiny: dict[str, Path], fusion: str = "concat", image: str = "vit"
         "encoders": {"text": {"name": "hf_text", "model": str(tiny["bert"]), **encoder_options},
                      "image": {**image_encoder, **encoder_options},
                      "audio": {"name": "hf_audio", "model": str(tiny["w2v"]), **encoder_options}},
-        "fusion": {"name": fusion, "out_dim": 16},
+        "fusion": fusion_section(fusion, out_dim=16),
         "task": {"name": "classification", "head_hidden": 8},
     }
 

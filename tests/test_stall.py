@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from config_helpers import fusion_section
 
 from mmfuse.config import validate_config
 from mmfuse.engine.fit import train
@@ -64,7 +65,7 @@ def run(manifest: Path, out: Path, modalities: list[str], lr: float, fusion: str
         "data": {"manifest": str(manifest), "batch_size": 32,
                  "modalities": {m: {"kind": "features", "column": m} for m in modalities}},
         "encoders": {m: {"name": "identity", "dim": 8} for m in modalities},
-        "fusion": {"name": fusion, "out_dim": 16}, "optim": {"lr": lr},
+        "fusion": fusion_section(fusion, out_dim=16), "optim": {"lr": lr},
         "trainer": {"max_epochs": 5, "patience": None, "output_dir": str(out), "progress_bar": False}}))
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from config_helpers import fusion_section
 
 from mmfuse.config import AudioPrep, ExperimentConfig, ImagePrep, ModalitySpec, TextPrep, VideoPrep, validate_config
 from mmfuse.core.contracts import EncoderContext
@@ -58,7 +59,7 @@ def video_config(manifest: Path, out: Path, modalities: tuple[str, ...] = ("vide
                  "video": {"frames": 8, "size": 32}, "text": {"max_length": 8},
                  "audio": {"sample_rate": 8000, "n_mels": 32, "n_fft": 256, "hop_length": 128}, **data},
         "encoders": {m: ENCODER_CONFIGS[m] for m in modalities},
-        "fusion": {"name": fusion, "out_dim": 32, **(fusion_options or {})},
+        "fusion": fusion_section(fusion, out_dim=32, **(fusion_options or {})),
         "optim": {"lr": lr},
         "trainer": {"max_epochs": 15, "patience": None, "output_dir": str(out), "progress_bar": False, "threads": 1,
                     **(trainer or {})},
@@ -275,7 +276,7 @@ def test_every_fusion_reads_video_tokens_with_a_missing_video(fusion: str, missi
                                                               one_thread: None) -> None:
     config = validate_config({"data": {"train": "unused.jsonl", "modalities": {m: SPECS[m] for m in ("video", "text")}},
                               "encoders": {m: ENCODER_CONFIGS[m] for m in ("video", "text")},
-                              "fusion": {"name": fusion, "out_dim": 16}})
+                              "fusion": fusion_section(fusion, out_dim=16)})
     torch.manual_seed(0)
     model = MultimodalModel.from_config(config, missing_video.preprocessor, missing_video.task)
     samples = [s for s in missing_video.datasets["train"].samples[:6]]

@@ -12,7 +12,12 @@ Besides its factory's parameters, a component may take some of its registry's *c
 config fields the schema declares once for every component of a kind (``fusion.out_dim``,
 ``task.head_hidden``), because the library, not the factory, reads them. Each component says at
 registration which of them it takes, so one it does not take (``head_hidden`` for a contrastive
-task, which has no MLP head) is refused like any unknown option instead of being silently ignored.
+task, which has no MLP head) is refused like any unknown option instead of being silently ignored;
+``why`` says in that error why it does not take it (``late``: its width is the task's outputs).
+
+A registry may also declare *traits*: facts about a component the config needs before anything is
+built (``uses_fusion``: a contrastive task builds no fusion, so a ``fusion`` section is refused).
+Each has a default; a component states the ones it differs in at registration.
 """
 
 from __future__ import annotations
@@ -37,18 +42,22 @@ class Registry(Generic[T]):
     fusion); they are not user options and are skipped when validating a config's options.
     ``common`` are the registry's common options: the names of the schema's own fields for this kind
     of component (besides ``name``) that a component may take; ``register(name, common=...)`` says
-    which ones it does.
+    which ones it does. ``traits`` maps each trait a component may state to its default.
     """
 
     def __init__(self, kind: str, reserved: tuple[str, ...] = (), common: tuple[str, ...] = (),
-                 entry_point_group: str | None = None, builtins: str | None = None) -> None:
+                 traits: Mapping[str, Any] | None = None, entry_point_group: str | None = None,
+                 builtins: str | None = None) -> None:
         self.kind = kind
         self.reserved = reserved
         self.common = common
+        self.traits: dict[str, Any] = dict(traits or {})
         self.entry_point_group = entry_point_group
         self.builtins = builtins
         self._factories: dict[str, Callable[..., T]] = {}
         self._common: dict[str, tuple[str, ...]] = {}
+        self._why: dict[str, str] = {}
+        self._traits: dict[str, dict[str, Any]] = {}
         self._plugins_loaded = entry_point_group is None and builtins is None
 
     def _load_plugins(self) -> None:
@@ -69,22 +78,29 @@ class Registry(Generic[T]):
                 raise ConfigError(f"{self.kind} plugin '{entry_point.name}' ({entry_point.value}) "
                                   f"failed to load: {exc}") from exc
 
-    def register(self, name: str, common: tuple[str, ...] | None = None,
-                 ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, name: str, common: tuple[str, ...] | None = None, why: str = "",
+                 **traits: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Registers a factory under ``name``; ``common``: which of the registry's common options the
         component takes (None, the default: all of them, as every component did before they were
-        declared; ``()``: none)."""
+        declared; ``()``: none); ``why``: why it does not take the others, for the error that refuses
+        one; ``traits``: the registry's traits in which it differs from their defaults."""
         takes = self.common if common is None else tuple(common)
         unknown = [key for key in takes if key not in self.common]
         if unknown:
             raise ValueError(f"{self.kind} '{name}': {unknown[0]!r} is not a common option of {self.kind}s "
                              f"({', '.join(self.common) or 'none'})")
+        unknown = [key for key in traits if key not in self.traits]
+        if unknown:
+            raise ValueError(f"{self.kind} '{name}': {unknown[0]!r} is not a trait of {self.kind}s "
+                             f"({', '.join(self.traits) or 'none'})")
 
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
                 raise ValueError(f"{self.kind} '{name}' is already registered")
             self._factories[name] = factory
             self._common[name] = takes
+            self._why[name] = why
+            self._traits[name] = {**self.traits, **traits}
             return factory
 
         return decorator
@@ -114,6 +130,29 @@ class Registry(Generic[T]):
         self.get(name)
         return self._common[name]
 
+    def trait(self, name: str, key: str) -> Any:
+        """The value of trait ``key`` of component ``name`` (the registry's default unless it stated one)."""
+        self.get(name)
+        if key not in self.traits:
+            raise KeyError(f"{key!r} is not a trait of {self.kind}s ({', '.join(self.traits) or 'none'})")
+        return self._traits[name][key]
+
+    def option_names(self, name: str) -> list[str]:
+        """The options of component ``name`` a config may set: its factory's, without the common ones."""
+        return sorted(self._fields(name))
+
+    def _fields(self, name: str) -> dict[str, Any]:
+        """The factory's user options as (annotation, default) pairs, for pydantic."""
+        signature = inspect.signature(self.get(name), eval_str=True)
+        fields: dict[str, Any] = {}
+        for param in signature.parameters.values():
+            if param.name in self.reserved or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            annotation = param.annotation if param.annotation is not inspect.Parameter.empty else Any
+            default = param.default if param.default is not inspect.Parameter.empty else ...
+            fields[param.name] = (annotation, default)
+        return fields
+
     def validate_options(self, name: str, options: Mapping[str, Any], where: str,
                          common: Collection[str] = ()) -> dict[str, Any]:
         """Checks ``options`` against the factory's signature; returns them coerced to their types.
@@ -122,20 +161,13 @@ class Registry(Generic[T]):
         ``common``: the common options the config sets (its values are the schema's to check): one the
         component does not take is an error, and the valid options an error lists include those it does.
         """
-        factory = self.get(name)
-        signature = inspect.signature(factory, eval_str=True)
-        fields: dict[str, Any] = {}
-        for param in signature.parameters.values():
-            if param.name in self.reserved or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                continue
-            annotation = param.annotation if param.annotation is not inspect.Parameter.empty else Any
-            default = param.default if param.default is not inspect.Parameter.empty else ...
-            fields[param.name] = (annotation, default)
+        fields = self._fields(name)
         valid = sorted({*fields, *self._common[name]})
         for key in common:
             if key not in self._common[name]:
-                raise ConfigError(f"option '{where}.{key}' does not apply to {self.kind} '{name}' (other {self.kind}s "
-                                  f"take it); valid options: {', '.join(valid) or '(none)'}")
+                why = self._why[name] or f"other {self.kind}s take it"
+                raise ConfigError(f"option '{where}.{key}' does not apply to {self.kind} '{name}' ({why}): remove "
+                                  f"it; valid options: {', '.join(valid) or '(none)'}")
         for key in options:
             if key not in fields:
                 raise ConfigError(
@@ -160,9 +192,10 @@ class Registry(Generic[T]):
 ENCODERS: Registry[Any] = Registry("encoder", reserved=("context",), entry_point_group="mmfuse.encoders",
                                    builtins="mmfuse.encoders")
 # Common options: the fields of FusionConfig / TaskConfig (mmfuse.config.schema) besides ``name``. Every
-# built-in fusion takes out_dim (for late the model sets it to the task's outputs, so a config's out_dim
-# survives `--set fusion.name=late`); contrastive, autoencoder and captioning take no head_* option.
+# built-in fusion but late takes out_dim (late's width is the task's number of outputs); contrastive,
+# autoencoder and captioning take no head_* option. Trait ``uses_fusion``: False for a task that builds
+# no fusion (contrastive; its class says the same in ``Task.uses_fusion``).
 FUSIONS: Registry[Any] = Registry("fusion", reserved=("dims", "out_dim"), common=("out_dim",),
                                   entry_point_group="mmfuse.fusion", builtins="mmfuse.fusion")
-TASKS: Registry[Any] = Registry("task", common=("head_hidden", "head_dropout"), entry_point_group="mmfuse.tasks",
-                                builtins="mmfuse.tasks")
+TASKS: Registry[Any] = Registry("task", common=("head_hidden", "head_dropout"), traits={"uses_fusion": True},
+                                entry_point_group="mmfuse.tasks", builtins="mmfuse.tasks")

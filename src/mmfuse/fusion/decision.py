@@ -12,13 +12,14 @@ from mmfuse.core.registry import FUSIONS
 from mmfuse.fusion.base import Fusion
 
 
-@FUSIONS.register("late")
+@FUSIONS.register("late", common=(), why="its width is the task's number of outputs")
 class LateFusion(Fusion):
     """Each modality predicts on its own; predictions are averaged over the present modalities.
 
     pooled (B, D_m) per modality -> per-modality MLP -> (B, out_dim) logits -> masked mean over
-    present modalities -> (B, out_dim). Averaging logits is a product of experts: each modality
-    votes with its log-odds, and an absent modality simply does not vote. A sample with no modality
+    present modalities -> (B, out_dim). ``out_dim`` is the task's number of outputs (the model passes
+    it), so a config's ``fusion.out_dim`` is refused. Averaging logits is a product of experts: each
+    modality votes with its log-odds, and an absent modality simply does not vote. A sample with no modality
     present gets all-zero logits (a uniform prediction), never NaN.
     """
 
