@@ -378,7 +378,7 @@ def test_feature_modalities_train_and_reload_identically(tmp_path: Path, task: d
                                 "acoustic": {"kind": "features", "column": "acoustic"}}},
         "encoders": {"words": {"name": "sequence", "dim": 16, "layers": 1, "heads": 2},
                      "acoustic": {"name": "identity", "dim": 16}},
-        "fusion": {"name": "concat", "out_dim": 16},
+        **({} if task["name"] == "contrastive" else {"fusion": {"name": "concat", "out_dim": 16}}),  # it builds none
         "task": task,
         "trainer": {"max_epochs": 1, "patience": None, "output_dir": str(tmp_path / "run"), "progress_bar": False},
     })

@@ -40,6 +40,11 @@ def raw(**changes: Any) -> dict[str, Any]:
     return config
 
 
+def no_fusion(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without its fusion section (a contrastive task refuses one)."""
+    return {key: value for key, value in data.items() if key != "fusion"}
+
+
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
@@ -249,7 +254,7 @@ def test_a_head_option_set_to_its_default_or_by_override_is_still_an_error(tmp_p
 
 
 def test_unset_head_options_are_harmless_and_dumps_leave_out_what_the_task_does_not_take() -> None:
-    config = validate_config(raw(task={"name": "contrastive", "dim": 8}))
+    config = validate_config(no_fusion(raw(task={"name": "contrastive", "dim": 8})))
     dumped = config.model_dump(mode="json")
     assert dumped["task"] == {"name": "contrastive", "dim": 8}
     assert validate_config(dumped).task.model_dump() == {"name": "contrastive", "dim": 8}  # a saved config reloads
@@ -337,6 +342,47 @@ def test_every_common_option_is_a_schema_field() -> None:
     assert TASKS.common_options("contrastive") == ()
     with pytest.raises(ValueError, match="'head_width' is not a common option of tasks"):
         Registry("task", common=("head_hidden",)).register("x", common=("head_width",))
+
+
+# ---- a task that builds no fusion (contrastive) refuses a fusion section ---------------------------
+
+
+def test_a_fusion_section_for_a_task_that_builds_no_fusion_is_an_error(tmp_path: Path) -> None:
+    """contrastive projects each modality itself: a fusion section would configure nothing."""
+    task = {"name": "contrastive", "dim": 8}
+    assert error_of(raw(fusion={"name": "concat"}, task=task)) == (
+        "section 'fusion' does not apply to task 'contrastive' (it builds no fusion: it projects each modality "
+        "itself): remove it (it sets fusion.name)")
+    message = error_of(raw(fusion={"name": "lmf", "out_dim": 16, "rank": 2}, task=task))
+    assert message.endswith("remove it (it sets fusion.name, fusion.out_dim, fusion.rank)"), message
+    assert "(it sets fusion.hidden)" in error_of(raw(fusion={"hidden": 4}, task=task))
+    # An empty section sets nothing; without one the default fusion is no setting either.
+    assert validate_config(raw(fusion={}, task=task)).task.name == "contrastive"
+    config = validate_config(no_fusion(raw(task=task)))
+    # --set counts as setting it, both ways round.
+    path = write_yaml(tmp_path / "contrastive.yaml", no_fusion(raw(task=task)))
+    with pytest.raises(ConfigError, match=r"^section 'fusion' does not apply to task 'contrastive' .*"
+                                          r"\(it sets fusion.name\)$"):
+        load_config(path, ["fusion.name=attention"])
+    with pytest.raises(ConfigError, match=r"^section 'fusion' does not apply to task 'contrastive' .*"
+                                          r"\(it sets fusion.name, fusion.out_dim\)$"):
+        load_config(write_yaml(tmp_path / "exp.yaml", raw()), ["task.name=contrastive"])
+    # A dump leaves the section out, so a saved config loads back.
+    dumped = config.model_dump(mode="json")
+    assert "fusion" not in dumped
+    assert validate_config(dumped).model_dump(mode="json") == dumped
+    assert "fusion" in validate_config(raw()).model_dump(mode="json")
+
+
+def test_which_tasks_build_a_fusion_the_registry_and_the_task_classes_agree() -> None:
+    for name in TASKS.names():
+        assert TASKS.trait(name, "uses_fusion") == TASKS.create(name).uses_fusion, name
+    assert not TASKS.trait("contrastive", "uses_fusion") and TASKS.trait("classification", "uses_fusion")
+    registry: Registry[Any] = Registry("task", traits={"uses_fusion": True})
+    with pytest.raises(ValueError, match="'fuses' is not a trait of tasks \\(uses_fusion\\)"):
+        registry.register("x", fuses=False)
+    with pytest.raises(KeyError, match="'fuses' is not a trait of tasks"):
+        TASKS.trait("contrastive", "fuses")
 
 
 def test_wrong_option_type_names_the_option() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pydantic
 import yaml
 
-from mmfuse.config.schema import ComponentConfig, ExperimentConfig
+from mmfuse.config.schema import ComponentConfig, ExperimentConfig, builds_fusion
 from mmfuse.core.errors import ConfigError
 
 
@@ -39,12 +39,24 @@ def check_components(config: ExperimentConfig) -> None:
     """Registry names and options are checked here, after registration of all built-ins.
 
     A common option the config sets (``task.head_hidden``) must be one the chosen component takes;
-    left at its default, it is no setting and never an error.
+    left at its default, it is no setting and never an error. The same holds for a whole section: a
+    task that builds no fusion refuses a ``fusion`` section that sets anything.
     """
     for modality, enc in config.encoders.items():
         _check_component(enc, f"encoders.{modality}")
-    _check_component(config.fusion, "fusion")
     _check_component(config.task, "task")
+    if not builds_fusion(config.task.name):
+        _refuse_section(config.fusion, "fusion", f"task '{config.task.name}' (it builds no fusion: it projects "
+                        "each modality itself)")
+    _check_component(config.fusion, "fusion")
+
+
+def _refuse_section(component: ComponentConfig, where: str, to: str) -> None:
+    """An error naming the keys of section ``where`` that the config sets, if it sets any."""
+    keys = sorted({*component.model_fields_set, *component.options})
+    if keys:
+        raise ConfigError(f"section '{where}' does not apply to {to}: remove it (it sets "
+                          f"{', '.join(f'{where}.{key}' for key in keys)})")
 
 
 def _check_component(component: ComponentConfig, where: str) -> None:

@@ -291,7 +291,18 @@ class TrainerConfig(StrictModel):
         return self
 
 
+def builds_fusion(task: str) -> bool:
+    """Whether task ``task`` has the model build a fusion: a contrastive task projects each modality
+    itself (trait ``uses_fusion``), so a config's ``fusion`` section has nothing to configure. True
+    for a name the registry does not know (that is an error of its own)."""
+    return task not in TASKS or bool(TASKS.trait(task, "uses_fusion"))
+
+
 class ExperimentConfig(StrictModel):
+    """The whole experiment. Sections that do not apply to the chosen components are refused when set
+    (``mmfuse.config.loading.check_components``) and left out of a dump: ``fusion`` for a task that
+    builds none."""
+
     seed: int = 0
     data: DataConfig
     encoders: dict[str, EncoderConfig]
@@ -315,6 +326,14 @@ class ExperimentConfig(StrictModel):
             if modality not in self.encoders:
                 raise ValueError(f"data.modalities.{modality} has no encoder in 'encoders'")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_what_does_not_apply(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A dump loads back under the same checks: it leaves out what the config may not set."""
+        data: dict[str, Any] = handler(self)
+        if not builds_fusion(self.task.name):
+            data.pop("fusion", None)
+        return data
 
     @property
     def modalities(self) -> list[str]:

@@ -349,7 +349,7 @@ def _rounded(values: Tensor) -> Any:
     return torch.round(values.float().cpu(), decimals=4).tolist()
 
 
-@TASKS.register("autoencoder", common=())  # its decoders have their own width and dropout
+@TASKS.register("autoencoder", common=(), why="its decoders take hidden and dropout; there is no MLP head")
 def autoencoder(drop_rate: float = 0.5, hidden: int = 256, dropout: float = 0.0, input_targets: bool = True,
                 input_weight: float = 1.0) -> Task:
     return AutoencoderTask(drop_rate=drop_rate, hidden=hidden, dropout=dropout, input_targets=input_targets,

@@ -266,7 +266,7 @@ class CaptioningTask(Task):
                  f"beam {self.beam_size}"} for row in rows]
 
 
-@TASKS.register("captioning", common=())  # a decoder, no MLP head
+@TASKS.register("captioning", common=(), why="a transformer decoder (dim, layers, dropout), no MLP head")
 def captioning(dim: int = 128, layers: int = 2, heads: int = 4, dropout: float = 0.1, max_length: int = 24,
                min_freq: int = 1, beam_size: int = 1, length_penalty: float = 0.0,
                label_smoothing: float = 0.0) -> Task:

@@ -230,7 +230,8 @@ class ContrastiveTask(Task):
         ]
 
 
-@TASKS.register("contrastive", common=())  # projection heads, no MLP head
+@TASKS.register("contrastive", common=(), why="its projection heads take dim and hidden; there is no MLP head",
+                uses_fusion=False)
 def contrastive(dim: int = 64, pairs: PairsOption = "all", temperature: float = 0.07,
                 learn_temperature: bool = True, hidden: int = 0, positives: str = "instance") -> Task:
     """``positives: label`` treats every same-label item as a positive (supervised contrastive)."""
