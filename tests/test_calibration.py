@@ -1,11 +1,15 @@
-"""Calibration: temperature lookup by presence pattern, the fit itself, ECE, and a trained model's
-validation NLL per pattern never worse than its raw softmax (the fit includes T = 1)."""
+"""Calibration: temperature lookup by presence pattern, the fit itself, ECE, a trained model's
+validation NLL per pattern never worse than its raw softmax (the fit includes T = 1), and an
+overconfident model's NLL and ECE on the held-out test split, which the fit never saw, clearly better."""
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_training import small_config
@@ -15,9 +19,9 @@ from mmfuse.config import validate_config
 from mmfuse.core.errors import ConfigError
 from mmfuse.data.dataset import Collator
 from mmfuse.engine.calibration import collect_logits, fit_temperature
-from mmfuse.engine.data import prepare_data
+from mmfuse.engine.data import PreparedData, prepare_data
 from mmfuse.engine.evaluate import evaluate
-from mmfuse.engine.fit import fit
+from mmfuse.engine.fit import TrainResult, fit
 from mmfuse.model import MultimodalModel
 from mmfuse.tasks.classification import ClassificationTask
 from mmfuse.tasks.temperature import PresenceTemperature, pattern_name
@@ -139,3 +143,66 @@ def test_calibration_none_leaves_the_logits_raw(synth_manifest: Path, tmp_path: 
     config = validate_config(raw)
     result = fit(config, prepare_data(config), save=False)
     assert isinstance(result.model.task, ClassificationTask) and result.model.task.temperature is None
+
+
+def noisy_evaluation_manifest(folder: Path, seed: int = 0) -> Path:
+    """Four classes, two 8-d feature modalities (class means drawn at scale 1.5, unit noise); 240 train,
+    160 validation and 160 test rows. The training labels are the classes; in validation and test 40%
+    of the labels are replaced by a random class. A model fitted to near-certainty on the clean
+    labels is overconfident on both held-out splits alike, as one trained on curated labels is on
+    noisier real data."""
+    rng = np.random.default_rng(seed)
+    means = {m: rng.standard_normal((4, 8)) * 1.5 for m in ("a", "b")}
+    rows = []
+    for split, count in (("train", 240), ("val", 160), ("test", 160)):
+        classes = rng.integers(0, 4, count)
+        noisy = rng.random(count) < (0.0 if split == "train" else 0.4)
+        labels = np.where(noisy, rng.integers(0, 4, count), classes)
+        for m, centres in means.items():
+            values = centres[classes] + rng.standard_normal((count, 8))
+            np.save(folder / f"{m}_{split}.npy", values.astype(np.float32))
+        rows += [{"id": f"{split}{i}", "split": split, "a": f"a_{split}.npy#{i}", "b": f"b_{split}.npy#{i}",
+                  "label": f"c{labels[i]}"} for i in range(count)]
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder / "manifest.jsonl"
+
+
+@pytest.fixture(scope="module")
+def overconfident(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, PreparedData]:
+    """concat over two ``identity`` encoders, 10 epochs on the clean training labels, calibrated per subset."""
+    manifest = noisy_evaluation_manifest(tmp_path_factory.mktemp("noisy-labels"))
+    config = validate_config({
+        "seed": 0,
+        "data": {"manifest": str(manifest), "batch_size": 16,
+                 "modalities": {m: {"kind": "features", "column": m} for m in ("a", "b")}},
+        "encoders": {m: {"name": "identity", "dim": 32} for m in ("a", "b")},
+        "fusion": {"name": "concat", "out_dim": 64, "proj_dim": 32, "hidden": 64, "dropout": 0.0},
+        "optim": {"lr": 0.01},
+        "trainer": {"max_epochs": 10, "patience": None, "output_dir": str(tmp_path_factory.mktemp("noisy-run")),
+                    "progress_bar": False, "contribution_check": False},
+    })
+    data = prepare_data(config)
+    return fit(config, data, save=False), data
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_temperatures_fitted_on_validation_improve_the_held_out_test_split(
+        overconfident: tuple[TrainResult, PreparedData]) -> None:
+    """Measured over data and training seeds 0-2: test NLL 2.7-8.5 raw, 0.97-1.23 calibrated; ECE
+    0.27-0.52 raw, 0.10-0.23 calibrated, for each subset below (temperatures 5-17)."""
+    result, data = overconfident
+    model, test = result.model, data.datasets["test"]
+    assert isinstance(model.task, ClassificationTask) and model.task.temperature is not None
+    raw = copy.deepcopy(model)
+    assert isinstance(raw.task, ClassificationTask)
+    raw.task.temperature = None
+    # what fit reports for the test split is the calibrated model's
+    assert result.test_metrics is not None
+    assert result.test_metrics["loss"] == pytest.approx(evaluate(model, test)["loss"], abs=1e-6)
+    for absent in ((), ("b",), ("a",)):
+        before, after = evaluate(raw, test, absent=absent), evaluate(model, test, absent=absent)
+        where = f"test split, {absent or 'nothing'} hidden: {before} -> {after}"
+        assert before["loss"] > 2.0, where  # overconfident: worse than the uniform guess, ln 4 = 1.39
+        assert after["loss"] < min(before["loss"] - 1.0, math.log(4)), where
+        assert after["ece"] < before["ece"] - 0.05, where
+        assert after["accuracy"] == before["accuracy"], where  # a positive temperature keeps the arg-max
