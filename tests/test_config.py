@@ -302,13 +302,17 @@ def test_late_fusion_refuses_out_dim_its_width_is_the_tasks(tmp_path: Path) -> N
 @pytest.mark.parametrize("path", [*CONFIG_FILES, preset_path("demo")], ids=lambda p: p.name)
 def test_switching_a_shipped_config_to_late_fusion(path: Path) -> None:
     """The README's ``--set fusion.name=late`` works on a config that leaves out_dim at its default (the
-    shipped ones set it only where it differs); where it is set, the switch is an error naming it."""
+    shipped ones set it only where it differs) and does not size the task's head; where it sets either,
+    the switch is an error naming it."""
     config = load_config(path)
     if config.task.name == "contrastive" or not set(config.fusion.options) <= set(FUSIONS.option_names("late")):
         return  # no fusion at all, or options of another method (avmnist-arith's proj_dim)
     if "out_dim" in config.fusion.model_fields_set:
         assert config.fusion.out_dim != FusionConfig().out_dim, "a default out_dim needs no line"
         with pytest.raises(ConfigError, match=r"^option 'fusion.out_dim' does not apply to fusion 'late'"):
+            load_config(path, ["fusion.name=late"])
+    elif config.task.set_common():  # synthetic-cached: head_hidden 128
+        with pytest.raises(ConfigError, match=r"^option 'task.head_\w+' does not apply with fusion 'late'"):
             load_config(path, ["fusion.name=late"])
     else:
         assert load_config(path, ["fusion.name=late"]).fusion.name == "late"
@@ -342,6 +346,31 @@ def test_every_common_option_is_a_schema_field() -> None:
     assert TASKS.common_options("contrastive") == ()
     with pytest.raises(ValueError, match="'head_width' is not a common option of tasks"):
         Registry("task", common=("head_hidden",)).register("x", common=("head_width",))
+
+
+def test_head_options_with_late_fusion_are_an_error(tmp_path: Path) -> None:
+    """late's per-modality heads output the task's predictions: no MLP head follows for task.head_* to size."""
+    message = error_of(raw(fusion={"name": "late"}, task={"name": "classification", "head_hidden": 64}))
+    assert message == ("option 'task.head_hidden' does not apply with fusion 'late' (it outputs the task's "
+                       "predictions itself, so no MLP head follows it; its own options: fusion.dropout, "
+                       "fusion.hidden): remove it, or choose a feature-level fusion such as concat; valid options: "
+                       "label_smoothing, labels"), message
+    message = error_of(raw(fusion={"name": "late"}, task={"name": "regression", "head_dropout": 0.1}))  # the default
+    assert message.startswith("option 'task.head_dropout' does not apply with fusion 'late'"), message
+    assert message.endswith("valid options: num_targets, standardize"), message
+    # --set fusion.name=late on a config that sizes its head (avmnist-arith sets head_hidden: 128).
+    path = write_yaml(tmp_path / "exp.yaml", raw(fusion={"name": "concat"},
+                                                 task={"name": "classification", "head_hidden": 32}))
+    assert load_config(path).task.head_hidden == 32
+    with pytest.raises(ConfigError, match=r"^option 'task.head_hidden' does not apply with fusion 'late'"):
+        load_config(path, ["fusion.name=late"])
+    # Left unset they are harmless, a dump leaves them out, and the dump loads back.
+    config = validate_config(raw(fusion={"name": "late", "hidden": 8}, task={"name": "classification"}))
+    dumped = config.model_dump(mode="json")
+    assert dumped["task"] == {"name": "classification"} and dumped["fusion"] == {"name": "late", "hidden": 8}
+    assert validate_config(dumped).model_dump(mode="json") == dumped
+    assert validate_config(raw()).model_dump(mode="json")["task"] == {"name": "classification", "head_hidden": 0,
+                                                                      "head_dropout": 0.1}
 
 
 # ---- a task that builds no fusion (contrastive) refuses a fusion section ---------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from config_helpers import fusion_section
+from config_helpers import fusion_section, head_options
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -46,7 +46,7 @@ def make_config(fusion: str = "concat", **fusion_options: Any) -> ExperimentConf
             "audio": {"name": "audio_cnn", "dim": 10, "channels": [4]},
         },
         "fusion": fusion_section(fusion, out_dim=16, **fusion_options),
-        "task": {"name": "classification", "head_hidden": 8},
+        "task": {"name": "classification", **head_options(fusion, head_hidden=8)},
     })
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from config_helpers import fusion_section
+from config_helpers import fusion_section, head_options
 from PIL import Image
 
 from mmfuse.config import ExperimentConfig, validate_config
@@ -119,7 +119,7 @@ def raw_config(tiny: dict[str, Path], fusion: str = "concat", image: str = "vit"
                      "image": {**image_encoder, **encoder_options},
                      "audio": {"name": "hf_audio", "model": str(tiny["w2v"]), **encoder_options}},
         "fusion": fusion_section(fusion, out_dim=16),
-        "task": {"name": "classification", "head_hidden": 8},
+        "task": {"name": "classification", **head_options(fusion, head_hidden=8)},
     }
 
 

@@ -80,6 +80,23 @@ def test_space_samples_each_type_and_conditional_keys_only_when_their_condition_
     assert same.fusion.options == {"proj_dim": 16, "hidden": 8}  # the config's own method keeps its options
 
 
+def test_a_trial_that_picks_late_fusion_leaves_out_what_late_does_not_take(synth_manifest: Path,
+                                                                           tmp_path: Path) -> None:
+    """late takes no fusion.out_dim and no task.head_* (no MLP head follows it): a switch to it drops the
+    base's, as bench does, instead of failing every late trial; the space's own head_* are still refused."""
+    raw = tiny_config(synth_manifest, tmp_path / "run")
+    raw["task"] = {"name": "classification", "head_hidden": 16, "head_dropout": 0.2}
+    base = validate_config(raw)
+    late = apply_params(base, {"fusion.name": "late", "fusion.hidden": 8})
+    assert late.fusion.model_dump() == {"name": "late", "hidden": 8}
+    assert late.model_dump(mode="json")["task"] == {"name": "classification"}
+    back = apply_params(validate_config(late.model_dump(mode="json")), {"fusion.name": "concat"})
+    assert (back.fusion.out_dim, back.task.head_hidden) == (128, 0)  # the defaults: late's config had neither
+    with pytest.raises(ConfigError, match=r"^option 'task\.head_hidden' does not apply with fusion 'late'"):
+        apply_params(base, {"fusion.name": "late", "task.head_hidden": 8})
+    assert apply_params(base, {"fusion.name": "lmf"}).task.head_hidden == 16  # a method with a head keeps them
+
+
 @pytest.mark.parametrize(("space", "message"), [
     ({"optim.lrr": {"type": "float", "low": 0.1, "high": 1}}, "'optim.lrr'.*unknown key 'lrr'.*did you mean 'lr'"),
     ({"trainer.foo.bar": {"type": "int", "low": 1, "high": 2}}, "'trainer.foo.bar'"),

@@ -14,7 +14,8 @@ before any training with an error naming the key. ``when`` makes a parameter con
 parameters' values (a value or a list of values): ``fusion.rank`` is only sampled, and only set,
 in trials that picked ``lmf``. Switching ``fusion.name`` away from the config's method drops the
 config's fusion options (another method's options rarely fit) and keeps ``out_dim`` (for a method
-that takes it: not ``late``), as ``mmfuse bench`` does; the space's own ``fusion.*`` parameters then apply.
+that takes it: not ``late``), as ``mmfuse bench`` does, and the task's ``head_*`` (unless the method is
+``late``, which no MLP head follows); the space's own ``fusion.*`` parameters then apply.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mmfuse.config import ExperimentConfig, validate_config
 from mmfuse.config.loading import read_yaml
+from mmfuse.config.schema import outputs_decisions
 from mmfuse.core.errors import ConfigError, did_you_mean
-from mmfuse.core.registry import FUSIONS
+from mmfuse.core.registry import FUSIONS, TASKS
 
 if TYPE_CHECKING:
     import optuna
@@ -189,6 +191,9 @@ def apply_params(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentCo
         raw["fusion"] = {"name": params["fusion.name"]}
         if params["fusion.name"] in FUSIONS and "out_dim" in FUSIONS.common_options(params["fusion.name"]):
             raw["fusion"]["out_dim"] = base.fusion.out_dim
+        if outputs_decisions(params["fusion.name"]):  # late: no MLP head follows it to take task.head_*
+            for key in TASKS.common:
+                raw.get("task", {}).pop(key, None)
     for key, value in params.items():
         _set(raw, key, value)
     return validate_config(raw)

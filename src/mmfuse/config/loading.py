@@ -12,8 +12,9 @@ from typing import Any
 import pydantic
 import yaml
 
-from mmfuse.config.schema import ComponentConfig, ExperimentConfig, builds_fusion
+from mmfuse.config.schema import ComponentConfig, ExperimentConfig, builds_fusion, outputs_decisions
 from mmfuse.core.errors import ConfigError
+from mmfuse.core.registry import FUSIONS, TASKS
 
 
 def _format_error(exc: pydantic.ValidationError) -> str:
@@ -40,7 +41,8 @@ def check_components(config: ExperimentConfig) -> None:
 
     A common option the config sets (``task.head_hidden``) must be one the chosen component takes;
     left at its default, it is no setting and never an error. The same holds for a whole section: a
-    task that builds no fusion refuses a ``fusion`` section that sets anything.
+    task that builds no fusion refuses a ``fusion`` section that sets anything; and for the task's
+    head options after a fusion that outputs the predictions itself (late: no MLP head follows it).
     """
     for modality, enc in config.encoders.items():
         _check_component(enc, f"encoders.{modality}")
@@ -49,6 +51,20 @@ def check_components(config: ExperimentConfig) -> None:
         _refuse_section(config.fusion, "fusion", f"task '{config.task.name}' (it builds no fusion: it projects "
                         "each modality itself)")
     _check_component(config.fusion, "fusion")
+    if builds_fusion(config.task.name) and outputs_decisions(config.fusion.name):
+        _refuse_head_options(config)
+
+
+def _refuse_head_options(config: ExperimentConfig) -> None:
+    """``task.head_*`` with late fusion: its per-modality heads output the predictions, no head follows."""
+    keys = config.task.set_common()
+    if keys:
+        fusion = config.fusion.name
+        own = ", ".join(f"fusion.{key}" for key in FUSIONS.option_names(fusion)) or "none"
+        valid = ", ".join(TASKS.option_names(config.task.name)) or "(none)"
+        raise ConfigError(f"option 'task.{keys[0]}' does not apply with fusion '{fusion}' (it outputs the task's "
+                          f"predictions itself, so no MLP head follows it; its own options: {own}): remove it, or "
+                          f"choose a feature-level fusion such as concat; valid options: {valid}")
 
 
 def _refuse_section(component: ComponentConfig, where: str, to: str) -> None:

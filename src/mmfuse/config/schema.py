@@ -298,10 +298,17 @@ def builds_fusion(task: str) -> bool:
     return task not in TASKS or bool(TASKS.trait(task, "uses_fusion"))
 
 
+def outputs_decisions(fusion: str) -> bool:
+    """Whether fusion ``fusion`` outputs the task's predictions itself (``late``, a decision-level
+    fusion): no MLP head follows it, so the task's head options (all of TASKS' common options) do
+    not apply. False for a name the registry does not know."""
+    return fusion in FUSIONS and bool(getattr(FUSIONS.get(fusion), "decision_level", False))
+
+
 class ExperimentConfig(StrictModel):
-    """The whole experiment. Sections that do not apply to the chosen components are refused when set
+    """The whole experiment. What does not apply to the chosen components is refused when set
     (``mmfuse.config.loading.check_components``) and left out of a dump: ``fusion`` for a task that
-    builds none."""
+    builds none, ``task.head_*`` after a fusion that outputs decisions."""
 
     seed: int = 0
     data: DataConfig
@@ -333,6 +340,9 @@ class ExperimentConfig(StrictModel):
         data: dict[str, Any] = handler(self)
         if not builds_fusion(self.task.name):
             data.pop("fusion", None)
+        elif outputs_decisions(self.fusion.name) and isinstance(data.get("task"), dict):
+            for key in TASKS.common:
+                data["task"].pop(key, None)
         return data
 
     @property
