@@ -18,9 +18,11 @@ class LateFusion(Fusion):
 
     pooled (B, D_m) per modality -> per-modality MLP -> (B, out_dim) logits -> masked mean over
     present modalities -> (B, out_dim). ``out_dim`` is the task's number of outputs (the model passes
-    it), so a config's ``fusion.out_dim`` is refused. Averaging logits is a product of experts: each
-    modality votes with its log-odds, and an absent modality simply does not vote. A sample with no modality
-    present gets all-zero logits (a uniform prediction), never NaN.
+    it), so a config's ``fusion.out_dim`` is refused; no MLP head follows it, so the task's
+    ``head_hidden``/``head_dropout`` are refused too (``hidden``/``dropout`` size the per-modality
+    heads). Averaging logits is a product of experts: each modality votes with its log-odds, and an
+    absent modality simply does not vote. A sample with no modality present gets all-zero logits (a
+    uniform prediction), never NaN.
     """
 
     decision_level = True
