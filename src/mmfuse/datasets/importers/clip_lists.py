@@ -91,7 +91,7 @@ def suggest_clip_config(writer: ImportWriter, task: dict[str, Any], name: str) -
                  "audio": {"sample_rate": 16000, "max_seconds": CLIP_SECONDS, "n_mels": 64, "hop_length": 320},
                  **data, "batch_size": 32},
         "encoders": encoders,
-        "fusion": {"name": "concat", "out_dim": 128},
+        "fusion": {"name": "concat"},
         "task": task,
         "optim": {"name": "adamw", "lr": 0.001},
         "trainer": {"max_epochs": 20, "patience": 5, "output_dir": f"runs/{name}"},

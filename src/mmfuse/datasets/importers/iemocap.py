@@ -113,7 +113,7 @@ def import_iemocap(source: Path, writer: ImportWriter) -> None:
                  "audio": {"sample_rate": 16000, "max_seconds": 8.0, "n_mels": 64, "hop_length": 320},
                  "batch_size": 32},
         "encoders": {"text": {"name": "text_gru", "dim": 128}, "audio": {"name": "audio_cnn", "dim": 128}},
-        "fusion": {"name": "concat", "out_dim": 128},
+        "fusion": {"name": "concat"},
         "task": {"name": "classification"},
         "optim": {"name": "adamw", "lr": 0.001},
         "trainer": {"max_epochs": 20, "patience": 5, "output_dir": "runs/iemocap"},
