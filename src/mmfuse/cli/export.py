@@ -37,8 +37,10 @@ def export_model(
     path = export_onnx(model, out if out is not None else model_dir / "model.onnx", opset=opset)
     console.print(f"graph written to [bold]{path}[/]")
     console.print(f"sidecar (inputs, preprocessing, labels) written to [bold]{sidecar_path(path)}[/]")
-    difference = self_check(model, path)
-    console.print(f"self-check: max abs difference ONNX vs PyTorch on a dummy batch = {difference:.3g}")
-    if not difference <= TOLERANCE:  # NaN fails too
-        raise MMFuseError(f"the graph does not reproduce the model (max abs difference {difference:.3g} > "
-                          f"{TOLERANCE}); please report this with the model's config.json")
+    check = self_check(model, path)
+    console.print(f"self-check: max abs difference ONNX vs PyTorch on a dummy batch = {check.difference:.3g} "
+                  f"(outputs up to {check.scale:.3g}; limit {TOLERANCE:g} x max(1, that))")
+    if not check.ok:  # NaN fails too
+        raise MMFuseError(f"the graph does not reproduce the model (max abs difference {check.difference:.3g} is "
+                          f"{check.error:.3g} of the outputs' scale, above {TOLERANCE:g}); please report this with "
+                          "the model's config.json")

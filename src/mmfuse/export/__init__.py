@@ -4,6 +4,6 @@
 it on a collated ``Batch`` with onnxruntime and returns what ``model(batch)`` would.
 """
 
-from mmfuse.export.onnx import OnnxRunner, export_onnx, self_check
+from mmfuse.export.onnx import OnnxRunner, Parity, export_onnx, parity, self_check
 
-__all__ = ["OnnxRunner", "export_onnx", "self_check"]
+__all__ = ["OnnxRunner", "Parity", "export_onnx", "parity", "self_check"]
