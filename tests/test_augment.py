@@ -118,14 +118,17 @@ def test_spec_masks_have_the_configured_widths() -> None:
     for index in range(60):
         out = augment_mel(mel, AudioAugment(time_masks=1, time_width=7), sample_generator(0, 0, index))
         columns = (out != mel).any(dim=0).nonzero().flatten().tolist()
-        if columns:
+        if columns:  # a width of 0 masks nothing
             assert columns == list(range(columns[0], columns[-1] + 1))  # one contiguous band
             assert torch.all(out[:, columns] == mel.mean())  # filled with the clip's mean
-        assert (out != mel).any(dim=1).all() or not columns  # a time mask covers every mel bin
+            assert (out != mel).any(dim=1).all()  # a time mask covers every mel bin
         widths["time"].add(len(columns))
         out = augment_mel(mel, AudioAugment(freq_masks=1, freq_width=4), sample_generator(0, 0, index))
         rows = (out != mel).any(dim=1).nonzero().flatten().tolist()
-        assert rows == list(range(rows[0], rows[-1] + 1)) if rows else True
+        if rows:
+            assert rows == list(range(rows[0], rows[-1] + 1))
+            assert torch.all(out[rows] == mel.mean())
+            assert (out != mel).any(dim=0).all()  # a frequency mask covers every frame
         widths["freq"].add(len(rows))
     assert max(widths["time"]) == 7 and widths["time"] <= set(range(8)) and len(widths["time"]) >= 5
     assert max(widths["freq"]) == 4 and widths["freq"] <= set(range(5))

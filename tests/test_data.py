@@ -377,7 +377,9 @@ def test_sample_with_no_modality_is_an_error(media: Path) -> None:
     assert records[3].fields == dict.fromkeys(MODALITIES)
     with pytest.raises(DataError, match=r"row 4 \(id empty\): no modality present"):
         build_sample(records[3], pre, None)
-    assert pre.encode("text", "...") is not None  # punctuation marks are tokens
+    dots, dot = pre.encode("text", "..."), pre.encode("text", ".")
+    assert dots is not None and dot is not None  # punctuation marks are tokens: three of them
+    assert dots["input_ids"].tolist() == dot["input_ids"].tolist() * 3 and len(dot["input_ids"]) == 1
     # but text with no tokens at all counts as absent, so this sample has no modality either
     emptied = Record(records[3].source, 9, "ws", {"text": "\u00a0", "image": None, "audio": None})
     with pytest.raises(DataError, match=r"row 9 \(id ws\): no modality present"):
