@@ -142,6 +142,19 @@ def parity_cases(model: MultimodalModel, collator: Collator, records: list[Recor
             yield f"{label}, audio only", _only(batch, "audio")
 
 
+def compare_cases(runner: OnnxRunner, model: MultimodalModel, cases: Iterator[tuple[str, Batch]],
+                  fusion: str) -> dict[str, torch.Tensor]:
+    """Each case through the graph and through PyTorch, asserted equal; PyTorch's outputs by case name."""
+    outputs = {}
+    for name, batch in cases:
+        with torch.no_grad():
+            expected = model(batch)
+        assert expected.shape == (batch.size, len(LABELS))
+        assert_same(runner(batch), expected, f"{fusion}, {name}")
+        outputs[name] = expected
+    return outputs
+
+
 @pytest.mark.parametrize("fusion", [f if f == "concat" else pytest.param(f, marks=pytest.mark.slow)
                                     for f in FUSIONS.names()])
 def test_graph_of_the_full_model_matches_pytorch(fusion: str, records: list[Record], exported: Exported) -> None:
@@ -149,13 +162,7 @@ def test_graph_of_the_full_model_matches_pytorch(fusion: str, records: list[Reco
     model, collator = export.model, export.collator
     runner = OnnxRunner(export.path, threads=1)
     assert runner.modalities == ["audio", "image", "text"]
-    outputs = {}
-    for name, batch in parity_cases(model, collator, records):
-        with torch.no_grad():
-            expected = model(batch)
-        assert expected.shape == (batch.size, len(LABELS))
-        assert_same(runner(batch), expected, f"{fusion}, {name}")
-        outputs[name] = expected
+    outputs = compare_cases(runner, model, parity_cases(model, collator, records), fusion)
     # The subsets must matter, or the comparison above could not catch a graph that ignores presence.
     assert float((outputs["batch 7, 32 frames, all"] - outputs["batch 7, 32 frames, audio only"]).abs().max()) > 1e-3
 
@@ -234,13 +241,7 @@ def test_graph_matches_pytorch(fusion: str, feature_records: list[Record], tmp_p
     model, collator = build_feature_model(feature_records, fusion)
     runner = OnnxRunner(export_onnx(model, tmp_path / "model.onnx"), threads=1)
     assert runner.modalities == ["a", "b"]
-    outputs = {}
-    for name, batch in feature_cases(model, collator, feature_records):
-        with torch.no_grad():
-            expected = model(batch)
-        assert expected.shape == (batch.size, len(LABELS))
-        assert_same(runner(batch), expected, f"{fusion}, {name}")
-        outputs[name] = expected
+    outputs = compare_cases(runner, model, feature_cases(model, collator, feature_records), fusion)
     # Presence must change the outputs, or the comparison above could not catch a graph that ignores it.
     everything = "rows (0, 1, 2, 3, 4)"
     assert float((outputs[f"{everything}, both"] - outputs[f"{everything}, a only"]).abs().max()) > 1e-3

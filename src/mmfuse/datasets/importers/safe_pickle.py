@@ -287,7 +287,7 @@ def _plain(value: Any, depth: int = 0) -> Any:
     if isinstance(value, (list, tuple, set, frozenset)):
         items = [_plain(item, depth + 1) for item in value]
         return items if isinstance(value, list) else type(value)(items)
-    if isinstance(value, (bytearray, slice)):
+    if isinstance(value, bytearray):
         return value
     raise _Refused(f"a {type(value).__name__} object")
 
