@@ -5,6 +5,14 @@ to know the modality order of the ``present`` columns, each input's dtype and sy
 absent inputs are filled, how the preprocessing turned raw files into those tensors, and how to read
 the outputs (label names, target standardisation). ``model.onnx.json`` says all of that; the
 ``OnnxRunner`` reads it too, so the two cannot disagree about the layout.
+
+What a client does with the outputs is spelled out in ``postprocessing``, because the graph's
+output is ``model(batch)`` and that already includes what training fitted afterwards: a calibrated
+classifier's logits are divided by its presence-pattern temperatures *inside* the graph. Version 1
+listed those temperatures under ``task.state`` next to the labels, and a client applying them
+again moved the probabilities by up to 0.12. Version 2 keeps them only under ``calibration``,
+marked ``applied_in_graph``, and ``postprocessing.steps`` is the complete recipe from ``outputs``
+to the values ``mmfuse serve`` and ``mmfuse predict`` report.
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ from mmfuse.tasks.classification import ClassificationTask, MultilabelTask
 from mmfuse.tasks.regression import RegressionTask
 
 FORMAT = "mmfuse-onnx"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""The graph layout (inputs, shapes, fill) is the same in both; version 2 changed only what a client is
+told to do with the outputs, so a runner reads either."""
 
 
 def sidecar_path(graph: Path) -> Path:
@@ -59,7 +70,10 @@ def describe(model: MultimodalModel, inputs: list[GraphInput], opset: int) -> di
         "inputs": [present, *({"name": s.name, "modality": s.modality, "input": s.key, "dtype": s.dtype,
                                 "shape": list(s.shape), "fill_shape": list(s.fill)} for s in inputs)],
         "outputs": [{"name": OUTPUTS, "dtype": "float32", "shape": [BATCH_AXIS, model.task.num_outputs],
-                     "meaning": _output_meaning(model.task)}],
+                     "meaning": _output_meaning(model.task),
+                     "calibrated": getattr(model.task, "temperature", None) is not None}],
+        "postprocessing": postprocessing(model.task),
+        "calibration": calibration(model.task),
         "feeding": [
             "Every input must be fed, for every modality, with the same batch size B.",
             "Dynamic axes (named in 'shape') may differ between batches; inputs sharing a name must agree.",
@@ -67,7 +81,8 @@ def describe(model: MultimodalModel, inputs: list[GraphInput], opset: int) -> di
             "A modality absent from the whole batch: present False and zeros of shape [B, *fill_shape].",
             "Masks are True on real tokens / frames / steps; padding past a sample's end is False.",
         ],
-        "task": {"name": model.task.name, "num_outputs": model.task.num_outputs, "state": model.task.state()},
+        "task": {"name": model.task.name, "num_outputs": model.task.num_outputs,
+                 "state": {k: v for k, v in model.task.state().items() if k != "temperature"}},
         "preprocessing": {m: _modality_preprocessing(model.preprocessor, m) for m in model.modalities},
         "preprocessing_note": f"the full preprocessing state (word vocabularies included) is {PREPROCESSING_FILE} "
                               "in the saved model folder",
@@ -78,10 +93,48 @@ def _output_meaning(task: HeadTask) -> str:
     if isinstance(task, MultilabelTask):
         return f"logits per label in task.state.labels order; sigmoid >= {task.threshold} means the label applies"
     if isinstance(task, ClassificationTask):
-        return "logits per label in task.state.labels order; softmax gives the probabilities"
+        calibrated = ("calibrated logits (already divided by the temperature of each row's presence pattern)"
+                      if task.temperature is not None else "logits")
+        return f"{calibrated} per label in task.state.labels order; softmax over axis 1 gives the probabilities"
     if isinstance(task, RegressionTask):
         return "standardised values; value = output * task.state.std + task.state.mean"
     return f"the raw outputs of task '{task.name}' (task.decode in mmfuse)"
+
+
+def postprocessing(task: HeadTask) -> dict[str, Any]:
+    """What turns ``outputs`` into the values mmfuse reports, as data (``function``...) and as ``steps``.
+
+    Nothing else is to be applied: in particular not the temperatures under ``calibration``.
+    """
+    if isinstance(task, MultilabelTask):
+        return {"output": OUTPUTS, "function": "sigmoid", "elementwise": True, "threshold": task.threshold,
+                "steps": [f"probabilities = sigmoid({OUTPUTS}), element by element; column j is task.state.labels[j]",
+                          f"the labels of a row are those with probability >= {task.threshold}"]}
+    if isinstance(task, ClassificationTask):
+        steps = [f"probabilities = softmax({OUTPUTS}, axis=1); column j is task.state.labels[j]",
+                 "label = task.state.labels[argmax(probabilities, axis=1)]"]
+        if task.temperature is not None:
+            steps.append("the calibration temperatures are already applied inside the graph: do not divide again")
+        return {"output": OUTPUTS, "function": "softmax", "axis": 1, "steps": steps}
+    if isinstance(task, RegressionTask):
+        steps = [f"value[:, j] = {OUTPUTS}[:, j] * task.state.std[j] + task.state.mean[j]"]
+        if task.name == "sentiment":
+            steps.append("sentiment = 'positive' if value >= 0 else 'negative'")
+        return {"output": OUTPUTS, "function": "affine", "scale": list(task.std), "shift": list(task.mean),
+                "steps": steps}
+    return {"output": OUTPUTS, "function": "none",
+            "steps": [f"{OUTPUTS} are task '{task.name}''s raw outputs; mmfuse's task.decode reads them"]}
+
+
+def calibration(task: HeadTask) -> dict[str, Any]:
+    """Whether the outputs are calibrated and with what; for information only, nothing to apply."""
+    temperature = getattr(task, "temperature", None)
+    if temperature is None:
+        return {"applied_in_graph": False, "method": "none", "note": "the outputs are the head's own logits"}
+    return {"applied_in_graph": True, "method": "temperature per presence pattern",
+            "temperatures": temperature.state(),
+            "note": "for information only: the graph already divides each row's logits by the temperature of its "
+                    "presence pattern; applying it again changes the probabilities"}
 
 
 def _modality_preprocessing(prep: Preprocessor, modality: str) -> dict[str, Any]:
@@ -120,8 +173,9 @@ def read_sidecar(path: Path) -> Sidecar:
         raise MMFuseError(f"{path}: not valid JSON ({exc}); the file is corrupt") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise MMFuseError(f"{path}: not an mmfuse ONNX sidecar (no \"format\": \"{FORMAT}\")")
-    if data.get("version") != VERSION:
-        raise MMFuseError(f"{path}: sidecar version {data.get('version')!r}; this mmfuse reads version {VERSION}")
+    if data.get("version") not in READABLE_VERSIONS:
+        raise MMFuseError(f"{path}: sidecar version {data.get('version')!r}; this mmfuse reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}")
     try:
         inputs = [GraphInput(modality=str(i["modality"]), key=str(i["input"]), dtype=str(i["dtype"]),
                              shape=tuple(d if isinstance(d, str) else int(d) for d in i["shape"]),
