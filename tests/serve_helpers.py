@@ -43,8 +43,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(application: object, timeout_s: float = 60.0) -> Iterator[str]:
-    """Runs ``application`` with uvicorn on 127.0.0.1 in a thread until the model is ready; yields its URL."""
+def running_server(application: object, timeout_s: float = 60.0,
+                   ready_headers: dict[str, str] | None = None) -> Iterator[str]:
+    """Runs ``application`` with uvicorn on 127.0.0.1 in a thread until the model is ready; yields its URL.
+
+    ``ready_headers`` go with the readiness polls (an API key, for a server that needs one)."""
     import uvicorn
 
     port = free_port()
@@ -56,7 +59,7 @@ def running_server(application: object, timeout_s: float = 60.0) -> Iterator[str
     try:
         while True:
             try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                if httpx.get(url + "/ready", timeout=2, headers=ready_headers).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

@@ -92,3 +92,36 @@ def test_fill_the_form_submit_and_read_the_prediction(browser: Any, server: str,
     error = browser.find_element(By.ID, "error").text
     assert "422" in error and "cannot decode image broken.png" in error
     assert not browser.find_element(By.ID, "result").is_displayed()
+
+
+def test_a_server_with_api_keys_asks_for_one_and_keeps_it_in_the_tab(browser: Any, synth_manifest: Path,
+                                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With keys set the page still loads (``/`` and ``/static`` need none), asks for a key, refuses a
+    wrong one with the server's 401 and, given the right one, predicts; the key stays in sessionStorage."""
+    from mmfuse.serve.security import KeyRing, SecuritySettings, allowed_hosts_for
+    from mmfuse.serve.settings import ServeSettings
+
+    row = json.loads(synth_manifest.read_text().splitlines()[0])
+    model_dir = train_small_model(synth_manifest, tmp_path_factory.mktemp("page-keyed-model"))
+    policy = SecuritySettings(api_keys=KeyRing(["page-key-0123456789"]), allowed_hosts=allowed_hosts_for("127.0.0.1"))
+    with running_server(create_app(model_dir, ServeSettings(security=policy)), ready_headers={
+            "X-API-Key": "page-key-0123456789"}) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(expected_conditions.visibility_of_element_located((By.ID, "api-key")))
+        assert "error 401: this server needs an API key" in browser.find_element(By.ID, "error").text
+        browser.find_element(By.ID, "api-key").send_keys("not-the-key")
+        browser.find_element(By.ID, "api-key-use").click()
+        wait.until(expected_conditions.visibility_of_element_located((By.ID, "api-key")))
+        wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "error"), "the API key is not valid"))
+        browser.find_element(By.ID, "api-key").clear()
+        browser.find_element(By.ID, "api-key").send_keys("page-key-0123456789")
+        browser.find_element(By.ID, "api-key-use").click()
+        wait.until(expected_conditions.element_to_be_clickable((By.ID, "submit")))
+        assert "classification with concat fusion" in browser.find_element(By.ID, "model").text
+        assert browser.execute_script("return sessionStorage.getItem('mmfuse-api-key')") == "page-key-0123456789"
+        browser.find_element(By.ID, "input-text").send_keys(row["text"])
+        browser.find_element(By.ID, "submit").click()
+        wait.until(expected_conditions.visibility_of_element_located((By.ID, "result")))
+        assert browser.find_element(By.ID, "result-modalities").text == "text"
+        browser.execute_script("sessionStorage.clear()")

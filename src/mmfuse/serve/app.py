@@ -30,7 +30,7 @@ from mmfuse.serve.batcher import MicroBatcher
 from mmfuse.serve.decode import build_request_sample
 from mmfuse.serve.inputs import BadRequest, read_fields
 from mmfuse.serve.metrics import ServerMetrics
-from mmfuse.serve.middleware import BodyLimit, RequestMetrics
+from mmfuse.serve.middleware import BodyLimit, RequestMetrics, install_access_controls
 from mmfuse.serve.openapi import PREDICT_OPENAPI
 from mmfuse.serve.predictor import Predictor, contributions, explanation_samples
 from mmfuse.serve.settings import ServeSettings
@@ -86,6 +86,7 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None,
     app.state.mmfuse = state
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
+    install_access_controls(app, settings.security)  # last: its middleware runs first
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(BadRequest)

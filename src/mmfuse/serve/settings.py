@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mmfuse.serve.security import SecuritySettings
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class ServeSettings:
     onnx: Path | None = None
     threads: int | None = None
     """CPU threads of onnxruntime (``onnx``); PyTorch's are set by the command around the server."""
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    """API keys, allowed Host names and CORS origins (``mmfuse.serve.security``); the default lets anyone in."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_body_bytes", "max_image_pixels", "max_text_chars"):

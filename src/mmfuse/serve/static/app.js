@@ -3,6 +3,31 @@
 "use strict";
 
 const ACCEPT = { image: "image/*", audio: "audio/*,.wav,.flac,.ogg,.mp3" };
+const KEY_STORE = "mmfuse-api-key";  // sessionStorage: gone when the tab closes, never sent to other sites
+
+// The headers of every API call: the API key, when the user gave one (servers without keys ignore none).
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+// Shows the key field and resolves once the user has entered a key (stored for this tab).
+function askForKey(message) {
+  const form = document.getElementById("access");
+  form.hidden = false;
+  showError(message);
+  return new Promise((resolve) => {
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const key = document.getElementById("api-key").value.trim();
+      if (key) sessionStorage.setItem(KEY_STORE, key);
+      else sessionStorage.removeItem(KEY_STORE);
+      document.getElementById("error").hidden = true;
+      form.hidden = true;
+      resolve();
+    }, { once: true });
+  });
+}
 
 function el(tag, attrs = {}, text = "") {
   const node = document.createElement(tag);
@@ -69,9 +94,13 @@ async function submit(event) {
   status.textContent = "predicting…";
   const explain = document.getElementById("explain").checked ? "?explain=1" : "";
   try {
-    const response = await fetch("/predict" + explain, { method: "POST", body: new FormData(event.target) });
+    const response = await fetch("/predict" + explain,
+      { method: "POST", body: new FormData(event.target), headers: authHeaders() });
     const answer = await response.json();
-    if (!response.ok) {
+    if (response.status === 401) {
+      document.getElementById("result").hidden = true;
+      askForKey("error 401: " + answer.detail);  // not awaited: the form stays usable
+    } else if (!response.ok) {
       const detail = typeof answer.detail === "string" ? answer.detail : JSON.stringify(answer.detail);
       showError("error " + response.status + ": " + detail);
       document.getElementById("result").hidden = true;
@@ -88,8 +117,9 @@ async function submit(event) {
 async function start() {
   let info = null;
   for (let attempt = 0; info === null; attempt++) {
-    const response = await fetch("/info");
+    const response = await fetch("/info", { headers: authHeaders() });
     if (response.ok) info = await response.json();
+    else if (response.status === 401) await askForKey("error 401: " + (await response.json()).detail);
     else await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 200 * (attempt + 1))));
   }
   const labels = info.labels ? ", labels: " + info.labels.join(", ") : "";
