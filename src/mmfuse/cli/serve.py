@@ -31,6 +31,8 @@ def serve(
     max_audio_seconds: Annotated[float, typer.Option(min=0.001, help="Longest audio clip (413 past it).")] = 60.0,
     max_text_chars: Annotated[int, typer.Option(min=1, help="Longest text (413 past it).")] = 20_000,
     timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a prediction may take (504 past it).")] = 30.0,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait to be decoded, and as many for the "
+                                           "model; one more gets 503 with Retry-After.")] = 64,
     threads: Annotated[int | None, typer.Option(
         min=1, help="CPU threads for torch, or onnxruntime with --onnx (default: one per core).")]
     = None,
@@ -84,7 +86,7 @@ def serve(
     settings = ServeSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                              max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
                              max_audio_seconds=max_audio_seconds, max_text_chars=max_text_chars, timeout_s=timeout,
-                             onnx=onnx, threads=threads, security=security)
+                             max_queue=max_queue, onnx=onnx, threads=threads, security=security)
     failure: list[str] = []
     server: uvicorn.Server | None = None
 

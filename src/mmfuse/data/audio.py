@@ -12,8 +12,9 @@ from __future__ import annotations
 import functools
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,15 @@ SILENCE_LOG_MEL = math.log(LOG_FLOOR)
 """The log-mel value of digital silence: the natural padding value for a batch of spectrograms."""
 
 _DECODE_ERRORS = (sf.SoundFileError, RuntimeError, OSError, ValueError, TypeError)
+MAX_RATIO_TERM = 1000
+"""Largest up/down factor of a resampling: the filter has ~20 x max(up, down) taps, so an odd rate
+(999,983 Hz -> 16 kHz is 16000/999983) would cost seconds and gigabytes. Past it the ratio is the
+closest fraction with terms <= 1000: a relative rate error below 1e-3 (under 2 cents of pitch; 1.25e-4
+for 8,001 Hz -> 16 kHz, 1.4e-6 for 44,099 Hz). Every common rate pair (8, 11.025, 16, 22.05, 32,
+44.1, 48, 96 kHz ...) reduces to smaller terms and stays exact."""
+
+HeaderCheck = Callable[[int, int, int], None]
+"""Called with (sample rate, channels, frames) from a file's header, before any sample is read."""
 
 
 @dataclass
@@ -77,14 +87,41 @@ def load_waveform(path: Path, prep: AudioPrep, crops: CropTally | None = None) -
     return _finish(samples, sr, total, str(path), prep, crops)
 
 
-def decode_waveform_bytes(data: bytes, label: str, prep: AudioPrep, max_seconds: float | None = None) -> np.ndarray:
+def decode_waveform_bytes(data: bytes, label: str, prep: AudioPrep, max_seconds: float | None = None,
+                          max_bytes: int | None = None, rates: tuple[int, int] | None = None) -> np.ndarray:
     """``load_waveform`` of an uploaded file held in memory (the HTTP server's inputs); ``label``
-    names it in errors. A clip whose header says it lasts more than ``max_seconds`` raises
-    ``InputTooLarge`` (only the kept crop is ever decoded, so memory stays bounded either way)."""
-    samples, sr, total = _read(io.BytesIO(data), label, prep.max_seconds)
-    if max_seconds is not None and total / sr > max_seconds:
+    names it in errors. From the header, before any sample is read: a clip lasting more than
+    ``max_seconds``, at a sample rate above ``rates[1]`` or whose decoding would hold more than
+    ``max_bytes`` (``decode_cost``) raises ``InputTooLarge``; a rate below ``rates[0]`` ``DataError``.
+    Only the kept crop is ever decoded, so memory stays bounded either way."""
+
+    def check(sr: int, channels: int, frames: int) -> None:
+        if rates is not None and sr > rates[1]:
+            raise InputTooLarge(f"audio {label} has a sample rate of {sr:,} Hz; the limit is {rates[1]:,} Hz")
+        if rates is not None and sr < rates[0]:
+            raise DataError(f"audio {label} has a sample rate of {sr:,} Hz, below the minimum of {rates[0]:,} Hz")
+        if max_seconds is not None and frames / sr > max_seconds:
+            raise InputTooLarge(f"audio {label} lasts {frames / sr:.4g} s; the limit is {max_seconds:g} s")
+        cost = decode_cost(sr, channels, frames, prep)
+        if max_bytes is not None and cost > max_bytes:
+            raise InputTooLarge(f"audio {label} ({channels} channels at {sr:,} Hz) would take {cost:,} bytes "
+                                f"to decode; the limit is {max_bytes:,}")
+
+    samples, sr, total = _read(io.BytesIO(data), label, prep.max_seconds, check)
+    if max_seconds is not None and total / sr > max_seconds:  # a stream whose header gave no length
         raise InputTooLarge(f"audio {label} lasts {total / sr:.4g} s; the limit is {max_seconds:g} s")
     return _finish(samples, sr, total, label, prep, None)
+
+
+def decode_cost(sr: int, channels: int, frames: int, prep: AudioPrep) -> int:
+    """Bytes that decoding and resampling a clip will hold at once, from its header: the frames read
+    (the crop and its margin; all of them when the header gives no length) x channels as float32, the
+    mono mix, and the resampled clip in float64 (scipy's working type) and float32."""
+    read = _read_limit(prep.max_seconds, sr)
+    if frames > 0:
+        read = min(read, frames)
+    resampled = math.ceil(read * prep.sample_rate / sr) if sr != prep.sample_rate else 0
+    return read * channels * 4 + read * 4 + resampled * 12
 
 
 def waveform_from_samples(samples: np.ndarray, sr: int, total: int, label: str, prep: AudioPrep,
@@ -111,6 +148,9 @@ def _finish(samples: np.ndarray, sr: int, total: int, label: str, prep: AudioPre
                 f"{label}: sample rate {sr} Hz, expected {prep.sample_rate} Hz "
                 "(set data.audio.resample: true to resample)"
             )
+        if not Fraction(1, MAX_RATIO_TERM) <= Fraction(prep.sample_rate, sr) <= MAX_RATIO_TERM:
+            raise DataError(f"{label}: sample rate {sr:,} Hz is more than {MAX_RATIO_TERM}x away from "
+                            f"{prep.sample_rate:,} Hz; it cannot be resampled")
         mono = _resample(mono, sr, prep.sample_rate)
     return np.ascontiguousarray(mono[: max_samples(prep)], dtype=np.float32)
 
@@ -120,18 +160,24 @@ def max_samples(prep: AudioPrep) -> int:
     return int(prep.max_seconds * prep.sample_rate)
 
 
-def _read(source: Path | io.BytesIO, label: str, max_seconds: float) -> tuple[np.ndarray, int, int]:
-    """(frames, channels) float32, the file's rate and its length in frames, reading only what the
-    crop will keep.
+def _read_limit(max_seconds: float, sr: int) -> int:
+    """Frames read for a crop of ``max_seconds``: a small margin past it gives resampling real
+    context at the crop edge, so it never comes out one sample short."""
+    return math.ceil(max_seconds * sr) + sr // 50 + 1
 
-    A small margin past ``max_seconds`` is read so resampling has real context at the crop edge
-    and never comes out one sample short.
-    """
+
+def _read(source: Path | io.BytesIO, label: str, max_seconds: float,
+          check: HeaderCheck | None = None) -> tuple[np.ndarray, int, int]:
+    """(frames, channels) float32, the file's rate and its length in frames, reading only what the
+    crop will keep; ``check`` sees the header first and may refuse the file."""
     try:
         with sf.SoundFile(source if isinstance(source, io.BytesIO) else str(source)) as f:
             sr = int(f.samplerate)
-            limit = math.ceil(max_seconds * sr) + sr // 50 + 1
-            data = f.read(frames=limit, dtype="float32", always_2d=True)
+            if sr <= 0:
+                raise DataError(f"cannot decode audio {label}: sample rate {sr} Hz")
+            if check is not None:
+                check(sr, int(f.channels), int(f.frames))
+            data = f.read(frames=_read_limit(max_seconds, sr), dtype="float32", always_2d=True)
             total = max(int(f.frames), data.shape[0])  # frames may be unknown (0) for some streams
     except _DECODE_ERRORS as exc:
         raise DataError(f"cannot decode audio {label}: {_reason(exc)}") from None
@@ -139,9 +185,19 @@ def _read(source: Path | io.BytesIO, label: str, max_seconds: float) -> tuple[np
 
 
 def _resample(samples: np.ndarray, from_sr: int, to_sr: int) -> np.ndarray:
-    """Polyphase resampling by the reduced ratio to_sr/from_sr (anti-aliased, exact length)."""
-    g = math.gcd(from_sr, to_sr)
-    return resample_poly(samples, to_sr // g, from_sr // g).astype(np.float32)
+    """Polyphase resampling by the reduced ratio to_sr/from_sr (anti-aliased, exact length), or by
+    its closest fraction with terms <= ``MAX_RATIO_TERM`` when the exact one is costly."""
+    ratio = Fraction(to_sr, from_sr)
+    if max(ratio.numerator, ratio.denominator) > MAX_RATIO_TERM:
+        ratio = _bounded_ratio(ratio)
+    return resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
+
+
+def _bounded_ratio(ratio: Fraction) -> Fraction:
+    """The closest fraction to ``ratio`` (within 1/1000..1000) with both terms <= ``MAX_RATIO_TERM``."""
+    if ratio >= 1:
+        return 1 / (1 / ratio).limit_denominator(MAX_RATIO_TERM)
+    return ratio.limit_denominator(MAX_RATIO_TERM)
 
 
 def log_mel(waveform: np.ndarray | torch.Tensor, prep: AudioPrep) -> torch.Tensor:

@@ -4,11 +4,16 @@ Real data sets mix modes (RGBA screenshots, palette GIFs, 16-bit greyscale scans
 photos), so every image is brought to one mode and one size before batching. A file that cannot be
 decoded, including a truncated one, raises ``DataError`` naming the file, so ``data.on_error``
 can skip it or the CLI can report it in one line.
+
+Uploads (``decode_image_bytes``, the HTTP server's inputs) are untrusted: only common raster formats
+are opened, and their cost is bounded from the header before a pixel is decoded: pixels, and the
+bytes the decoded image will hold. Messages never carry an object's repr (no memory addresses).
 """
 
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +24,12 @@ from mmfuse.config import ImagePrep
 from mmfuse.core.errors import DataError, InputTooLarge
 
 _HIGH_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+"""What an upload may be: no format that runs a program (EPS runs Ghostscript) or that few clients send."""
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+"""Bytes per pixel as Pillow stores a mode; every other mode takes 4 (RGB is stored as RGBX)."""
+_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
              "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
              "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
@@ -42,22 +52,39 @@ def decode_image(path: Path, prep: ImagePrep) -> Image.Image:
     return _decode(path, str(path), prep, None)
 
 
-def decode_image_bytes(data: bytes, label: str, prep: ImagePrep, max_pixels: int | None = None) -> Image.Image:
+def decode_image_bytes(data: bytes, label: str, prep: ImagePrep, max_pixels: int | None = None,
+                       max_bytes: int | None = None) -> Image.Image:
     """``decode_image`` of an uploaded file held in memory (the HTTP server's inputs); ``label`` names
-    it in errors. An image of more than ``max_pixels`` raises ``InputTooLarge`` from its header,
-    before any pixel is decoded: a small PNG can claim gigapixels (a decompression bomb)."""
-    return _decode(io.BytesIO(data), label, prep, max_pixels)
+    it in errors. Only ``UPLOAD_FORMATS`` are read. An image of more than ``max_pixels``, or one whose
+    decoded pixels would take more than ``max_bytes`` (``decoded_bytes``), raises ``InputTooLarge``
+    from its header, before any pixel is decoded: a small PNG can claim gigapixels (a decompression
+    bomb), and a 16-bit one twice the bytes of an 8-bit one."""
+    return _decode(io.BytesIO(data), label, prep, max_pixels, max_bytes, UPLOAD_FORMATS)
 
 
-def _decode(source: Path | io.BytesIO, label: str, prep: ImagePrep, max_pixels: int | None) -> Image.Image:
+def decoded_bytes(image: Image.Image) -> int:
+    """The bytes Pillow will hold for ``image``'s pixels once loaded, known from the header alone."""
+    return image.width * image.height * _PIXEL_BYTES.get(image.mode, 4)
+
+
+def _decode(source: Path | io.BytesIO, label: str, prep: ImagePrep, max_pixels: int | None,
+            max_bytes: int | None = None, formats: tuple[str, ...] | None = None) -> Image.Image:
     try:
-        with Image.open(source) as img:
+        with Image.open(source, formats=formats) as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise InputTooLarge(f"image {label} has {img.width}x{img.height} = {img.width * img.height:,} "
                                     f"pixels; the limit is {max_pixels:,}")
+            if max_bytes is not None and decoded_bytes(img) > max_bytes:
+                raise InputTooLarge(f"image {label} ({img.width}x{img.height}, mode {img.mode}) would decode to "
+                                    f"{decoded_bytes(img):,} bytes; the limit is {max_bytes:,}")
             img.load()  # decode now: Image.open only reads the header, so truncation shows up here
             upright = ImageOps.exif_transpose(img)
             return _to_mode(upright, prep)
+    except Image.DecompressionBombError as exc:  # past Pillow's own cap, before ours could look
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(claimed.group(1)):,} pixels" if claimed else "more pixels than Pillow's cap"
+        limit = f"; the limit is {max_pixels:,}" if max_pixels is not None else ""
+        raise InputTooLarge(f"image {label} claims {size}{limit} (a decompression bomb)") from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"cannot decode image {label}: {_reason(exc)}") from None
 
@@ -85,10 +112,18 @@ def _has_transparency(image: Image.Image) -> bool:
 
 
 def _high_bit_to_l(image: Image.Image) -> Image.Image:
-    """Scales 16-bit greyscale to 8 bits; Pillow's own convert('L') clips at 255 instead."""
-    values = np.asarray(image, dtype=np.float64)
-    scaled = np.clip(values, 0, 65535) / 257.0
-    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+    """Scales 16-bit greyscale to 8 bits (round(v / 257)); Pillow's own convert('L') clips at 255 instead.
+
+    Integer arithmetic a block of rows at a time: (2v + 257) // 514 equals rint(v / 257) for every
+    16-bit v (v / 257 is never exactly a half), and no float64 copy of the image is ever made.
+    """
+    values = np.asarray(image)
+    out = np.empty(values.shape, dtype=np.uint8)
+    rows = max(1, (1 << 20) // max(1, values.shape[1]))
+    for top in range(0, values.shape[0], rows):
+        block = np.clip(values[top: top + rows], 0, 65535).astype(np.uint32)
+        out[top: top + rows] = (2 * block + 257) // 514
+    return Image.fromarray(out)
 
 
 def resize_and_crop(image: Image.Image, prep: ImagePrep) -> Image.Image:
@@ -128,5 +163,5 @@ def _to_tensor(image: Image.Image, prep: ImagePrep) -> torch.Tensor:
 
 def _reason(exc: BaseException) -> str:
     """One line, even when Pillow's message is empty or spans lines."""
-    text = " ".join(str(exc).split())
+    text = " ".join(_REPR.sub("", str(exc)).split())
     return text or type(exc).__name__

@@ -7,6 +7,11 @@ validation and OpenAPI docs for free and adds no worker processes to reason abou
 
 The model loads in the background after start-up: ``/health`` answers at once, ``/ready`` says
 503 until the model is loaded, so an orchestrator routes traffic only to a ready server.
+
+A prediction has one deadline from its arrival: decoding (a few threads, ``stages.DecodeStage``)
+and the model's queue start nothing past it, a client that disconnects cancels its request, and
+both queues are bounded (503 with Retry-After past ``max_queue``). Every refusal is a ``BadRequest``
+answered as ``{"detail": one line}``; anything else is the server's fault (``guard.Guard``: 500).
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,12 +34,14 @@ from mmfuse.core.errors import MMFuseError
 from mmfuse.core.version import __version__
 from mmfuse.serve.batcher import MicroBatcher
 from mmfuse.serve.decode import build_request_sample
-from mmfuse.serve.inputs import BadRequest, read_fields
+from mmfuse.serve.guard import Guard, public_message
+from mmfuse.serve.inputs import BadRequest, read_fields, shown
 from mmfuse.serve.metrics import ServerMetrics
 from mmfuse.serve.middleware import BodyLimit, RequestMetrics, install_access_controls
 from mmfuse.serve.openapi import PREDICT_OPENAPI
 from mmfuse.serve.predictor import Predictor, contributions, explanation_samples
 from mmfuse.serve.settings import ServeSettings
+from mmfuse.serve.stages import Deadline, DeadlineExceeded, DecodeStage
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("mmfuse.serve")
@@ -43,6 +51,7 @@ log = logging.getLogger("mmfuse.serve")
 class ServerState:
     predictor: Predictor | None = None
     batcher: MicroBatcher | None = None
+    decoder: DecodeStage | None = None
     error: str | None = None
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
@@ -63,7 +72,8 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None,
                 on_load_error(str(exc))
             return
         state.batcher = MicroBatcher(predictor.predict, settings.max_batch_size, settings.max_wait_ms / 1000,
-                                     state.metrics.observe_batch)
+                                     state.metrics.observe_batch, settings.max_queue)
+        state.decoder = DecodeStage(settings.decode_workers, settings.max_queue)
         state.batcher.start()
         state.predictor = predictor
         state.metrics.ready.set(1)
@@ -79,11 +89,14 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None,
                 await loading
             if state.batcher is not None:
                 await state.batcher.stop()
+            if state.decoder is not None:
+                await asyncio.to_thread(state.decoder.close)
 
     app = FastAPI(title="mmfuse", version=__version__, lifespan=lifespan,
                   description=f"Predictions of the mmfuse model in {model_dir.name} from any subset of its "
                               "modalities.")
     app.state.mmfuse = state
+    app.add_middleware(Guard)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
     install_access_controls(app, settings.security)  # last: its middleware runs first
@@ -91,7 +104,13 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None,
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        return JSONResponse({"detail": public_message(exc.message)}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """One line like every other refusal (FastAPI's list echoes the input back)."""
+        problems = [f"{_location(error.get('loc', ()))}: {error.get('msg', 'invalid')}" for error in exc.errors()]
+        return JSONResponse({"detail": public_message("; ".join(problems) or "invalid request")}, status_code=422)
 
     def ready_predictor() -> Predictor:
         if state.predictor is None:
@@ -117,8 +136,7 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None,
     @app.get("/info", summary="The model's modalities, labels, version and the input limits")
     async def info() -> dict[str, Any]:
         predictor = ready_predictor()
-        return {**predictor.info(), "limits": settings.limits(),
-                "batching": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms}}
+        return {**predictor.info(), "limits": settings.limits(), "batching": settings.batching()}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
@@ -132,22 +150,54 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None,
         if explain and not predictor.explainable:
             raise BadRequest(422, "explain needs a classification or regression model, not "
                                   f"'{predictor.info()['task']}'")
+        deadline = Deadline(settings.timeout_s)
         try:
             async with asyncio.timeout(settings.timeout_s):
-                return await _predict(request, predictor, state, settings, explain)
-        except TimeoutError:
+                fields = await read_fields(request, predictor.kinds, settings)
+                return await _until_disconnected(request, _predict(fields, predictor, state, settings, explain,
+                                                                   deadline))
+        except (TimeoutError, DeadlineExceeded):
             raise BadRequest(504, f"the prediction did not finish within {settings.timeout_s:g} s") from None
 
     return app
 
 
-async def _predict(request: Request, predictor: Predictor, state: ServerState, settings: ServeSettings,
-                   explain: bool) -> dict[str, Any]:
-    fields = await read_fields(request, predictor.kinds)
-    sample = await asyncio.to_thread(build_request_sample, predictor.preprocessor, fields, settings)
-    assert state.batcher is not None
+def _location(loc: tuple[Any, ...] | list[Any]) -> str:
+    """('query', 'explain') -> "query parameter 'explain'"."""
+    parts = [str(part) for part in loc]
+    if len(parts) >= 2 and parts[0] in ("query", "path", "header", "cookie"):
+        return f"{parts[0]} parameter '{shown(' '.join(parts[1:]))}'"
+    return shown(" ".join(parts)) or "the request"
+
+
+async def _predict(fields: dict[str, Any], predictor: Predictor, state: ServerState, settings: ServeSettings,
+                   explain: bool, deadline: Deadline) -> dict[str, Any]:
+    assert state.batcher is not None and state.decoder is not None
+    sample = await state.decoder.run(deadline, build_request_sample, predictor.preprocessor, fields, settings,
+                                     "request", deadline)
     if not explain:
-        return (await state.batcher.submit([sample]))[0]
+        return (await state.batcher.submit([sample], deadline))[0]
     coalitions = explanation_samples(sample)
-    predictions = await state.batcher.submit(coalitions)
+    predictions = await state.batcher.submit(coalitions, deadline)
     return {**predictions[0], **contributions(sample, predictions)}
+
+
+async def _until_disconnected(request: Request, work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """``work``'s result, or its cancellation when the client goes away first (its body is read, so the
+    next message the server can send is ``http.disconnect``): nobody would read the answer."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise BadRequest(499, "the client disconnected before the answer")
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

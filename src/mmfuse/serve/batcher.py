@@ -4,6 +4,10 @@ A model call costs much the same for one sample as for sixteen on a CPU or GPU, 
 server answers more requests per second by collating them. One worker owns the model (a single
 thread: PyTorch and onnxruntime calls never overlap); requests wait at most ``max_wait`` for
 company. A job is the samples of one request (an explanation brings 2^k), kept together.
+
+The queue is bounded: past ``max_queue`` waiting jobs ``submit`` raises ``QueueFull`` (503 with
+Retry-After) at once. A job whose request gave up (timed out, disconnected: its future is
+cancelled) or whose deadline passed while it waited is dropped before its batch runs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmfuse.data.dataset import Sample
+from mmfuse.serve.stages import Deadline, DeadlineExceeded, QueueFull
 
 RunBatch = Callable[[list[Sample]], list[dict[str, Any]]]
 BatchObserver = Callable[[int, float], None]
@@ -27,14 +32,26 @@ BatchObserver = Callable[[int, float], None]
 class _Job:
     samples: list[Sample]
     future: asyncio.Future[list[dict[str, Any]]] = field(repr=False)
+    deadline: Deadline | None = None
+
+    @property
+    def live(self) -> bool:
+        """Someone still waits for the answer, and it can still come in time."""
+        if self.future.done():
+            return False
+        if self.deadline is not None and self.deadline.passed:
+            _settle(self, DeadlineExceeded(f"the prediction did not finish within {self.deadline.seconds:g} s"))
+            return False
+        return True
 
 
 class MicroBatcher:
     def __init__(self, run: RunBatch, max_batch_size: int, max_wait_s: float,
-                 observe: BatchObserver | None = None) -> None:
+                 observe: BatchObserver | None = None, max_queue: int | None = None) -> None:
         self._run = run
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
         self._observe = observe
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmfuse-model")
@@ -54,23 +71,33 @@ class MicroBatcher:
             self._worker = None
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def submit(self, samples: list[Sample]) -> list[dict[str, Any]]:
-        """The predictions of ``samples``, in order, once a batch holding them has run."""
-        job = _Job(samples, asyncio.get_running_loop().create_future())
-        await self._queue.put(job)
+    @property
+    def waiting(self) -> int:
+        """Jobs queued and not yet in a running batch."""
+        return self._queue.qsize() + (self._carried is not None)
+
+    async def submit(self, samples: list[Sample], deadline: Deadline | None = None) -> list[dict[str, Any]]:
+        """The predictions of ``samples``, in order, once a batch holding them has run; ``QueueFull``
+        when ``max_queue`` jobs already wait, ``DeadlineExceeded`` if ``deadline`` passes first."""
+        if self.max_queue is not None and self.waiting >= self.max_queue:
+            raise QueueFull("the model", self.max_queue)
+        job = _Job(samples, asyncio.get_running_loop().create_future(), deadline)
+        self._queue.put_nowait(job)
         return await job.future
 
     async def _loop(self) -> None:
         while True:
             jobs = await self._collect()
-            jobs = [j for j in jobs if not j.future.done()]  # requests that timed out meanwhile
+            jobs = [j for j in jobs if j.live]  # requests that gave up or ran out of time meanwhile
             if jobs:
                 await self._run_jobs(jobs)
 
     async def _collect(self) -> list[_Job]:
         """The first waiting job plus whatever else fits and arrives within ``max_wait``."""
         first, self._carried = self._carried, None
-        jobs = [first if first is not None else await self._queue.get()]
+        while first is None or not first.live:  # a dead job must not hold the batch open for company
+            first = await self._queue.get()
+        jobs = [first]
         size = len(jobs[0].samples)
         deadline = time.perf_counter() + self.max_wait_s
         while size < self.max_batch_size:
