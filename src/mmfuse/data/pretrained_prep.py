@@ -15,6 +15,7 @@ from typing import Any
 from mmfuse.config import ImagePrep
 from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.core.hub import resolve_source
+from mmfuse.data.text import well_formed
 
 FORMAT = "hf-tokenizer"
 
@@ -54,7 +55,7 @@ class PretrainedTokenizer:
     def encode(self, text: str) -> list[int]:
         if not text.strip():
             return []
-        ids = self.hf(text, truncation=True, max_length=self.max_length)["input_ids"]
+        ids = self.hf(well_formed(text), truncation=True, max_length=self.max_length)["input_ids"]
         return [int(i) for i in ids]
 
     @property

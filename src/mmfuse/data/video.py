@@ -11,7 +11,8 @@ the start (``fps``). Each chosen frame is then framed and normalised exactly lik
 rate and finished by ``mmfuse.data.audio.waveform_from_samples`` (mono, resampled, cropped), so an
 ``audio`` modality read from a video (``from_video: true``) gets the same features as one read
 from a WAV file. A file that cannot be decoded, that has no frames, or (when its audio is asked
-for) no audio track raises ``DataError`` naming the file, so ``data.on_error`` can skip it.
+for) no audio track raises ``DataError`` naming the file, so ``data.on_error`` can skip it; a frame
+over ``MAX_FRAME_PIXELS`` raises ``InputTooLarge``, from the header before decoding and from each frame.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ import torch
 from PIL import Image
 
 from mmfuse.config import AudioPrep, VideoPrep
-from mmfuse.core.errors import ConfigError, DataError
+from mmfuse.core.errors import ConfigError, DataError, InputTooLarge
 from mmfuse.data.audio import CropTally, waveform_from_samples
 from mmfuse.data.image import image_to_tensor
 
+MAX_FRAME_PIXELS = 40_000_000
+"""Largest frame (width x height) decoded, as ``max_image_pixels`` for images: 8K video is 33 M pixels, and
+a damaged or hostile header claiming more would make FFmpeg allocate that much for every frame kept."""
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ogv", ".flv", ".3gp")
 """File types a video column usually holds (documentation and examples; PyAV reads whatever FFmpeg reads)."""
 
@@ -50,26 +54,46 @@ def _check_file(path: Path) -> str:
     return str(path)
 
 
+# A note on tags, and why every ``av.open`` passes ``metadata_errors="replace"``: PyAV decodes each tag as
+# strict UTF-8 on open, so one damaged byte in a tag nothing here reads (a WebM's DURATION, the
+# encoder name) raised UnicodeDecodeError out of the decoder (found by tests/test_fuzz_video_text.py).
+
+
 def _reason(exc: BaseException) -> str:
     """FFmpeg's message without the path it repeats, on one line."""
     text = getattr(exc, "strerror", None) or str(exc)
     return " ".join(str(text).split()) or type(exc).__name__
 
 
-def decode_video(path: Path, prep: VideoPrep) -> list[Image.Image]:
-    """The chosen frames of ``path`` as RGB images at their own resolution (see ``select_frames``)."""
+def _check_pixels(label: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise InputTooLarge(f"video file {label} has frames of {width}x{height} = {width * height:,} pixels, over "
+                            f"the limit of {max_pixels:,}")
+
+
+def decode_video(path: Path, prep: VideoPrep, max_pixels: int = MAX_FRAME_PIXELS) -> list[Image.Image]:
+    """The chosen frames of ``path`` as RGB images at their own resolution (see ``select_frames``).
+
+    A frame over ``max_pixels`` is refused from the stream's header before decoding, and from each
+    decoded frame (a stream may change its size, a header may lie) before it is kept.
+    """
     av = _av()
     label = _check_file(Path(path))
     try:
-        with av.open(label) as container:
+        with av.open(label, metadata_errors="replace") as container:  # see the note on tags
             if not container.streams.video:
                 raise DataError(f"video file {label} has no video stream")
             stream = container.streams.video[0]
-            rate = float(stream.average_rate or stream.guessed_rate or 25)
+            context = stream.codec_context
+            if context is None:  # FFmpeg found no decoder for it (a damaged or truncated header)
+                raise DataError(f"cannot decode video {label}: its video stream has no codec FFmpeg can decode")
+            _check_pixels(label, context.width or 0, context.height or 0, max_pixels)
+            rate = _rate(stream)
             frames: list[Any] = []
             times: list[float] = []
             start: float | None = None
             for index, frame in enumerate(container.decode(stream)):
+                _check_pixels(label, frame.width, frame.height, max_pixels)
                 t = float(frame.time) if frame.time is not None else index / rate
                 start = t if start is None else start
                 if prep.max_seconds is not None and t - start >= prep.max_seconds:
@@ -81,6 +105,14 @@ def decode_video(path: Path, prep: VideoPrep) -> list[Image.Image]:
             return [frames[i].to_image() for i in select_frames(times, rate, prep)]
     except av.FFmpegError as exc:
         raise DataError(f"cannot decode video {label}: {_reason(exc)}") from None
+
+
+def _rate(stream: Any) -> float:
+    """Frames per second from the header, 25 when it gives none or nonsense (0, negative, huge)."""
+    for rate in (stream.average_rate, stream.guessed_rate):
+        if rate is not None and 0 < float(rate) <= 1000:
+            return float(rate)
+    return 25.0
 
 
 def select_frames(times: list[float], rate: float, prep: VideoPrep) -> list[int]:
@@ -123,7 +155,7 @@ def load_video_waveform(path: Path, prep: AudioPrep, crops: CropTally | None = N
     av = _av()
     label = _check_file(Path(path))
     try:
-        with av.open(label) as container:
+        with av.open(label, metadata_errors="replace") as container:  # see the note on tags
             if not container.streams.audio:
                 raise DataError(f"video file {label} has no audio track")
             stream = container.streams.audio[0]
