@@ -318,20 +318,24 @@ def test_packing_without_the_pack_extra_says_which_to_install(tmp_path: Path, mo
     assert not (tmp_path / "pack").exists()
 
 
-def test_a_pack_without_member_layouts_reads_the_same_samples(synth_manifest: Path, tmp_path: Path) -> None:
-    """Indexes written before member layouts existed: the tar headers are parsed instead."""
+def test_a_pack_from_before_digests_is_refused_and_packing_rewrites_it(synth_manifest: Path, tmp_path: Path) -> None:
+    """Indexes written before shards carried digests (and member layouts) cannot prove their bytes: reading
+    them is refused with the fix, and `mmfuse data pack` on the folder writes the pack a fresh one is."""
     config = pack_config(synth_manifest, tmp_path / "run")
+    pack_data(config, tmp_path / "fresh", workers=1, shard_size=50)
     pack_data(config, tmp_path / "pack", workers=1, shard_size=50)
-    with_layouts = open_pack(config, tmp_path / "pack").datasets["train"]
-    assert isinstance(with_layouts, PackDataset) and (with_layouts.index[:, 3] >= 0).all()
     for index in (tmp_path / "pack").glob("*.index.json"):
         state = json.loads(index.read_text())
-        del state["layouts"]
+        for key in ("layouts", "sha256", "members", "first_key"):
+            del state[key]
         index.write_text(json.dumps(state))
-    parsed = open_pack(config, tmp_path / "pack").datasets["train"]
-    assert isinstance(parsed, PackDataset) and (parsed.index[:, 3] == -1).all()
-    for i in range(len(parsed)):
-        a, b = with_layouts[i], parsed[i]
-        assert a.id == b.id and torch.equal(a.target, b.target)
-        for modality, tensors in a.inputs.items():
-            assert all(torch.equal(t, b.inputs[modality][name]) for name, t in (tensors or {}).items())
+    state = json.loads((tmp_path / "pack" / "pack.json").read_text())
+    del state["shard_size"]
+    (tmp_path / "pack" / "pack.json").write_text(json.dumps(state))
+    with pytest.raises(DataError, match=r"test-00000\.tar has no digest in its index \(written before packs carried "
+                                        r"digests\); run `mmfuse data pack` again with the same config and --out"):
+        open_pack(config, tmp_path / "pack")
+    result = pack_data(config, tmp_path / "pack", workers=1, shard_size=50)
+    assert result.shards_written == 5 and not result.already_packed
+    assert files_of(tmp_path / "pack") == files_of(tmp_path / "fresh")
+    assert len(open_pack(config, tmp_path / "pack").datasets["train"]) == 128

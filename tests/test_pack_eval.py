@@ -1,5 +1,6 @@
-"""``mmfuse evaluate --pack``: a pack's split (local, ``file://`` or ``pipe:`` URL) gives the metrics the
-manifest gives; a pack of other preprocessing is refused; ``data.pack`` refuses URLs with what works."""
+"""``mmfuse evaluate --pack``: a pack's split (local or ``file://`` URL) gives the metrics the manifest
+gives; ``pipe:`` is refused; a pack of other preprocessing is refused; ``data.pack`` refuses URLs with
+what works. (S3 and HTTP locations: tests/test_pack_remote.py.)"""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def test_evaluate_from_the_pack_equals_the_manifest(packed_model: tuple[Path, Pa
     assert _metrics(["-m", str(model), "--pack", str(pack)], tmp_path / "p.json") == manifest
     # The same pack as URLs WebDataset opens, streamed shard by shard (test: two shards).
     assert _metrics(["-m", str(model), "--pack", f"file://{pack}"], tmp_path / "f.json") == manifest
-    assert _metrics(["-m", str(model), "--pack", f"pipe:cat {pack}/{{}}"], tmp_path / "c.json") == manifest
+    piped = CliRunner().invoke(app, ["evaluate", "-m", str(model), "--pack", f"pipe:cat {pack}/{{}}"])
+    assert piped.exit_code == 1 and "pipe: commands are not run" in " ".join(piped.output.split())
     val = _metrics(["-m", str(model), "--pack", str(pack), "--split", "val"], tmp_path / "v.json")
     assert val == _metrics(["-m", str(model), "--data", str(synth_manifest), "--split", "val"], tmp_path / "w.json")
 
@@ -84,11 +86,12 @@ def test_a_pack_of_other_preprocessing_is_refused(packed_model: tuple[Path, Path
 
 
 def test_url_forms() -> None:
-    assert member_url("s3://bucket/packs/a/", "pack.json") == "pipe:aws s3 cp s3://bucket/packs/a/pack.json -"
-    assert member_url("pipe:gsutil cat gs://b/p/{}", "train-00000.tar") == "pipe:gsutil cat gs://b/p/train-00000.tar"
-    assert member_url("https://host/p", "pack.json") == "https://host/p/pack.json"
-    with pytest.raises(ConfigError, match=r"needs '\{\}' where the file name goes"):
-        member_url("pipe:cat pack.json", "pack.json")
+    assert member_url("s3://bucket/packs/a/", "pack.json") == "s3://bucket/packs/a/pack.json"
+    assert member_url("https://host/p", "train-00000.tar") == "https://host/p/train-00000.tar"
+    with pytest.raises(ConfigError, match=r"pipe: commands are not run .* give the pack's URL instead"):
+        member_url("pipe:gsutil cat gs://b/p/{}", "pack.json")
+    with pytest.raises(ConfigError, match=r"'zip://' is not a protocol a pack is read from; use one of file://, s3://"):
+        member_url("zip://x::file:///tmp/a.zip", "pack.json")
     assert is_url("file:///x") and is_url("pipe:cat x") and not is_url("/data/pack") and not is_url("C:\\pack")
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mmfuse.cli.app import console, data_app, friendly_errors
+from mmfuse.cli.app import console, data_app, err_console, friendly_errors
 
 
 @data_app.command("synth")
@@ -160,12 +160,35 @@ def data_pack(
 
         result = pack_data(cfg, out, workers=workers, rebuild=rebuild, shard_size=shard_size, progress=progress)
     counts = ", ".join(f"{split} {n}" for split, n in sorted(result.counts.items()))
+    for message in result.messages:
+        console.print(f"[yellow]{message}[/]", highlight=False, soft_wrap=True)
     if result.already_packed:
-        console.print(f"[bold]{out}[/] is already a pack of this data ({counts}); --rebuild to redo it")
+        console.print(f"[bold]{out}[/] is already a pack of this data ({counts}); its {result.shards_kept} shards "
+                      "verified whole; --rebuild to redo it")
         return
-    kept = f", {result.shards_kept} kept from an interrupted run" if result.shards_kept else ""
+    kept = f", {result.shards_kept} kept" if result.shards_kept else ""
     console.print(f"packed {counts} samples into [bold]{out}[/] ({result.shards_written} shards written{kept}) "
                   f"in {time.perf_counter() - started:.1f} s")
     for split, reasons in result.skipped.items():
         for reason, count in reasons.items():
             console.print(f"[yellow]skipped {count} sample(s) in {split}:[/] {reason}", highlight=False)
+
+
+@data_app.command("verify")
+@friendly_errors
+def data_verify(pack: Annotated[Path, typer.Argument(help="Pack folder (from `mmfuse data pack`).")]) -> None:
+    """Hash every shard of a pack and compare it with its index: names each damaged shard and member.
+
+    Exits 1 when anything is damaged; `mmfuse data pack` with the pack's config and --out repairs it.
+    """
+    from mmfuse.engine.pack import verify_pack
+
+    started = time.perf_counter()
+    result = verify_pack(pack)
+    for why in result.damaged.values():
+        err_console.print(f"[bold red]damaged:[/] {why}", highlight=False, soft_wrap=True)
+    if result.damaged:
+        err_console.print(f"{len(result.damaged)} of {result.shards} shards of {pack} are damaged; repair them with "
+                          f"`mmfuse data pack -c CONFIG --out {pack}` (the config it was packed from)", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"{pack}: all {result.shards} shards match their digests ({time.perf_counter() - started:.1f} s)")

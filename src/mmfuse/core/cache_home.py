@@ -2,9 +2,9 @@
 
 Every cache lives under one folder, ``$MMFUSE_CACHE`` or ``~/.cache/mmfuse``, one sub-folder per kind
 (``arrays``: in-memory splits, ``features``: frozen encoders' outputs, ``synth``: generated data
-sets). Each entry is keyed by the content it was made from, so a changed setting writes a new one
-and nothing ever removes the old: without a way to see and prune them, every audio setting tried
-leaves its copy of the data set behind.
+sets, ``verified``: which pack shards were hashed and found whole). Each entry is keyed by the
+content it was made from, so a changed setting writes a new one and nothing ever removes the old:
+without a way to see and prune them, every audio setting tried leaves its copy of the data set behind.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("arrays", "features", "synth")
+KINDS = ("arrays", "features", "synth", "verified")
 
 
 def cache_home() -> Path:

@@ -9,6 +9,11 @@ layouts are few: text lengths x missing modalities), no ids or tensors (the id i
 sample), plus the batches in flight; nothing of a shard is cached beyond what
 the OS page cache keeps. The price is one positioned read (``os.pread``) per sample rather than a
 sequential scan: fine on local disks, slower on network file systems that penalise random reads.
+
+Every shard is verified against the digests of its index when the dataset is made
+(``mmfuse.data.pack_integrity.verify_shard``: hashed once, then remembered by size and modification
+time), before any sample is read, so a damaged shard stops a run at its start with the shard and
+member named, and DataLoader workers (forked after) inherit shards already proven.
 """
 
 from __future__ import annotations
@@ -23,19 +28,7 @@ import numpy as np
 from mmfuse.core.errors import DataError
 from mmfuse.data.dataset import MultimodalDataset, Sample, SampleView, SkipReport
 from mmfuse.data.pack_format import INDEX_SUFFIX, Layout, ShardIndex, decode_sample
-
-
-def check_shard(path: Path, index: ShardIndex) -> None:
-    """A DataError naming the shard when it is missing or its size is not the size its index recorded."""
-    try:
-        size = path.stat().st_size
-    except OSError:
-        raise DataError(f"pack shard {path} is missing (its index {path.name}{INDEX_SUFFIX} is there); "
-                        "rebuild the pack with --rebuild") from None
-    if size != index.bytes:
-        raise DataError(f"pack shard {path} is truncated or damaged: {size} bytes, its index records "
-                        f"{index.bytes}; rebuild the pack with --rebuild")
-
+from mmfuse.data.pack_integrity import REPAIR_HINT, verify_shard
 
 OPEN_SHARDS = 32
 """Shard files a process keeps open at once: a shuffled epoch visits every shard, and a pack of thousands
@@ -54,15 +47,15 @@ class PackDataset(MultimodalDataset):
         known: dict[Layout, int] = {}
         for number, path in enumerate(self.paths):
             index = ShardIndex.read(path.with_name(path.name + INDEX_SUFFIX))
-            check_shard(path, index)
+            verify_shard(path, index)  # before any sample of it is read: its bytes are the ones the index proves
             spans = np.asarray(index.spans, dtype=np.int64).reshape(-1, 2)
-            layout_ids = np.full(len(spans), -1, dtype=np.int64)  # -1: an older pack, headers parsed
-            if index.layouts is not None and len(index.layouts) == len(spans):
-                for row, layout in enumerate(index.layouts):
-                    if layout not in known:
-                        known[layout] = len(self.layouts)
-                        self.layouts.append(layout)
-                    layout_ids[row] = known[layout]
+            assert index.layouts is not None  # verify_shard: a shard with digests has member layouts
+            layout_ids = np.empty(len(spans), dtype=np.int64)
+            for row, layout in enumerate(index.layouts):
+                if layout not in known:
+                    known[layout] = len(self.layouts)
+                    self.layouts.append(layout)
+                layout_ids[row] = known[layout]
             rows.append(np.column_stack([np.full(len(spans), number, dtype=np.int64), spans, layout_ids]))
         self.index = np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
         self._fds: OrderedDict[int, int] = OrderedDict()
@@ -89,8 +82,8 @@ class PackDataset(MultimodalDataset):
         read = os.preadv(self._fd(number), [data], start)
         where = f"{self.paths[number]} (sample {index}, bytes {start}-{end})"
         if read != end - start:
-            raise DataError(f"{where}: pack shard is truncated; rebuild the pack with --rebuild")
-        return decode_sample(data, where, self.layouts[layout] if layout >= 0 else None)
+            raise DataError(f"{where}: pack shard is truncated{REPAIR_HINT}")
+        return decode_sample(data, where, self.layouts[layout])
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():

@@ -17,8 +17,10 @@ tar headers (WebDataset and ``tar`` read the same shard as any tar).
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,36 +37,127 @@ INDEX_SUFFIX = ".index.json"
 _DTYPES = {"bool", "int64", "int32", "float32", "float64", "float16", "uint8", "int16"}
 
 
+SPLITS = ("train", "val", "test")
+
+
+def shard_name(split: str, number: int) -> str:
+    """The pack's naming scheme: ``<split>-NNNNN.tar``."""
+    return f"{split}-{number:05d}.tar"
+
+
+def checked_shards(shards: Any, where: str) -> dict[str, list[str]]:
+    """``pack.json``'s ``shards`` (split -> shard names), refused in one line unless every split is one
+    of ``SPLITS`` and its names are exactly ``<split>-00000.tar``, ``<split>-00001.tar``... in order.
+
+    Why so strict: the names are joined to the pack's location to open files and URLs, and whoever
+    can write a pack (a shared bucket) writes its pack.json; a name that is anything but the scheme
+    (``../``, ``?``, ``;``, a space) is refused before anything is opened.
+    """
+    if not isinstance(shards, dict):
+        raise DataError(f"{where}: 'shards' is not a mapping of split to shard names")
+    checked: dict[str, list[str]] = {}
+    for split, names in shards.items():
+        if split not in SPLITS:
+            raise DataError(f"{where}: {str(split)[:80]!r} is not a split of a pack (expected {', '.join(SPLITS)})")
+        if not isinstance(names, list):
+            raise DataError(f"{where}: the shards of split '{split}' are not a list of names")
+        for number, name in enumerate(names):
+            if name != shard_name(split, number):
+                raise DataError(f"{where}: shard name {str(name)[:80]!r} is not the pack's own "
+                                f"'{shard_name(split, number)}'; refusing the pack")
+        checked[split] = list(names)
+    return checked
+
+
+MAX_INDEX_BYTES = 256 * 1024 * 1024
+"""Largest shard index (or ``pack.json``) read: an index takes ~200 bytes per sample, so this is
+more than a million samples per shard, and a hostile file cannot ask for more memory than this."""
+
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
 @dataclass
 class ShardIndex:
-    """What a finished shard holds: its size, one (start, end) byte span per sample, skipped rows, and per
+    """What a finished shard holds: its size, one (start, end) byte span per sample, skipped rows, per
     sample its members' (name, data offset within the span, size) so a reader slices them out without
-    parsing tar headers (``layouts``; None in packs written before it, which are parsed)."""
+    parsing tar headers (``layouts``), and the digests that prove the shard's bytes: ``sha256`` of the
+    whole file and, per sample, a short digest of each member's blocks (``members``, in layout order;
+    see ``mmfuse.data.pack_integrity``), which name the damaged member when the shard's digest differs.
+    ``first_key`` is the key of the shard's first sample, so a member is named as in the tar."""
 
     name: str
     bytes: int
     spans: list[tuple[int, int]]
     skipped: list[dict[str, Any]] = field(default_factory=list)
     layouts: list[Layout] | None = None
+    sha256: str | None = None
+    members: list[list[str]] | None = None
+    first_key: int = 0
 
     def to_json(self) -> str:
         state: dict[str, Any] = {"format": FORMAT, "name": self.name, "bytes": self.bytes,
                                  "spans": [list(s) for s in self.spans], "skipped": self.skipped}
         if self.layouts is not None:
             state["layouts"] = [[list(member) for member in layout] for layout in self.layouts]
+        if self.sha256 is not None:
+            state.update(sha256=self.sha256, members=self.members, first_key=self.first_key)
         return json.dumps(state)
 
     @classmethod
     def read(cls, path: Path) -> ShardIndex:
+        """The index at ``path``, checked to describe a shard that could exist (see ``parse``)."""
         try:
-            state = json.loads(path.read_text())
-            layouts = state.get("layouts")
-            return cls(state["name"], int(state["bytes"]), [(int(a), int(b)) for a, b in state["spans"]],
-                       list(state["skipped"]),
-                       None if layouts is None else [tuple((str(n), int(o), int(z)) for n, o, z in layout)
-                                                     for layout in layouts])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if path.stat().st_size > MAX_INDEX_BYTES:
+                raise ValueError(f"{path.stat().st_size:,} bytes, more than an index can be ({MAX_INDEX_BYTES:,})")
+            return cls.parse(path.read_bytes(), str(path))
+        except OSError as exc:
             raise DataError(f"{path}: unreadable shard index ({exc})") from None
+        except ValueError as exc:
+            raise DataError(f"{path}: unreadable shard index ({exc})") from None
+
+    @classmethod
+    def parse(cls, data: builtins.bytes, where: str) -> ShardIndex:  # (the field ``bytes`` shadows the type)
+        """An index from its JSON bytes; a ``DataError`` naming ``where`` unless every span lies inside the
+        shard, in order, and every member inside its span: the spans and sizes size the reads, so a
+        hostile index must not be able to ask for memory or bytes the shard does not have."""
+        try:
+            state = json.loads(data)
+            layouts = state.get("layouts")
+            index = cls(str(state["name"]), int(state["bytes"]), [(int(a), int(b)) for a, b in state["spans"]],
+                        list(state["skipped"]),
+                        None if layouts is None else [tuple((str(n), int(o), int(z)) for n, o, z in layout)
+                                                      for layout in layouts],
+                        None if state.get("sha256") is None else str(state["sha256"]),
+                        None if state.get("members") is None else [[str(d) for d in row] for row in state["members"]],
+                        int(state.get("first_key", 0)))
+            index.check()
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{where}: unreadable shard index ({type(exc).__name__}: {exc})") from None
+        return index
+
+    def check(self) -> None:
+        """ValueError unless the index is self-consistent (see ``parse``)."""
+        if self.bytes < 0 or self.first_key < 0:
+            raise ValueError("negative size or key")
+        previous = 0
+        for start, end in self.spans:
+            if not previous <= start < end <= self.bytes:
+                raise ValueError(f"sample span {start}-{end} is not inside the shard's {self.bytes} bytes in order")
+            previous = end
+        if self.layouts is not None:
+            if len(self.layouts) != len(self.spans):
+                raise ValueError(f"{len(self.layouts)} member layouts for {len(self.spans)} samples")
+            for (start, end), layout in zip(self.spans, self.layouts, strict=True):
+                if any(offset < 0 or size < 0 or offset + size > end - start for _, offset, size in layout):
+                    raise ValueError(f"a member of the sample at bytes {start}-{end} lies outside it")
+        if self.sha256 is not None:
+            if len(self.sha256) != 64 or not _HEX.match(self.sha256):
+                raise ValueError("sha256 is not a SHA-256 hex digest")
+            if self.layouts is None or self.members is None or len(self.members) != len(self.layouts) \
+                    or any(len(row) != len(layout) for row, layout in zip(self.members, self.layouts, strict=True)):
+                raise ValueError("member digests do not match the member layouts")
+            if any(not _HEX.match(d) for row in self.members for d in row):
+                raise ValueError("a member digest is not hex")
 
 
 Layout = tuple[tuple[str, int, int], ...]
@@ -208,7 +301,7 @@ def _check_sums(data: bytes | bytearray, offsets: list[int], checksums: list[int
             raise ValueError(f"bad tar header checksum at byte {offset}")
 
 
-_BLOCK = tarfile.BLOCKSIZE
+BLOCK = _BLOCK = tarfile.BLOCKSIZE
 _ZERO_BLOCK = bytes(_BLOCK)
 
 

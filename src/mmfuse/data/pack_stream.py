@@ -1,71 +1,98 @@
-"""Reading a pack from a URL: each split streamed shard by shard through WebDataset, in order.
+"""Reading a pack from a URL: each split streamed shard by shard through fsspec, in order, verified.
 
-A pack is a folder of files (``pack.json``, ``<split>-NNNNN.tar``...). Where it lives remotely, its
-location is given as a URL that names the folder:
+A pack is a folder of files (``pack.json``, ``<split>-NNNNN.tar`` and its index...). Where it lives
+remotely, its location is an fsspec URL that names the folder (``s3://bucket/prefix``, ``gs://...``,
+``https://host/pack``, ``file:///mnt/pack``...); a file's URL is the location + ``/`` + its name.
+Credentials and endpoints come from each backend's usual settings (for S3: ``AWS_PROFILE``,
+``AWS_ENDPOINT_URL``...).
 
-- any URL WebDataset's ``gopen`` opens (``file://``, ``http(s)://``, ``gs://``, ``sftp://``...): a
-  file's URL is the location + ``/`` + its name;
-- ``s3://bucket/prefix``: read with ``pipe:aws s3 cp s3://bucket/prefix/<name> -`` (the AWS CLI);
-- ``pipe:COMMAND`` with ``{}`` where the file's name goes, for anything else that writes a file to
-  stdout (``pipe:curl -s https://host/pack/{}``, ``pipe:cat /mnt/pack/{}``).
+No shell, ever: WebDataset's ``gopen`` runs ``curl``/``aws``/``gsutil`` through a shell string, and a
+``pipe:`` location pasted the shard names from the pack's own pack.json into a command, so whoever
+could write the bucket could run commands on the reader's machine. fsspec reads with library calls;
+``pipe:`` is refused, and shard names are checked against the pack's naming scheme
+(``checked_shards``) before any URL is built from them.
 
-Why streaming and not the positioned reads of ``PackDataset``: a remote object store serves whole
-objects well and byte ranges per sample badly (a request each). Streaming reads each shard once from
-start to end, which suits evaluation (one pass, in order); training reads samples in a shuffled order
-that is a function of seed + epoch and therefore needs a local (or mounted) pack.
+Each shard is downloaded once, to a temporary file, while its SHA-256 is computed; it is compared with
+the shard's index before a sample of it is decoded, so a damaged or tampered shard stops the
+evaluation with the shard and member named, and memory stays flat (one shard on disk at a time, a
+sample in memory). Why streaming and not the positioned reads of ``PackDataset``: an object store
+serves whole objects well and byte ranges per sample badly (a request each); training reads samples
+in a shuffled order that is a function of seed + epoch and therefore needs a local (or mounted) pack.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shlex
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from torch.utils.data import IterableDataset
 
 from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.data.dataset import MultimodalDataset, Sample, SkipReport
-from mmfuse.data.pack_format import sample_from_members
+from mmfuse.data.pack_format import INDEX_SUFFIX, MAX_INDEX_BYTES, ShardIndex, decode_sample
+from mmfuse.data.pack_integrity import CHUNK, damage
 
-URL_PREFIXES = ("pipe:",)
+PROTOCOLS = ("file", "s3", "s3a", "gs", "gcs", "http", "https", "az", "abfs", "abfss", "hf")
+"""The fsspec protocols a pack may be read from: object stores, web servers and local files. Others
+(archives, chained caches, ``memory``...) are refused rather than guessed at."""
 
 
 def is_url(location: str) -> bool:
     """True for ``scheme://...`` and ``pipe:...``; a plain path (even ``C:\\data``) is not a URL."""
-    return location.startswith(URL_PREFIXES) or ("://" in location and location.index("://") > 1)
+    return location.startswith("pipe:") or ("://" in location and location.index("://") > 1)
+
+
+def check_location(location: str) -> str:
+    """``location`` if it is a URL of a protocol in ``PROTOCOLS``; else a ConfigError saying what works."""
+    if location.startswith("pipe:"):
+        raise ConfigError(f"pack location '{location[:120]}': pipe: commands are not run (a command built from a "
+                          "pack's file names lets whoever writes the pack run commands here); give the pack's URL "
+                          "instead (s3://bucket/pack, gs://bucket/pack, https://host/pack) or a mounted folder")
+    protocol = location.split("://", 1)[0].lower()
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"pack location '{location[:120]}': '{protocol}://' is not a protocol a pack is read from; "
+                          f"use one of {', '.join(p + '://' for p in PROTOCOLS)}")
+    return location
 
 
 def member_url(location: str, name: str) -> str:
-    """The URL of the pack's file ``name`` (see the module docstring for the forms of ``location``)."""
-    if location.startswith("pipe:"):
-        if "{}" not in location:
-            raise ConfigError(f"pack location '{location}': a pipe: command needs '{{}}' where the file name goes, "
-                              "e.g. pipe:aws s3 cp s3://bucket/pack/{} -")
-        return location.replace("{}", name)
-    if location.startswith("s3://"):
-        return f"pipe:aws s3 cp {shlex.quote(location.rstrip('/') + '/' + name)} -"
-    return location.rstrip("/") + "/" + name
+    """The URL of the pack's file ``name`` (a name from ``checked_shards`` or a fixed one like pack.json)."""
+    return check_location(location).rstrip("/") + "/" + name
 
 
-def _webdataset() -> Any:
+def _fsspec() -> Any:
     try:
-        import webdataset
+        import fsspec
     except ImportError:
-        raise ConfigError("reading a pack from a URL uses WebDataset: pip install 'mmfuse[pack]'") from None
-    return webdataset
+        raise ConfigError("reading a pack from a URL uses fsspec: pip install 'mmfuse[remote]'") from None
+    return fsspec
 
 
-def read_url(url: str) -> bytes:
-    """The whole content at ``url`` (``gopen``); any failure is a DataError naming the URL."""
-    gopen = _webdataset().gopen
+def _open(url: str) -> Any:
+    """An open binary stream of ``url``; a missing backend (s3fs, gcsfs...) or failure is one line."""
     try:
-        with gopen(url, "rb") as handle:
-            data: bytes = handle.read()
-    except Exception as exc:  # gopen raises what each scheme's opener raises (OSError, IOError, ValueError...)
-        raise DataError(f"cannot read {url}: {exc}") from None
-    if not data:  # a pipe: command that failed writes nothing (its exit status comes too late to check)
-        raise DataError(f"cannot read {url}: nothing was read")
+        return _fsspec().open(url, "rb").open()
+    except ImportError as exc:
+        raise ConfigError(f"reading {url} needs {exc.name or 'the backend of its protocol'}: "
+                          "pip install 'mmfuse[remote]' (gs:// also needs gcsfs)") from None
+    except Exception as exc:  # each backend raises its own (FileNotFoundError, ClientError, aiohttp errors...)
+        raise DataError(f"cannot read {url}: {type(exc).__name__}: {exc}") from None
+
+
+def read_url(url: str, limit: int = MAX_INDEX_BYTES) -> bytes:
+    """The whole content at ``url``, refused past ``limit`` bytes (read no further than that)."""
+    with _open(url) as handle:
+        try:
+            data: bytes = handle.read(limit + 1)
+        except Exception as exc:
+            raise DataError(f"cannot read {url}: {type(exc).__name__}: {exc}") from None
+    if len(data) > limit:
+        raise DataError(f"{url} is larger than {limit:,} bytes: not a file of a pack")
     return data
 
 
@@ -73,17 +100,42 @@ def read_pack_state(location: str) -> dict[str, Any]:
     """``pack.json`` of the pack at ``location``."""
     url = member_url(location, "pack.json")
     try:
-        return dict(json.loads(read_url(url)))
+        state = json.loads(read_url(url))
     except ValueError as exc:
         raise DataError(f"{url}: not a pack's pack.json ({exc})") from None
+    if not isinstance(state, dict):
+        raise DataError(f"{url}: not a pack's pack.json (not a JSON object)")
+    return state
+
+
+def download_shard(url: str, index: ShardIndex, path: Path) -> Path:
+    """The shard at ``url`` written to ``path``, after its size and SHA-256 matched its index."""
+    digest, size = hashlib.sha256(), 0
+    with _open(url) as source, open(path, "wb") as target:
+        try:
+            while chunk := source.read(min(CHUNK, index.bytes + 1 - size)):
+                digest.update(chunk)
+                target.write(chunk)
+                size += len(chunk)
+                if size > index.bytes:
+                    break
+        except Exception as exc:
+            raise DataError(f"cannot read {url}: {type(exc).__name__}: {exc}") from None
+    if size != index.bytes:
+        raise DataError(f"pack shard {url} is truncated or damaged: {'more than ' * (size > index.bytes)}{size} bytes, "
+                        f"its index records {index.bytes}")
+    if digest.hexdigest() != index.sha256:
+        raise DataError(f"pack shard {url} is damaged: {damage(path, index)} does not match the digest in its index")
+    return path
 
 
 class StreamedSplit(MultimodalDataset, IterableDataset[Sample]):
-    """One split of a remote pack, streamed in order (a DataLoader iterates it; ``len`` is pack.json's)."""
+    """One split of a remote pack, streamed in order (a DataLoader iterates it; ``len`` is pack.json's).
+    ``shards`` must come from ``checked_shards``."""
 
     def __init__(self, location: str, shards: list[str], count: int, report: SkipReport | None = None) -> None:
         # No super().__init__(): the samples stay remote until iterated.
-        self.location, self.shards, self.count = location, list(shards), count
+        self.location, self.shards, self.count = check_location(location), list(shards), count
         self.report = report or SkipReport()
 
     def __len__(self) -> int:
@@ -93,22 +145,30 @@ class StreamedSplit(MultimodalDataset, IterableDataset[Sample]):
         raise TypeError("a pack read from a URL is streamed in order: iterate it (positioned reads need a local pack)")
 
     def __iter__(self) -> Iterator[Sample]:
-        webdataset = _webdataset()
-        urls = [member_url(self.location, name) for name in self.shards]
-        stream = webdataset.WebDataset(urls, shardshuffle=False, empty_check=False)
         seen = 0
-        try:
-            for members in stream:
-                where = f"{members.get('__url__', self.location)} (sample {members.get('__key__')})"
-                seen += 1
-                yield sample_from_members(members, where)
-        except DataError:
-            raise
-        except Exception as exc:  # a failed download or a damaged tar, from whichever layer noticed it
-            raise DataError(f"cannot stream the pack {self.location}: {exc}") from None
+        with tempfile.TemporaryDirectory(prefix="mmfuse-shard-") as scratch:
+            for name in self.shards:
+                url = member_url(self.location, name)
+                index = ShardIndex.parse(read_url(url + INDEX_SUFFIX), url + INDEX_SUFFIX)
+                if index.name != name:
+                    raise DataError(f"{url}{INDEX_SUFFIX} is the index of '{index.name[:80]}', not of {name}")
+                if index.sha256 is None or index.layouts is None:
+                    raise DataError(f"pack shard {url} has no digest in its index (written before packs carried "
+                                    "digests): pack the data again")
+                path = download_shard(url, index, Path(scratch) / name)
+                try:
+                    with open(path, "rb") as handle:
+                        for number, ((start, end), layout) in enumerate(zip(index.spans, index.layouts, strict=True)):
+                            data = bytearray(end - start)
+                            handle.seek(start)
+                            handle.readinto(data)
+                            seen += 1
+                            yield decode_sample(data, f"{url} (sample {number})", layout)
+                finally:
+                    os.unlink(path)
         if seen != self.count:
             raise DataError(f"the pack {self.location} streamed {seen} samples of {self.count} (pack.json): "
-                            "a shard is missing or truncated")
+                            "its shard indexes and pack.json disagree")
 
     @property  # type: ignore[override]
     def samples(self) -> list[Sample]:

@@ -38,6 +38,7 @@ from mmfuse.config import ExperimentConfig
 from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.distributed import is_rank_zero
 from mmfuse.core.errors import ConfigError
+from mmfuse.core.folder_lock import folder_lock
 from mmfuse.data.dataset import Collator
 from mmfuse.data.memory import ArrayDataset
 from mmfuse.engine.balance import build_balance
@@ -162,8 +163,17 @@ def fit(config: ExperimentConfig, data: PreparedData, save: bool = True, resume:
     """Trains one model on already-prepared data (the demo and benchmarks reuse one PreparedData);
     ``resume`` continues the run in ``trainer.output_dir`` from its ``last.ckpt``. ``callbacks`` are
     added to the Trainer's own (``mmfuse tune`` reports each validation epoch to its trial)."""
-    with torch_threads(config.trainer.threads), raise_on_signals():
+    with run_folder_lock(config), torch_threads(config.trainer.threads), raise_on_signals():
         return _fit(config, data, save, resume, callbacks)
+
+
+def run_folder_lock(config: ExperimentConfig) -> contextlib.AbstractContextManager[None]:
+    """The run folder's lock (``mmfuse.core.folder_lock``): a second process training into the same folder
+    (a command started twice, ``--resume`` while the first still runs) is refused in one line. Only
+    rank zero holds it: under DDP every rank trains into the folder that rank zero owns."""
+    if not is_rank_zero():
+        return contextlib.nullcontext()
+    return folder_lock(Path(config.trainer.output_dir), "training")
 
 
 def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool,
@@ -328,5 +338,6 @@ def train(config: ExperimentConfig, resume: bool = False) -> TrainResult:
     """The whole training job for one config (a finished run in the way, or nothing to resume, stops it
     before the data work)."""
     check_output_dir(config, resume)
-    with torch_threads(config.trainer.threads), raise_on_signals():
+    with run_folder_lock(config), torch_threads(config.trainer.threads), raise_on_signals():
+        check_output_dir(config, resume)  # again under the lock: a run that finished meanwhile is not overwritten
         return fit(config, prepare_data(config), resume=resume)

@@ -39,9 +39,9 @@ class SignalInterrupt(BaseException):
     """The run was stopped by ``signum``; ``checkpoint`` is the resumable checkpoint written on the way out."""
 
     def __init__(self, signum: int, checkpoint: Path | None = None, epoch: int | None = None,
-                 step: int | None = None) -> None:
+                 step: int | None = None, note: str = "") -> None:
         saved = f"; a resumable checkpoint was saved to {checkpoint}" if checkpoint else ""
-        super().__init__(f"stopped by {signal_name(signum)}{saved}")
+        super().__init__(f"stopped by {signal_name(signum)}{saved}{'; ' + note if note else ''}")
         self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
 
     @property

@@ -27,11 +27,14 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +43,23 @@ import torch
 from mmfuse.config import ExperimentConfig
 from mmfuse.core.atomic import atomic_file, write_text_atomic
 from mmfuse.core.errors import ConfigError, DataError
+from mmfuse.core.folder_lock import folder_lock
 from mmfuse.data.dataset import MultimodalDataset, Sample, SkipReport, build_sample
 from mmfuse.data.manifest import Record
-from mmfuse.data.pack_dataset import PackDataset, check_shard
-from mmfuse.data.pack_format import FORMAT, INDEX_SUFFIX, ShardIndex, shard_layouts, write_shard
+from mmfuse.data.pack_dataset import PackDataset
+from mmfuse.data.pack_format import (
+    FORMAT,
+    INDEX_SUFFIX,
+    MAX_INDEX_BYTES,
+    ShardIndex,
+    checked_shards,
+    shard_layouts,
+    shard_name,
+    write_shard,
+)
+from mmfuse.data.pack_integrity import REPAIR_HINT, shard_digests, verify_shard
 from mmfuse.data.preprocess import Preprocessor
+from mmfuse.engine.interrupts import SignalInterrupt, raise_on_signals
 from mmfuse.engine.pack_check import pack_differences
 from mmfuse.engine.pack_fingerprint import (
     FILES_FILE,
@@ -69,6 +84,7 @@ class PackResult:
     shards_written: int = 0
     shards_kept: int = 0
     already_packed: bool = False
+    """A finished pack of this data was there and every shard verified whole."""
     messages: list[str] = field(default_factory=list)
 
 
@@ -81,7 +97,7 @@ class _Shard:
 
     @property
     def name(self) -> str:
-        return f"{self.split}-{self.number:05d}.tar"
+        return shard_name(self.split, self.number)
 
 
 _WORKER: tuple[Preprocessor, Task, str, Path] | None = None
@@ -90,7 +106,22 @@ _WORKER: tuple[Preprocessor, Task, str, Path] | None = None
 def _init_worker(preprocessor: Preprocessor, task: Task, on_error: str, folder: Path) -> None:
     global _WORKER
     torch.set_num_threads(1)  # one process per core already
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops the pool
+    _exit_with_parent(os.getppid())
     _WORKER = (preprocessor, task, on_error, folder)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Ends this worker within half a second of its parent's death. A parent killed with kill -9 cannot
+    stop its pool, and each worker would stay blocked on the pool's queue for ever, holding its memory
+    (~565 MB each was measured); the kernel gives an orphan a new parent, which is what is watched."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mmfuse-exit-with-parent", daemon=True).start()
 
 
 def _pack_shard(shard: _Shard) -> tuple[str, int, int]:
@@ -111,21 +142,28 @@ def _pack_shard(shard: _Shard) -> tuple[str, int, int]:
         spans = write_shard(tmp, samples, shard.first_key)
         size = tmp.stat().st_size
         layouts = shard_layouts(tmp, spans)
-    index = ShardIndex(shard.name, size, spans, report.entries(), layouts)
+        sha256, members = shard_digests(tmp, spans, layouts)
+    index = ShardIndex(shard.name, size, spans, report.entries(), layouts, sha256, members, shard.first_key)
     write_text_atomic(path.with_name(path.name + INDEX_SUFFIX), index.to_json())
     return shard.split, len(samples), report.count
 
 
 def _finished(folder: Path, shard: _Shard) -> bool:
-    path = folder / shard.name
+    """Whether the shard and its index are there and the shard's bytes are the ones its index proves."""
+    return _damage(folder, shard.name) is None
+
+
+def _damage(folder: Path, name: str, use_cache: bool = True) -> str | None:
+    """Why the shard ``name`` in ``folder`` is not whole (missing, unreadable index, damaged bytes), or None."""
+    path = folder / name
     index_path = path.with_name(path.name + INDEX_SUFFIX)
     if not index_path.is_file():
-        return False
+        return f"{name}: no index (an unfinished shard)" if path.exists() else f"{name}: missing"
     try:
-        check_shard(path, ShardIndex.read(index_path))
-    except DataError:
-        return False
-    return True
+        verify_shard(path, ShardIndex.read(index_path), name, use_cache=use_cache)
+    except DataError as exc:
+        return str(exc).removesuffix(REPAIR_HINT)
+    return None
 
 
 def _clear(folder: Path) -> None:
@@ -136,10 +174,14 @@ def _clear(folder: Path) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object at ``path``; None when it is missing, unreadable, not an object or too large to be ours."""
     try:
-        return dict(json.loads(path.read_text()))
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            return None
+        state = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return state if isinstance(state, dict) else None
 
 
 Progress = Callable[[int, int], None]
@@ -148,39 +190,94 @@ Progress = Callable[[int, int], None]
 
 def pack_data(config: ExperimentConfig, folder: Path, workers: int | None = None, rebuild: bool = False,
               shard_size: int = DEFAULT_SHARD_SIZE, progress: Progress | None = None) -> PackResult:
-    """Packs the config's data into ``folder`` (see the module docstring); ``workers`` defaults to the cores."""
+    """Packs the config's data into ``folder`` (see the module docstring); ``workers`` defaults to the cores.
+
+    A finished pack of the same data is verified shard by shard and only damaged shards are packed
+    again (``PackResult.repaired``): the result hashes equal to a pack written whole. The folder is
+    locked for the duration: a second process packing into it is refused."""
     if importlib.util.find_spec("webdataset") is None:  # before any work, not as a traceback in a worker
         raise ConfigError("packing writes WebDataset shards and needs the pack extra: pip install 'mmfuse[pack]' "
                           "(training from a finished pack does not)")
     folder = Path(folder)
+    with folder_lock(folder, "packing"), raise_on_signals():
+        try:
+            return _pack_locked(config, folder, workers, rebuild, shard_size, progress)
+        except SignalInterrupt as stop:
+            raise SignalInterrupt(stop.signum, note=f"the finished shards in {folder} are kept: run the same "
+                                  "`mmfuse data pack` command again to continue") from None
+
+
+def _pack_locked(config: ExperimentConfig, folder: Path, workers: int | None, rebuild: bool, shard_size: int,
+                 progress: Progress | None) -> PackResult:
     splits = load_records(config)
     saved = _read_json(folder / PACK_FILE)
     saved_files = load_files(folder)
     current, files = fingerprint(config, splits, new_preprocessor(config), saved_files)
+    workers = workers or os.cpu_count() or 1
     if saved is not None and not rebuild:
         diff = differences(saved["fingerprint"], current, changed_files(saved_files, files))
         if diff:
             raise DataError(f"{folder} holds a pack of other data or preprocessing ({'; '.join(diff)}); "
                             "pass --rebuild to replace it")
-        return PackResult(folder, saved["counts"], saved["skipped"], shards_kept=len(saved["shards"]),
-                          already_packed=True)
-    folder.mkdir(parents=True, exist_ok=True)
+        repaired = _repair(config, folder, splits, saved, workers, progress)
+        if repaired is not None:
+            return repaired
+        rebuild = True  # a pack from before digests (or of another layout): written again whole
     partial = _read_json(folder / PARTIAL_FILE)
     if rebuild or saved is not None or partial != {"fingerprint": current, "shard_size": shard_size}:
         _clear(folder)
     preprocessor, task = fit_preprocessing(config, splits)
     write_text_atomic(folder / PARTIAL_FILE, json.dumps({"fingerprint": current, "shard_size": shard_size}))
     preprocessor.save_assets(folder)
-    plan = [_Shard(name, i // shard_size, i, records[i:i + shard_size])
-            for name, records in sorted(splits.items()) for i in range(0, len(records), shard_size)]
+    plan = _plan(splits, shard_size)
     todo = [s for s in plan if not _finished(folder, s)]
     total = sum(len(s.records) for s in plan)
     done = total - sum(len(s.records) for s in todo)
     if progress:
         progress(done, total)
-    _run(todo, (preprocessor, task, config.data.on_error, folder), workers or os.cpu_count() or 1,
+    _run(todo, (preprocessor, task, config.data.on_error, folder), workers,
          lambda n: progress(n, total) if progress else None, done)
-    return _finish(config, folder, plan, current, files, preprocessor, task, len(plan) - len(todo), len(todo))
+    return _finish(config, folder, plan, current, files, preprocessor, task, len(plan) - len(todo), len(todo),
+                   shard_size)
+
+
+def _plan(splits: dict[str, list[Record]], shard_size: int) -> list[_Shard]:
+    return [_Shard(name, i // shard_size, i, records[i:i + shard_size])
+            for name, records in sorted(splits.items()) for i in range(0, len(records), shard_size)]
+
+
+def _repair(config: ExperimentConfig, folder: Path, splits: dict[str, list[Record]], saved: dict[str, Any],
+            workers: int, progress: Progress | None) -> PackResult | None:
+    """A finished pack of this data: every shard verified, the damaged ones packed again. None when the
+    pack cannot be repaired in place (written before packs recorded their shard size and digests)."""
+    shard_size = saved.get("shard_size")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        return None
+    plan = _plan(splits, shard_size)
+    planned: dict[str, list[str]] = {}
+    for shard in plan:
+        planned.setdefault(shard.split, []).append(shard.name)
+    if planned != checked_shards(saved.get("shards"), str(folder / PACK_FILE)):
+        return None
+    damaged = {s.name: why for s in plan if (why := _damage(folder, s.name)) is not None}
+    result = PackResult(folder, saved["counts"], saved["skipped"], shards_kept=len(plan) - len(damaged),
+                        already_packed=not damaged)
+    if not damaged:
+        return result
+    todo = [s for s in plan if s.name in damaged]
+    result.messages += [f"repairing: {why}" for why in damaged.values()]
+    preprocessor, task = fit_preprocessing(config, splits)
+    total = sum(len(s.records) for s in todo)
+    if progress:
+        progress(0, total)
+    _run(todo, (preprocessor, task, config.data.on_error, folder), workers,
+         lambda n: progress(n, total) if progress else None, 0)
+    still = [why for s in todo if (why := _damage(folder, s.name)) is not None]
+    if still:
+        raise DataError(f"repacking did not give the shards their recorded content: {still[0]}; the input files "
+                        "may have changed: pass --rebuild")
+    result.shards_written = len(todo)
+    return result
 
 
 def _run(todo: list[_Shard], context: tuple[Preprocessor, Task, str, Path], workers: int,
@@ -201,23 +298,32 @@ def _run(todo: list[_Shard], context: tuple[Preprocessor, Task, str, Path], work
             torch.set_num_threads(threads)
         return
     # fork: the fitted preprocessor and task reach the workers without pickling.
-    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("fork"),
-                             initializer=_init_worker, initargs=context) as pool:
+    before = set(active_children())
+    pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("fork"),
+                               initializer=_init_worker, initargs=context)
+    try:
         futures: dict[Future[tuple[str, int, int]], _Shard] = {pool.submit(_pack_shard, s): s for s in todo}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for future in finished:
                 if future.exception() is not None:
-                    for other in pending:
-                        other.cancel()
                     raise future.exception()  # type: ignore[misc]
                 done += len(futures[future].records)
             report(done)
+    except BaseException:
+        # An error, Ctrl-C or SIGTERM: the shards being written are abandoned (their temporaries are
+        # cleared by the next run) and no worker outlives this run.
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in set(active_children()) - before:
+            worker.kill()
+        raise
+    pool.shutdown()
 
 
 def _finish(config: ExperimentConfig, folder: Path, plan: list[_Shard], current: dict[str, Any],
-            files: list[list[object]], preprocessor: Preprocessor, task: Task, kept: int, written: int) -> PackResult:
+            files: list[list[object]], preprocessor: Preprocessor, task: Task, kept: int, written: int,
+            shard_size: int) -> PackResult:
     counts: dict[str, int] = {}
     skipped: dict[str, dict[str, int]] = {}
     shards: dict[str, list[str]] = {}
@@ -233,11 +339,32 @@ def _finish(config: ExperimentConfig, folder: Path, plan: list[_Shard], current:
         raise DataError("every training sample was skipped; nothing to pack")
     write_files(folder, files)
     state = {"format": FORMAT, "fingerprint": current, "preprocessor": preprocessor.state(), "task": task.state(),
-             "counts": counts, "skipped": skipped, "shards": shards, "config_data": config.data.model_dump(
-                 mode="json", include=PREPROCESSING_FIELDS)}
+             "counts": counts, "skipped": skipped, "shards": shards, "shard_size": shard_size,
+             "config_data": config.data.model_dump(mode="json", include=PREPROCESSING_FIELDS)}
     write_text_atomic(folder / PACK_FILE, json.dumps(state, indent=1))
     (folder / PARTIAL_FILE).unlink(missing_ok=True)
     return PackResult(folder, counts, skipped, shards_written=written, shards_kept=kept)
+
+
+@dataclass
+class VerifyResult:
+    """What ``verify_pack`` found: shards checked and, per damaged shard, why (in words)."""
+
+    folder: Path
+    shards: int
+    damaged: dict[str, str]
+
+
+def verify_pack(folder: Path) -> VerifyResult:
+    """Hashes every shard of the finished pack in ``folder`` (no cache: this is the check that trusts
+    nothing) and compares it, and each damaged shard's members, with the digests in its index."""
+    folder = Path(folder)
+    saved = _read_json(folder / PACK_FILE)
+    if saved is None:
+        raise DataError(f"{folder} is not a finished pack: no readable {PACK_FILE}")
+    names = [name for split in checked_shards(saved.get("shards"), str(folder / PACK_FILE)).values() for name in split]
+    damaged = {name: why for name in names if (why := _damage(folder, name, use_cache=False)) is not None}
+    return VerifyResult(folder, len(names), damaged)
 
 
 def skip_reason(reason: str) -> str:
@@ -261,7 +388,7 @@ def open_pack(config: ExperimentConfig, folder: Path) -> PreparedData:
     task = TASKS.create(config.task.name, **config.task.options)
     task.load_state(saved["task"])
     datasets: dict[str, MultimodalDataset] = {}
-    for name, shard_names in saved["shards"].items():
+    for name, shard_names in checked_shards(saved.get("shards"), str(folder / PACK_FILE)).items():
         datasets[name] = PackDataset([folder / shard for shard in shard_names], shard_report(folder, shard_names))
     return PreparedData(preprocessor, task, datasets)
 

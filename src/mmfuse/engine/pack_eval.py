@@ -15,7 +15,7 @@ from typing import Any
 from mmfuse.core.errors import DataError
 from mmfuse.data.dataset import MultimodalDataset, SkipReport
 from mmfuse.data.pack_dataset import PackDataset
-from mmfuse.data.pack_format import FORMAT
+from mmfuse.data.pack_format import FORMAT, MAX_INDEX_BYTES, checked_shards
 from mmfuse.data.pack_stream import StreamedSplit, is_url, read_pack_state
 from mmfuse.engine.pack import PACK_FILE, shard_report
 from mmfuse.model import MultimodalModel
@@ -38,15 +38,20 @@ def pack_split_for_model(model: MultimodalModel, location: str | Path, split: st
     if remote:
         state = read_pack_state(where)
     else:
+        path = Path(where) / PACK_FILE
         try:
-            state = json.loads((Path(where) / PACK_FILE).read_text())
+            if path.stat().st_size > MAX_INDEX_BYTES:
+                raise DataError(f"{path}: {path.stat().st_size:,} bytes, larger than a pack.json can be")
+            state = json.loads(path.read_text())
         except OSError:
             raise DataError(f"{where} is not a finished pack: no {PACK_FILE}") from None
         except ValueError as exc:
-            raise DataError(f"{Path(where) / PACK_FILE}: unreadable ({exc})") from None
+            raise DataError(f"{path}: unreadable ({exc})") from None
+        if not isinstance(state, dict):
+            raise DataError(f"{path}: unreadable (not a JSON object)")
     if state.get("format") != FORMAT:
         raise DataError(f"{where}: not a pack of this mmfuse (format {state.get('format')!r}, expected {FORMAT})")
-    shards = state.get("shards", {})
+    shards = checked_shards(state.get("shards", {}), f"{where}/{PACK_FILE}")
     if split not in shards:
         raise DataError(f"the pack {where} has no split '{split}'; it has {', '.join(sorted(shards)) or 'none'}")
     differs = _mismatch(state["preprocessor"], _plain(model.preprocessor.state()))
