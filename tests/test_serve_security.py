@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from serve_helpers import free_port, train_small_model
+from serve_helpers import free_port, running_server, train_small_model
 from typer.testing import CliRunner
 
 from mmfuse.cli import app as cli
@@ -191,6 +191,27 @@ def test_every_route_but_liveness_and_the_page_needs_a_key(keyed: TestClient, me
         assert response.json() == {"detail": "the API key is not valid"}
         assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
         assert not any(v in response.text + str(response.headers) for v in headers.values())
+
+
+def test_a_refusal_keeps_the_connection_unless_a_large_body_is_left_unread(model_dir: Path) -> None:
+    """Over a real socket: a refused request whose body was read to its end leaves the connection open for the
+    next one; a streamed body over 1 MiB is not read on, and the answer closes the connection."""
+    policy = SecuritySettings(api_keys=KeyRing(KEYS), allowed_hosts=allowed_hosts_for("127.0.0.1"))
+    application = create_app(model_dir, ServeSettings(security=policy))
+    with running_server(application, ready_headers={"X-API-Key": KEYS[0]}) as url, httpx.Client(base_url=url) as client:
+        small = client.post("/predict", content=b"x" * 1000, headers={"Content-Type": "application/json"})
+        assert small.status_code == 401 and "connection" not in small.headers
+        rebound = client.get("/info", headers={"Host": "evil.example"})
+        assert rebound.status_code == 400 and "connection" not in rebound.headers
+        assert client.get("/info", headers={"X-API-Key": KEYS[0]}).status_code == 200
+
+        def chunks() -> Iterator[bytes]:
+            for _ in range(64):
+                yield b"x" * 65536
+
+        large = client.post("/predict", content=chunks(), headers={"Content-Type": "application/json"})
+        assert large.status_code == 401 and large.headers["connection"] == "close"
+        assert large.json() == {"detail": MISSING}
 
 
 def test_a_valid_key_in_either_header_is_let_in(keyed: TestClient, row: dict[str, Any]) -> None:

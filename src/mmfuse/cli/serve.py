@@ -103,7 +103,7 @@ def serve(
     shown_host = f"[{host}]" if ":" in host else host
     console.print(f"serving {model} on {scheme}://{shown_host}:{port} (page /, docs /docs, batch ≤ {max_batch_size})",
                   highlight=False, soft_wrap=True)
-    hosts = ", ".join(security.allowed_hosts or ())
+    hosts = ", ".join(f"[{h}]" if ":" in h else h for h in security.allowed_hosts or ())
     console.print(f"{key_note}; Host: {hosts}; CORS: {', '.join(security.cors_origins) or 'off'}", highlight=False,
                   soft_wrap=True)
     if not keys and not is_loopback(host):

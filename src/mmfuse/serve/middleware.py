@@ -109,21 +109,23 @@ class RequestMetrics:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
-async def _drain(receive: Receive, budget: float = float("inf")) -> None:
-    """Reads and discards the rest of the request body, stopping after ``budget`` bytes."""
+async def _drain(receive: Receive, budget: float = float("inf")) -> bool:
+    """Reads and discards the rest of the request body, stopping after ``budget`` bytes; whether it ended."""
     while budget > 0:
         message = await receive()
         if message["type"] != "http.request" or not message.get("more_body", False):
-            return
+            return message["type"] == "http.request"
         budget -= len(message.get("body", b""))
+    return False
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any],
-                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+                     headers: list[tuple[bytes, bytes]] | None = None, close: bool = True) -> None:
+    """One JSON answer; ``close`` ends the connection (a request body was left unread)."""
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close"), *(headers or [])]})
+                            *([(b"connection", b"close")] if close else []), *(headers or [])]})
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -194,12 +196,13 @@ class HostCheck:
             return
         shown = "no Host header" if header is None else f"Host {header[:100]!a}"
         log.warning("refused a request with %s", shown)
-        await _drain(receive, UNAUTHORISED_DRAIN)
-        await _send_json(send, 400, {"detail": f"{shown} is not allowed; {self.hint}"})
+        read = await _drain(receive, UNAUTHORISED_DRAIN)
+        await _send_json(send, 400, {"detail": f"{shown} is not allowed; {self.hint}"}, close=not read)
 
 
 UNAUTHORISED_DRAIN = 1024 * 1024
-"""Bytes of a refused request's body read and dropped so its client sees the answer, not a reset."""
+"""Bytes of a refused request's body read and dropped so its client sees the answer, not a reset; a
+connection whose body was read to its end stays open for the client's next request."""
 
 
 class ApiKeyAuth:
@@ -237,9 +240,9 @@ class ApiKeyAuth:
         log.warning("refused %s %s from %s: %s", scope["method"], scope["path"], client[0],
                     "wrong API key" if candidates else "no API key")
         challenge = b'Bearer error="invalid_token"' if candidates else b"Bearer"
-        await _drain(receive, UNAUTHORISED_DRAIN)
+        read = await _drain(receive, UNAUTHORISED_DRAIN)
         await _send_json(send, 401, {"detail": self.WRONG if candidates else self.MISSING},
-                         [(b"www-authenticate", challenge)])
+                         [(b"www-authenticate", challenge)], close=not read)
 
 
 def install_access_controls(app: FastAPI, settings: SecuritySettings) -> None:
