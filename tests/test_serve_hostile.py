@@ -9,20 +9,18 @@ form against a real ``mmfuse serve`` on 127.0.0.1 (``benchmarks/serve_hostile.py
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import re
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from hostile_helpers import LEAKS, bench, hc, hostile_model
 from serve_helpers import running_server
 
 import mmfuse.serve.decode as decode_module
@@ -34,27 +32,13 @@ from mmfuse.serve.guard import INTERNAL_ERROR
 from mmfuse.serve.settings import ServeSettings
 from mmfuse.serve.stages import Deadline, DeadlineExceeded, QueueFull
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-LEAKS = re.compile(r"Traceback|File \"|0x[0-9a-fA-F]{6,}|object at ")
 CAP = 2 * 1024 * 1024
-
-
-def load_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("serve_hostile", BENCHMARKS / "serve_hostile.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
-hc = sys.modules["hostile_corpus"]
 CORPUS = hc.corpus()
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(bench.train_model(tmp_path_factory.mktemp("hostile-model")))
+    return hostile_model(tmp_path_factory)
 
 
 def ready(application: Any) -> TestClient:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -42,6 +43,8 @@ MAX_RATIO_TERM = 1000
 closest fraction with terms <= 1000: a relative rate error below 1e-3 (under 2 cents of pitch; 1.25e-4
 for 8,001 Hz -> 16 kHz, 1.4e-6 for 44,099 Hz). Every common rate pair (8, 11.025, 16, 22.05, 32,
 44.1, 48, 96 kHz ...) reduces to smaller terms and stays exact."""
+
+_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
 
 HeaderCheck = Callable[[int, int, int], None]
 """Called with (sample rate, channels, frames) from a file's header, before any sample is read."""
@@ -287,6 +290,7 @@ def mel_filters(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: 
 
 
 def _reason(exc: BaseException) -> str:
-    """One line, even when libsndfile's message is empty or spans lines."""
-    text = " ".join(str(exc).split())
+    """One line, even when libsndfile's message is empty or spans lines, without the repr of the
+    in-memory file soundfile puts in it (``<_io.BytesIO object at 0x...>``: a heap address)."""
+    text = " ".join(_REPR.sub("", str(exc)).split())
     return text or type(exc).__name__

@@ -17,6 +17,7 @@ from mmfuse.data.audio import decode_waveform_bytes
 from mmfuse.data.dataset import Sample
 from mmfuse.data.image import decode_image_bytes
 from mmfuse.data.preprocess import ModalityInputs, Preprocessor, RawInput
+from mmfuse.serve.guard import public_message
 from mmfuse.serve.inputs import BadRequest, Field
 from mmfuse.serve.settings import ServeSettings
 from mmfuse.serve.stages import Deadline
@@ -78,7 +79,7 @@ def features_array(value: bytes | str | list[object], label: str, max_bytes: int
     try:
         array = read_npy(value, label, max_bytes) if isinstance(value, bytes) else np.asarray(value, dtype=np.float64)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise DataError(f"{label} is not a numeric array ({' '.join(str(exc).split())[:200]})") from None
+        raise DataError(f"{label} is not a numeric array ({public_message(str(exc))[:200]})") from None
     if array.dtype.kind not in "fiub":
         raise DataError(f"{label} holds {array.dtype} values, not numbers")
     with np.errstate(over="ignore", invalid="ignore"):
@@ -105,7 +106,7 @@ def read_npy(data: bytes, label: str, max_bytes: int) -> np.ndarray:
     except DataError:
         raise
     except Exception as exc:  # numpy parses the header with ast and tokenize: TokenError, SyntaxError, ...
-        raise DataError(f"{label} is not a readable .npy file ({' '.join(str(exc).split())[:200]})") from None
+        raise DataError(f"{label} is not a readable .npy file ({public_message(str(exc))[:200]})") from None
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in "fiub":
         raise DataError(f"{label} holds {dtype} values, not plain numbers")
     if len(shape) not in (1, 2):
