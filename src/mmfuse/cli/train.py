@@ -183,8 +183,8 @@ def evaluate(
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Manifest with targets.")] = None,
     split: Annotated[str | None, typer.Option(help="Only rows whose 'split' column has this value.")] = None,
     pack: Annotated[str | None, typer.Option(
-        "--pack", help="Instead of --data: a pack folder or URL (file://, https://, s3://, pipe:...{}) made "
-        "with `mmfuse data pack`; reads its --split (default test).")] = None,
+        "--pack", help="Instead of --data: a pack folder or URL (s3://, gs://, https://, file://; read through "
+        "fsspec) made with `mmfuse data pack`; reads its --split (default test).")] = None,
     on_error: Annotated[str, typer.Option(help="raise | skip bad samples")] = "raise",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON.")] = None,
     robustness: Annotated[bool, typer.Option(
