@@ -37,7 +37,7 @@ from mmfuse.cli import app as cli
 from mmfuse.core.errors import MMFuseError
 from mmfuse.serve import security
 from mmfuse.serve.app import create_app
-from mmfuse.serve.middleware import ApiKeyAuth, install_access_controls
+from mmfuse.serve.middleware import ApiKeyAuth, RequestId, install_access_controls
 from mmfuse.serve.security import (
     KeyRing,
     SecuritySettings,
@@ -214,6 +214,19 @@ def test_a_refusal_keeps_the_connection_unless_a_large_body_is_left_unread(model
         assert large.json() == {"detail": MISSING}
 
 
+def test_refusals_are_counted_in_the_metrics(keyed: TestClient) -> None:
+    def count(route: str, status: int) -> float:
+        text = keyed.get("/metrics", headers={"X-API-Key": KEYS[0]}).text
+        found = re.search(rf'^mmfuse_requests_total{{route="{re.escape(route)}",status="{status}"}} (\S+)$', text,
+                          flags=re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    before = count("/info", 401), count("/info", 400)
+    keyed.get("/info")
+    keyed.get("/info", headers={"Host": "evil.example"})
+    assert (count("/info", 401), count("/info", 400)) == (before[0] + 1, before[1] + 1)
+
+
 def test_a_valid_key_in_either_header_is_let_in(keyed: TestClient, row: dict[str, Any]) -> None:
     for headers in ({"Authorization": f"Bearer {KEYS[0]}"}, {"authorization": f"bearer  {KEYS[1]}"},
                     {"X-API-Key": KEYS[1]}, {"X-API-Key": "wrong", "Authorization": f"Bearer {KEYS[0]}"}):
@@ -280,6 +293,7 @@ def test_a_route_that_raises_still_answers_with_its_request_id() -> None:
         raise RuntimeError("a fault of the server")
 
     install_access_controls(app, SecuritySettings())
+    app.add_middleware(RequestId)
     with TestClient(app, base_url=LOOPBACK_URL, raise_server_exceptions=False) as client:
         response = client.get("/boom", headers={"X-Request-ID": "r-1"})
     assert response.status_code == 500 and response.headers["x-request-id"] == "r-1"

@@ -37,7 +37,7 @@ from mmfuse.serve.decode import build_request_sample
 from mmfuse.serve.guard import Guard, public_message
 from mmfuse.serve.inputs import BadRequest, read_fields, shown
 from mmfuse.serve.metrics import ServerMetrics
-from mmfuse.serve.middleware import BodyLimit, RequestMetrics, install_access_controls
+from mmfuse.serve.middleware import BodyLimit, RequestId, RequestMetrics, install_access_controls
 from mmfuse.serve.openapi import PREDICT_OPENAPI
 from mmfuse.serve.predictor import Predictor, contributions, explanation_samples
 from mmfuse.serve.settings import ServeSettings
@@ -98,8 +98,9 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None,
     app.state.mmfuse = state
     app.add_middleware(Guard)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    install_access_controls(app, settings.security)  # keys, CORS, Host: inside the metrics, so refusals count
     app.add_middleware(RequestMetrics, metrics=state.metrics)
-    install_access_controls(app, settings.security)  # last: its middleware runs first
+    app.add_middleware(RequestId)  # added last, so it runs first: every answer carries its id
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(BadRequest)

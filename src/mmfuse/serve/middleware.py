@@ -1,10 +1,11 @@
 """ASGI middleware, outside any route's code: request ids, the Host check, CORS, API keys, the body-size
 cap and per-request metrics.
 
-``install_access_controls`` puts them in this order, outermost first: ``RequestId`` (so every answer,
-a refusal included, carries an ``X-Request-ID`` and its log lines the same id), ``HostCheck`` (a
-rebound name is refused before anything else), CORS (a preflight needs no key, and a refused call
-still tells the browser why), ``ApiKeyAuth``; then ``RequestMetrics`` and ``BodyLimit`` around the routes.
+``create_app`` puts them in this order, outermost first: ``RequestId`` (so every answer, a refusal
+included, carries an ``X-Request-ID`` and its log lines the same id), ``RequestMetrics`` (refusals are
+counted too), then what ``install_access_controls`` adds: ``HostCheck`` (a rebound name is refused
+before anything else), CORS (a preflight needs no key, and a refused call still tells the browser
+why), ``ApiKeyAuth``; then ``BodyLimit`` and the routes.
 """
 
 from __future__ import annotations
@@ -246,8 +247,8 @@ class ApiKeyAuth:
 
 
 def install_access_controls(app: FastAPI, settings: SecuritySettings) -> None:
-    """Adds the security middleware to ``app`` (call it after the other ``add_middleware`` calls:
-    the last added runs first)."""
+    """Adds the Host check, CORS and the API keys to ``app``, the Host check outermost (Starlette runs the
+    middleware added last first); ``RequestId`` and ``RequestMetrics`` go on after, outside them."""
     if settings.api_keys:
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
     if settings.cors_origins:
@@ -256,4 +257,3 @@ def install_access_controls(app: FastAPI, settings: SecuritySettings) -> None:
                            allow_headers=["Authorization", "X-API-Key", "Content-Type", REQUEST_ID_HEADER])
     if settings.allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=settings.allowed_hosts)
-    app.add_middleware(RequestId)
