@@ -227,6 +227,18 @@ def test_refusals_are_counted_in_the_metrics(keyed: TestClient) -> None:
     assert (count("/info", 401), count("/info", 400)) == (before[0] + 1, before[1] + 1)
 
 
+def test_the_openapi_description_states_the_keys(keyed: TestClient, model_dir: Path) -> None:
+    schema = keyed.get("/openapi.json", headers={"X-API-Key": KEYS[0]}).json()
+    assert schema["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+    assert schema["paths"]["/predict"]["post"]["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert schema["paths"]["/info"]["get"]["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert schema["paths"]["/health"]["get"]["security"] == []
+    with TestClient(create_app(model_dir)) as open_client:
+        assert "securitySchemes" not in open_client.get("/openapi.json").json().get("components", {})
+
+
 def test_a_valid_key_in_either_header_is_let_in(keyed: TestClient, row: dict[str, Any]) -> None:
     for headers in ({"Authorization": f"Bearer {KEYS[0]}"}, {"authorization": f"bearer  {KEYS[1]}"},
                     {"X-API-Key": KEYS[1]}, {"X-API-Key": "wrong", "Authorization": f"Bearer {KEYS[0]}"}):

@@ -246,11 +246,32 @@ class ApiKeyAuth:
                          [(b"www-authenticate", challenge)], close=not read)
 
 
+SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+                    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+
+
+def _declare_keys(app: FastAPI) -> None:
+    """States the key in the OpenAPI description, so a generated client (or a fuzzer) knows to send it:
+    both header schemes, required on each operation but the public ones (``security: []`` there)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(SECURITY_SCHEMES)
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                operation["security"] = [] if is_public(path) else [{"bearer": []}, {"apiKey": []}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_access_controls(app: FastAPI, settings: SecuritySettings) -> None:
     """Adds the Host check, CORS and the API keys to ``app``, the Host check outermost (Starlette runs the
     middleware added last first); ``RequestId`` and ``RequestMetrics`` go on after, outside them."""
     if settings.api_keys:
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
+        _declare_keys(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"], expose_headers=[REQUEST_ID_HEADER],
