@@ -8,9 +8,10 @@ process holding the folder.
 The lock is an OS file lock (``filelock``: ``flock`` on POSIX, ``LockFileEx`` on Windows) on
 ``.mmfuse.lock`` in the folder, so it is released by the kernel when its holder exits, however it
 exits (kill -9 included): there is never a stale lock to delete by hand. The holder writes who it
-is (pid, host, command, start time) into the file for the refusal message; the file stays behind,
-unlocked, when it is done. On network file systems without working locks (some NFS setups) filelock
-falls back to its own marker, which still refuses a second writer on the same machine.
+is (pid, host, command, start time) into the file for the refusal message and empties it when
+done; the empty file stays behind (removing it would race with a process opening it). On network
+file systems without working locks (some NFS setups) filelock falls back to its own marker, which
+still refuses a second writer on the same machine.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def folder_lock(folder: Path, what: str) -> Iterator[None]:
     try:
         yield
     finally:
+        if lock.lock_counter == 1:  # the outermost holder: who held it is no one's business once it is free
+            with contextlib.suppress(OSError):
+                os.truncate(path, 0)
         lock.release()
 
 
