@@ -131,7 +131,7 @@ class ShardIndex:
                         None if state.get("members") is None else [[str(d) for d in row] for row in state["members"]],
                         int(state.get("first_key", 0)))
             index.check()
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:  # Infinity, a list for a dict
             raise DataError(f"{where}: unreadable shard index ({type(exc).__name__}: {exc})") from None
         return index
 
@@ -332,9 +332,13 @@ def sample_from_members(members: dict[str, Any], where: str) -> Sample:
         for modality, names in header["inputs"].items():
             inputs[modality] = None if names is None else {n: _load(members[f"{modality}.{n}.npy"]) for n in names}
         target = _load(members["target.npy"]) if header["target"] else None
-    except (KeyError, ValueError, TypeError, EOFError) as exc:
-        raise DataError(f"{where}: corrupt sample in the pack ({type(exc).__name__}: {exc})") from None
-    return Sample(str(header["id"]), inputs, target)
+        sample_id = str(header["id"])
+    except (KeyError, ValueError, TypeError, EOFError, IndexError, AttributeError, OverflowError) as exc:
+        # Found by fuzzing (tests/test_fuzz_files.py): a header that is not an object (AttributeError),
+        # a cut .npy (IndexError), an id-less header (KeyError) all came out as tracebacks.
+        raise DataError(f"{where}: corrupt sample in the pack ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:200]})") from None
+    return Sample(sample_id, inputs, target)
 
 
 def _load(data: bytes | memoryview) -> torch.Tensor:

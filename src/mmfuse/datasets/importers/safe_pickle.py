@@ -27,6 +27,7 @@ import _compat_pickle
 import io
 import math
 import pickle
+import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -304,6 +305,7 @@ def safe_load(path: Path) -> Any:
     except DataError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
-            KeyError, LookupError, OverflowError, MemoryError, RecursionError) as exc:
+            KeyError, LookupError, OverflowError, MemoryError, RecursionError, struct.error) as exc:
+        # struct.error: a cut BINFLOAT/LONG4 operand, found by fuzzing (tests/test_fuzz_files.py)
         raise DataError(f"{path}: not a readable pickle ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
                         ) from None
