@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -26,10 +28,11 @@ from hypothesis import strategies as st
 
 from mmfuse.config import AudioPrep, ImagePrep, ModalitySpec, TextPrep, VideoPrep
 from mmfuse.core.errors import DataError
+from mmfuse.data import video
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.data.pretrained_prep import PretrainedTokenizer
 from mmfuse.data.text import Tokenizer
-from mmfuse.data.video import MAX_FRAME_PIXELS, decode_video, load_video, load_video_waveform
+from mmfuse.data.video import MAX_FRAME_PIXELS, MAX_HELD_BYTES, decode_video, load_video, load_video_waveform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FUZZ = settings(max_examples=300, deadline=3000, derandomize=True, database=None,
@@ -206,6 +209,33 @@ def test_a_frame_over_the_pixel_cap_is_refused_from_the_header_and_from_each_fra
         decode_video(big_header, VIDEO_PREP, max_pixels=10_000)
     assert "has frames of 127x127 = 16,129 pixels, over the limit of 10,000" in str(from_header.value)
     assert MAX_FRAME_PIXELS == 40_000_000
+
+
+def test_a_clip_over_the_held_frames_budget_is_read_twice_to_the_same_frames(
+        clips: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames are held until the clip's end decides which are chosen; past ``max_held_bytes`` they are
+    dropped and the chosen ones decoded again: the images must be exactly those of one pass."""
+    reads: list[int] = []
+    frames = video._frames
+
+    def counted(*args: Any) -> Iterator[tuple[Any, float]]:
+        reads.append(1)
+        return frames(*args)
+
+    monkeypatch.setattr(video, "_frames", counted)
+    for suffix, data in clips.items():
+        path = tmp_path / f"clip.{suffix}"
+        path.write_bytes(data)
+        for prep in (VIDEO_PREP, VideoPrep(frames=5, size=16, fps=4.0), VideoPrep(frames=20, size=16)):
+            reads.clear()
+            once = decode_video(path, prep)
+            assert len(reads) == 1
+            twice = decode_video(path, prep, max_held_bytes=2000)  # one 32x32 yuv420p frame is 1,536 bytes
+            assert len(reads) == 3
+            assert len(once) == len(twice) and (prep.fps is not None or len(once) == prep.frames)
+            for a, b in zip(once, twice, strict=True):
+                assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert MAX_HELD_BYTES == 256 * 1024 * 1024
 
 
 # --- text ------------------------------------------------------------------------------------------------

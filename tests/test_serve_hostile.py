@@ -187,8 +187,7 @@ def test_a_full_decode_queue_answers_503_with_retry_after_at_once(model: Path,
         for response, seconds in answers:
             if response.status_code == 503:
                 assert response.headers["retry-after"] == "1"
-                assert response.json()["detail"] == ("the server is busy: 2 requests already wait for decoding; "
-                                                     "retry in 1 s")
+                assert response.json()["detail"] == "the server is busy: 3 requests are in progress; retry in 1 s"
                 assert seconds < 0.3
         assert client.get("/info").json()["batching"]["max_queue"] == 2
     finally:

@@ -18,6 +18,7 @@ over ``MAX_FRAME_PIXELS`` raises ``InputTooLarge``, from the header before decod
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ from mmfuse.data.image import image_to_tensor
 MAX_FRAME_PIXELS = 40_000_000
 """Largest frame (width x height) decoded, as ``max_image_pixels`` for images: 8K video is 33 M pixels, and
 a damaged or hostile header claiming more would make FFmpeg allocate that much for every frame kept."""
+MAX_HELD_BYTES = 256 * 1024 * 1024
+"""Decoded frames held while a clip is read (``decode_video``): 10 s of 720p at 30 fps held all 300
+frames, 440 MB more peak memory for 8 chosen ones; past this the clip is read twice instead."""
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ogv", ".flv", ".3gp")
 """File types a video column usually holds (documentation and examples; PyAV reads whatever FFmpeg reads)."""
 
@@ -71,40 +75,76 @@ def _check_pixels(label: str, width: int, height: int, max_pixels: int) -> None:
                             f"the limit of {max_pixels:,}")
 
 
-def decode_video(path: Path, prep: VideoPrep, max_pixels: int = MAX_FRAME_PIXELS) -> list[Image.Image]:
+def decode_video(path: Path, prep: VideoPrep, max_pixels: int = MAX_FRAME_PIXELS,
+                 max_held_bytes: int = MAX_HELD_BYTES) -> list[Image.Image]:
     """The chosen frames of ``path`` as RGB images at their own resolution (see ``select_frames``).
 
     A frame over ``max_pixels`` is refused from the stream's header before decoding, and from each
-    decoded frame (a stream may change its size, a header may lie) before it is kept.
+    decoded frame (a stream may change its size, a header may lie) before it is kept. Which frames
+    are chosen depends on how many there are, known only at the end; the decoded frames are held
+    until then while they fit in ``max_held_bytes``, and past that dropped, the clip being read a
+    second time for the chosen ones (the same frames: decoding is deterministic).
     """
     av = _av()
     label = _check_file(Path(path))
     try:
         with av.open(label, metadata_errors="replace") as container:  # see the note on tags
-            if not container.streams.video:
-                raise DataError(f"video file {label} has no video stream")
-            stream = container.streams.video[0]
-            context = stream.codec_context
-            if context is None:  # FFmpeg found no decoder for it (a damaged or truncated header)
-                raise DataError(f"cannot decode video {label}: its video stream has no codec FFmpeg can decode")
-            _check_pixels(label, context.width or 0, context.height or 0, max_pixels)
-            rate = _rate(stream)
-            frames: list[Any] = []
+            stream, rate = _video_stream(container, label, max_pixels)
+            held: list[Any] | None = []
+            held_bytes = 0
             times: list[float] = []
-            start: float | None = None
-            for index, frame in enumerate(container.decode(stream)):
-                _check_pixels(label, frame.width, frame.height, max_pixels)
-                t = float(frame.time) if frame.time is not None else index / rate
-                start = t if start is None else start
-                if prep.max_seconds is not None and t - start >= prep.max_seconds:
-                    break
-                frames.append(frame)
-                times.append(t - start)
-            if not frames:
+            for frame, t in _frames(container, stream, label, prep, rate, max_pixels):
+                times.append(t)
+                if held is not None:
+                    held_bytes += sum(plane.buffer_size for plane in frame.planes)
+                    if held_bytes <= max_held_bytes:
+                        held.append(frame)
+                    else:
+                        held = None  # dropped now: the chosen frames are decoded again below
+            if not times:
                 raise DataError(f"video file {label} has no frames")
-            return [frames[i].to_image() for i in select_frames(times, rate, prep)]
+            picks = select_frames(times, rate, prep)
+            if held is not None:
+                return [held[i].to_image() for i in picks]
+        with av.open(label, metadata_errors="replace") as container:
+            stream, rate = _video_stream(container, label, max_pixels)
+            wanted, chosen = set(picks), {}
+            for index, (frame, _) in enumerate(_frames(container, stream, label, prep, rate, max_pixels)):
+                if index in wanted:
+                    chosen[index] = frame.to_image()
+                if index >= max(wanted):
+                    break
+        if len(chosen) != len(wanted):
+            raise DataError(f"video file {label} gave fewer frames when read again ({len(chosen)} of the "
+                            f"{len(wanted)} chosen); the file changed or decodes differently each time")
+        return [chosen[i] for i in picks]
     except av.FFmpegError as exc:
         raise DataError(f"cannot decode video {label}: {_reason(exc)}") from None
+
+
+def _video_stream(container: Any, label: str, max_pixels: int) -> tuple[Any, float]:
+    """The first video stream, its size checked from the header, and its frame rate."""
+    if not container.streams.video:
+        raise DataError(f"video file {label} has no video stream")
+    stream = container.streams.video[0]
+    context = stream.codec_context
+    if context is None:  # FFmpeg found no decoder for it (a damaged or truncated header)
+        raise DataError(f"cannot decode video {label}: its video stream has no codec FFmpeg can decode")
+    _check_pixels(label, context.width or 0, context.height or 0, max_pixels)
+    return stream, _rate(stream)
+
+
+def _frames(container: Any, stream: Any, label: str, prep: VideoPrep, rate: float,
+            max_pixels: int) -> Iterator[tuple[Any, float]]:
+    """Each decoded frame of the first ``prep.max_seconds`` and its time from the first frame."""
+    start: float | None = None
+    for index, frame in enumerate(container.decode(stream)):
+        _check_pixels(label, frame.width, frame.height, max_pixels)
+        t = float(frame.time) if frame.time is not None else index / rate
+        start = t if start is None else start
+        if prep.max_seconds is not None and t - start >= prep.max_seconds:
+            return
+        yield frame, t - start
 
 
 def _rate(stream: Any) -> float:

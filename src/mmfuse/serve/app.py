@@ -41,7 +41,7 @@ from mmfuse.serve.middleware import BodyLimit, RequestId, RequestMetrics, instal
 from mmfuse.serve.openapi import PREDICT_OPENAPI
 from mmfuse.serve.predictor import Predictor, contributions, explanation_samples
 from mmfuse.serve.settings import ServeSettings
-from mmfuse.serve.stages import Deadline, DeadlineExceeded, DecodeStage
+from mmfuse.serve.stages import Admission, Deadline, DeadlineExceeded, DecodeStage
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("mmfuse.serve")
@@ -61,6 +61,7 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None,
     """The app serving the model saved in ``model_dir``; ``on_load_error`` hears why loading failed."""
     settings = settings or ServeSettings()
     state = ServerState()
+    admission = Admission(settings.max_queue + settings.decode_workers)
 
     async def load() -> None:
         try:
@@ -153,12 +154,19 @@ def create_app(model_dir: Path, settings: ServeSettings | None = None,
                                   f"'{predictor.info()['task']}'")
         deadline = Deadline(settings.timeout_s)
         try:
+            admission.enter()
+        except BadRequest:
+            await request.body()  # read, not parsed: the connection stays usable for the next request
+            raise
+        try:
             async with asyncio.timeout(settings.timeout_s):
                 fields = await read_fields(request, predictor.kinds, settings)
                 return await _until_disconnected(request, _predict(fields, predictor, state, settings, explain,
                                                                    deadline))
         except (TimeoutError, DeadlineExceeded):
             raise BadRequest(504, f"the prediction did not finish within {settings.timeout_s:g} s") from None
+        finally:
+            admission.leave()
 
     return app
 

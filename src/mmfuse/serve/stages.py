@@ -4,9 +4,10 @@ A request has one deadline (``--timeout`` from its arrival). Decoding runs on a 
 (``DecodeStage``): a thread cannot be interrupted, so the deadline is checked before a job starts
 and between its steps, and a request that gave up releases its place only when its thread is
 really done, so the number of decodes in flight never exceeds the thread count, whatever the
-clients do. Both the decode stage and the model's queue (``MicroBatcher``) hold at most
-``max_queue`` waiting requests; one more is answered 503 with ``Retry-After`` at once, so an
-overloaded server says so instead of letting every request time out.
+clients do. At most ``max_queue`` + the decode threads' count of predictions are in progress
+(``Admission``, from arrival); one more is answered 503 with ``Retry-After`` at once, before its body
+is parsed, so an overloaded server says so instead of letting every request time out. The decode
+stage and the model's queue (``MicroBatcher``) each hold at most ``max_queue`` as a second line.
 
 Memory goes back to the system after a large upload: glibc keeps what a decode thread freed in
 that thread's arena (eight 16-bit 36 MP PNGs left ~400 MB resident for good), so after a decode
@@ -41,6 +42,25 @@ class QueueFull(BadRequest):
     def __init__(self, stage: str, limit: int) -> None:
         super().__init__(503, f"the server is busy: {limit} requests already wait for {stage}; retry in "
                               f"{RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
+
+
+class Admission:
+    """Counts the predictions in progress, from the moment a request arrives; past ``limit`` one is
+    refused before its body is parsed (it is read and dropped: the connection stays usable), so a
+    burst of clients costs the server almost nothing beyond the requests it can serve."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_progress = 0
+
+    def enter(self) -> None:
+        if self.in_progress >= self.limit:
+            raise BadRequest(503, f"the server is busy: {self.limit} requests are in progress; retry in "
+                                  f"{RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
+        self.in_progress += 1
+
+    def leave(self) -> None:
+        self.in_progress -= 1
 
 
 class Deadline:
