@@ -167,3 +167,81 @@ def test_plain_data_of_every_supported_kind_loads_exactly(tmp_path: Path, protoc
     assert list(loaded["objects"]) == ["a b", None, 3] and loaded["objects"].dtype == object
     assert type(loaded["nested"][0]) is np.ndarray and list(loaded["nested"][0]) == [0, 1, 2]
     assert loaded["misc"] == data["misc"] and loaded["dtype"] == np.dtype("<f4")
+
+
+def _raw(*parts: bytes) -> bytes:
+    """A protocol-2 pickle from opcodes (what a hand-crafted hostile file holds)."""
+    return b"\x80\x02" + b"".join(parts) + b"."
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _call(module: str, name: str, *args: str) -> bytes:
+    """``module.name(*args)`` with string arguments: GLOBAL, MARK, the strings, TUPLE, REDUCE."""
+    strings = b"".join(b"X" + len(a.encode()).to_bytes(4, "little") + a.encode() for a in args)
+    return _global(module, name) + b"(" + strings + b"tR"
+
+
+def _hostile_variants(marker: Path) -> dict[str, bytes]:
+    touch = f"touch {marker}"
+    return {
+        "os.system": pickle.dumps(_Reduces(__import__("os").system, touch), protocol=2),
+        "posix.system by its C name": _raw(_call("posix", "system", touch)),
+        "subprocess.Popen": _raw(_call("subprocess", "Popen", "touch", str(marker))),
+        "builtins.eval": _raw(_call("builtins", "eval", f"open({str(marker)!r}, 'w')")),
+        "builtins.exec": _raw(_call("builtins", "exec", f"open({str(marker)!r}, 'w')")),
+        "__builtin__.eval (a py2 name)": _raw(_call("__builtin__", "eval", f"open({str(marker)!r}, 'w')")),
+        "builtins.open for writing": _raw(_call("builtins", "open", str(marker), "w")),
+        "builtins.__import__": _raw(_call("builtins", "__import__", "os")),
+        "builtins.getattr": _raw(_global("builtins", "getattr") + b"(" + _call("builtins", "__import__", "os")
+                                 + b"X\x06\x00\x00\x00systemtR"),
+        "operator.attrgetter": _raw(_call("operator", "attrgetter", "system")),
+        "functools.partial": _raw(_call("functools", "partial", "x")),
+        "copyreg._reconstructor": _raw(_call("copyreg", "_reconstructor", "x")),
+        "pickle.loads (a pickle in a pickle)": _raw(_call("pickle", "loads", "x")),
+        "runpy.run_path": _raw(_call("runpy", "run_path", "/dev/null")),
+        "shutil.rmtree": _raw(_call("shutil", "rmtree", str(marker.parent / "nothing"))),
+        "pathlib.Path.touch via a dotted name (protocol 4)": pickle.dumps(_Reduces(Path.touch, marker), protocol=4),
+        "webbrowser.open": _raw(_call("webbrowser", "open", "http://127.0.0.1:1/")),
+        "types.FunctionType": _raw(_call("types", "FunctionType", "x")),
+        "numpy.load with pickles": _raw(_call("numpy", "load", str(marker))),
+        "numpy.testing (outside the list)": _raw(_call("numpy.testing", "assert_equal", "x")),
+        "numpy.ctypeslib": _raw(_call("numpy.ctypeslib", "load_library", "libc", ".")),
+        "torch rebuild_tensor": _raw(_call("torch._utils", "_rebuild_tensor_v2", "x")),
+        "an object built with INST": b"(i" + b"os\nsystem\n" + b"X" + len(touch).to_bytes(4, "little")
+                                     + touch.encode() + b".",
+        "an object built with OBJ": _raw(b"(" + _global("os", "system") + b"X" + len(touch).to_bytes(4, "little")
+                                         + touch.encode() + b"o"),
+        "a persistent id": _raw(b"X\x01\x00\x00\x00xQ"),
+        "an extension code": _raw(b"\x82\x01"),
+        "a memo index never stored": _raw(b"h\x05"),
+        "a STACK_GLOBAL of a non-string": b"\x80\x04K\x01K\x02\x93.",
+        "BUILD state on a container": _raw(_global("collections", "OrderedDict") + b")R}X\x01\x00\x00\x00aK\x01sb"),
+    }
+
+
+def test_hostile_pickles_run_nothing_and_give_one_line(tmp_path: Path) -> None:
+    """The acceptance battery: every way a pickle can ask for code or an object, refused in one line
+    naming the file, in this process (no crash), with nothing created."""
+    marker = tmp_path / "created"
+    variants = _hostile_variants(marker)
+    assert len(variants) >= 25
+    outcomes = {}
+    for name, data in variants.items():
+        path = write(tmp_path, data)
+        try:
+            value = safe_load(path)
+        except DataError as exc:
+            assert "\n" not in str(exc) and str(path) in str(exc), (name, str(exc))
+            outcomes[name] = "refused"
+        else:
+            outcomes[name] = f"loaded {type(value).__name__}"
+        assert not marker.exists(), name
+    assert outcomes == dict.fromkeys(variants, "refused")
+    # The battery is real: the plain unpickler runs the first ones.
+    for name in ("os.system", "posix.system by its C name", "builtins.open for writing"):
+        pickle.loads(variants[name])
+        assert marker.exists(), name
+        marker.unlink()

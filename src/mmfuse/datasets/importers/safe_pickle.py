@@ -31,7 +31,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -233,6 +233,18 @@ class SafeUnpickler(pickle._Unpickler):
                                 f"a container, number, string or numpy array (a pickle can run code; only data is "
                                 f"accepted){hint}")
         return ALLOWED_GLOBALS[(module, name)]
+
+    def load_build(self) -> None:
+        """BUILD (``obj.__setstate__(state)``, else ``obj.__dict__.update(state)``) only on the array and
+        dtype stand-ins, which check their state: on a container it would hang attributes of the file's
+        choosing on what is meant to be plain data."""
+        stack = self.stack  # type: ignore[attr-defined]  # (the pure-Python unpickler's; typeshed knows the C one)
+        if len(stack) < 2 or not isinstance(stack[-2], (_ArraySpec, _DtypeSpec)):
+            raise _Refused("a BUILD of an object that is not an array or dtype")
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]
 
 
 class _BoundedReader(io.RawIOBase):
