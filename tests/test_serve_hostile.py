@@ -94,7 +94,8 @@ def test_the_server_saw_no_5xx(client: TestClient) -> None:
 
 
 def test_onnx_backend_refuses_the_same_requests(model: Path, tmp_path: Path) -> None:
-    """The sixth former 500: nested JSON against ``--onnx``; every parsing case goes the same way there."""
+    """The sixth former 500: nested JSON against ``--onnx``; the whole corpus and 30 fuzzed requests
+    get the same answers there."""
     from mmfuse.export.onnx import export_onnx
     from mmfuse.model import MultimodalModel
 
@@ -102,7 +103,8 @@ def test_onnx_backend_refuses_the_same_requests(model: Path, tmp_path: Path) -> 
     onnx = ready(create_app(model, ServeSettings(max_body_bytes=CAP, onnx=graph, threads=1)))
     try:
         assert onnx.get("/info").json()["backend"] == "onnxruntime"
-        for case in CORPUS[:12]:
+        files, _ = bench.sample_files(model)
+        for case in CORPUS + hc.fuzz_cases(files, 30, seed=2):
             assert_answer(case, send(onnx, case))
         good = onnx.post("/predict", json={"vec": [0.5] * hc.VEC_WIDTH, "text": "a calm circle"})
         assert good.status_code == 200 and good.json()["modalities"] == ["text", "vec"]
@@ -248,8 +250,12 @@ def test_fast_battery_and_overload_against_mmfuse_serve(model: Path) -> None:
     files, good = bench.sample_files(model)
     cases = CORPUS + hc.fuzz_cases(files, 45, seed=1)
     with bench.serving(model, "--threads", "1", "--max-queue", "4") as (url, pid):
-        assert httpx.get(url + "/info").json()["batching"] == {"max_batch_size": 16, "max_wait_ms": 5.0,
-                                                               "max_queue": 4, "decode_workers": 2}
+        info = httpx.get(url + "/info").json()
+        assert info["batching"] == {"max_batch_size": 16, "max_wait_ms": 5.0, "max_queue": 4, "decode_workers": 2}
+        assert {k: info["limits"][k] for k in ("max_decode_bytes", "min_sample_rate", "max_sample_rate",
+                                               "max_json_depth", "max_json_number_chars", "max_json_values")} == {
+            "max_decode_bytes": 256 * 1024 * 1024, "min_sample_rate": 8000, "max_sample_rate": 192_000,
+            "max_json_depth": 8, "max_json_number_chars": 64, "max_json_values": 1_000_000}
         battery = bench.run_battery(url, pid, cases, 4, good, 30.0)
         overload = asyncio.run(bench.run_overload(url, good, 40, 2))
     assert battery["failures"] == [] and overload["failures"] == []
