@@ -208,6 +208,10 @@ def corpus() -> list[Case]:
              "field 'image' is given twice"),
         Case("unknown field with control characters", as_json(json.dumps({"\x00\x1b[31m" + "x" * 200: 1}).encode()),
              422, "unknown field '??[31mxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...'; this model reads audio, image"),
+        Case("form with 50 fields", {"data": {f"f{i}": "x" for i in range(50)}}, 413,
+             "the form has more fields than the limit of 5; this model reads audio, image, text, vec"),
+        Case("form with 20 files", {"files": [("image", (f"{i}.png", b"x")) for i in range(20)]}, 413,
+             "the form has more files than the limit of 5"),
         Case("multipart without a boundary", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
              422, "malformed multipart body"),
         Case("multipart garbage", {"content": b"\xff" * 300, "headers": {

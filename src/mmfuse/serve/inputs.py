@@ -91,6 +91,10 @@ async def _multipart_fields(request: Request, kinds: dict[str, str], limits: Jso
         reason = " ".join(str(getattr(exc, "detail", exc)).split()) or type(exc).__name__
         if "maximum size" in reason:
             raise BadRequest(413, f"a form field exceeds the limit of {max_bytes:,} bytes") from None
+        if reason.startswith("Too many"):  # more parts than fields: a count limit, like the others 413
+            kind = "files" if "files" in reason else "fields"
+            raise BadRequest(413, f"the form has more {kind} than the limit of {len(kinds) + 1}; this model "
+                                  f"reads {', '.join(kinds)}") from None
         raise BadRequest(422, f"malformed multipart body: {shown(reason, 200)}") from None
     try:
         fields: dict[str, Field] = {}
