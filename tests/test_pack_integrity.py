@@ -328,3 +328,22 @@ def test_a_second_training_into_a_run_folder_is_refused_in_one_line(clean: tuple
         holder.wait()
     with folder_lock(run, "training"):  # released with its holder
         pass
+
+
+def test_a_missing_shard_and_a_garbled_index_are_repaired_too(clean: tuple[ExperimentConfig, Path, Path],
+                                                               tmp_path: Path) -> None:
+    config, clean_pack, _ = clean
+    pack = tmp_path / "pack"
+    shutil.copytree(clean_pack, pack)
+    (pack / "train-00002.tar").unlink()
+    (pack / "val-00000.tar.index.json").write_text('{"spans": [[0, 1e999]]')
+    damaged = verify_pack(pack).damaged
+    assert sorted(damaged) == ["train-00002.tar", "val-00000.tar"]
+    assert "train-00002.tar is missing" in damaged["train-00002.tar"]
+    assert "val-00000.tar.index.json: unreadable shard index" in damaged["val-00000.tar"]
+    result = pack_data(config, pack, workers=2, shard_size=40)
+    assert (result.shards_written, result.shards_kept, result.already_packed) == (2, 4, False)
+    assert sorted(result.messages) == sorted(f"repairing: {why}" for why in damaged.values())
+    assert _sha256s(pack) == _sha256s(clean_pack)
+    again = pack_data(config, pack, workers=1, shard_size=40)
+    assert again.already_packed and again.shards_written == 0
