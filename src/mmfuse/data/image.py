@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ from mmfuse.config import ImagePrep
 from mmfuse.core.errors import DataError, InputTooLarge
 
 _HIGH_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError)
+"""What Pillow's parsers raise on a malformed file (struct/Index/KeyError from EXIF and TIFF tags)."""
 UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 """What an upload may be: no format that runs a program (EPS runs Ghostscript) or that few clients send."""
 _PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
