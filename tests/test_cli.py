@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from mmfuse import __version__
 from mmfuse.cli import app
 from mmfuse.config import load_config
+from mmfuse.core.folder_lock import LOCK_FILE
 
 runner = CliRunner()
 
@@ -285,7 +286,10 @@ def test_a_killed_rerun_never_mixes_old_results_with_new_files(trained_model: Pa
     monkeypatch.setattr(engine, "_run_trainer", killed)
     with pytest.raises(KeyboardInterrupt):
         engine.train(load_config(run / "config.yaml", [f"trainer.output_dir={run}", "trainer.overwrite=true"]))
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"], "old results left beside new checkpoints"
+    # (the run folder's lock file, emptied when its holder ends, is not a result)
+    left = sorted(p.name for p in run.iterdir())
+    assert left == [LOCK_FILE, "checkpoints"], "old results left beside new checkpoints"
+    assert (run / LOCK_FILE).read_text() == ""  # released: who held it is gone with the holder
     # An unfinished run is no finished run: a plain re-run (no --overwrite) may start over.
     monkeypatch.undo()
     result = runner.invoke(app, ["train", str(trained_model.parent / "config.yaml"), "--out", str(run),
