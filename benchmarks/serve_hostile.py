@@ -11,8 +11,10 @@ Trains a small model reading text, image, audio and an 8-wide features modality 
    after a ``Connection: close`` answer), no request over ``--timeout`` + 5 s, and the server's RSS
    after the run within 10% of its RSS before (after warm-up requests).
 2. **Overload**: restarts it with ``--max-queue 32`` and lets ``--clients`` (200) clients each send
-   ``--per-client`` valid requests at once (each on its own connection), not waiting after a 503. Checks: some 503s, each with
-   ``Retry-After``; no other 5xx, no dropped connection; reports the p50/p99 latency of accepted ones.
+   ``--per-client`` valid requests at once (each on its own connection), not waiting after a 503.
+   Checks: some 503s, each with ``Retry-After``; no other 5xx, no dropped connection; reports the
+   p50/p99 latency of accepted ones. Run twice: with the server requiring an API key (every client
+   sends it) and, on loopback, with no key set.
 
 The script exits 1 when a check fails. ``python benchmarks/serve_hostile.py --out results.json``
 """
@@ -40,7 +42,7 @@ import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import hostile_corpus as hc  # noqa: E402
+import hostile_corpus as hc
 
 LEAKS = re.compile(r"Traceback|File \"|0x[0-9a-fA-F]{6,}|object at ")
 BODY_CAP_MB = 2.0
@@ -92,8 +94,9 @@ def sample_files(model: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
 
 
 @contextmanager
-def serving(model: Path, *options: str, timeout_s: float = 120) -> Iterator[tuple[str, int]]:
-    """``mmfuse serve MODEL`` on 127.0.0.1 and a free port until the block ends; yields (url, pid)."""
+def serving(model: Path, *options: str, timeout_s: float = 120, key: str | None = None) -> Iterator[tuple[str, int]]:
+    """``mmfuse serve MODEL`` on 127.0.0.1 and a free port until the block ends; yields (url, pid).
+    ``key``: the server requires it (``MMFUSE_API_KEYS``)."""
     import socket
 
     with socket.socket() as s:
@@ -101,18 +104,21 @@ def serving(model: Path, *options: str, timeout_s: float = 120) -> Iterator[tupl
         port = int(s.getsockname()[1])
     command = [sys.executable, "-m", "mmfuse.cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
                "--max-body-mb", str(BODY_CAP_MB), *options]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {k: v for k, v in os.environ.items() if k != "MMFUSE_API_KEYS"} | ({"MMFUSE_API_KEYS": key} if key else {})
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                if httpx.get(url + "/ready", timeout=2, headers=headers).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                server.kill()  # before reading its stderr, which stays open while it runs
+                raise SystemExit(f"the server did not start: {server.communicate()[1].decode()[-2000:]}")
             time.sleep(0.1)
         yield url, server.pid
     finally:
@@ -244,14 +250,16 @@ async def _concurrent(url: str, cases: list[hc.Case], clients: int, timeout_s: f
         return list(await asyncio.gather(*(one(c) for c in cases)))
 
 
-async def run_overload(url: str, good: dict[str, Any], clients: int, per_client: int) -> dict[str, Any]:
+async def run_overload(url: str, good: dict[str, Any], clients: int, per_client: int,
+                       key: str | None = None) -> dict[str, Any]:
     """``clients`` clients at once, each on its own keep-alive connection sending ``per_client`` requests
     back to back (no back-off after a 503). The client is a minimal HTTP/1.1 writer/reader on asyncio
     streams: with httpx, 200 concurrent connections cost the client 3x the server's CPU on this machine
     and its own scheduling dominated the latencies measured."""
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps(good).encode()
-    request = (f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    request = (f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     accepted: list[float] = []
     statuses: dict[str, int] = {}
@@ -320,6 +328,11 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
     return status, headers
 
 
+OVERLOAD_KEY = "bench-key-0123456789abcdef"
+"""The overload runs once with the server requiring this key (every client sends it) and once, on
+loopback, with no key set."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fuzz", type=int, default=120, help="fuzzer-style requests besides the corpus")
@@ -338,15 +351,18 @@ def main() -> None:
         common = ("--threads", str(args.threads), "--timeout", str(args.timeout))
         with serving(model, *common) as (url, pid):
             battery = run_battery(url, pid, cases, args.png16, good, args.timeout)
+        with serving(model, *common, "--max-queue", str(args.queue), key=OVERLOAD_KEY) as (url, _):
+            keyed = asyncio.run(run_overload(url, good, args.clients, args.per_client, key=OVERLOAD_KEY))
         with serving(model, *common, "--max-queue", str(args.queue)) as (url, _):
             overload = asyncio.run(run_overload(url, good, args.clients, args.per_client))
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-              "command": " ".join(["python", *sys.argv]), "battery": battery, "overload": overload}
+              "command": " ".join(["python", *sys.argv]), "battery": battery, "overload_with_key": keyed,
+              "overload": overload}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    failures = battery["failures"] + overload["failures"]
+    failures = battery["failures"] + keyed["failures"] + overload["failures"]
     if failures:
         print("FAILED: " + "; ".join(failures), file=sys.stderr)
         raise SystemExit(1)
