@@ -181,7 +181,7 @@ def data_verify(pack: Annotated[Path, typer.Argument(help="Pack folder (from `mm
 
     Exits 1 when anything is damaged; `mmfuse data pack` with the pack's config and --out repairs it.
     """
-    from mmfuse.engine.pack import verify_pack
+    from mmfuse.engine.pack_verify import verify_pack
 
     started = time.perf_counter()
     result = verify_pack(pack)

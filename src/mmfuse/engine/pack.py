@@ -50,14 +50,13 @@ from mmfuse.data.pack_dataset import PackDataset
 from mmfuse.data.pack_format import (
     FORMAT,
     INDEX_SUFFIX,
-    MAX_INDEX_BYTES,
     ShardIndex,
     checked_shards,
     shard_layouts,
     shard_name,
     write_shard,
 )
-from mmfuse.data.pack_integrity import REPAIR_HINT, shard_digests, verify_shard
+from mmfuse.data.pack_integrity import shard_digests
 from mmfuse.data.preprocess import Preprocessor
 from mmfuse.engine.interrupts import SignalInterrupt, raise_on_signals
 from mmfuse.engine.pack_check import pack_differences
@@ -70,10 +69,11 @@ from mmfuse.engine.pack_fingerprint import (
     load_files,
     write_files,
 )
+from mmfuse.engine.pack_verify import PACK_FILE, read_json, shard_damage
 from mmfuse.engine.records import PreparedData, fit_preprocessing, load_records, new_preprocessor
 from mmfuse.tasks import TASKS, Task
 
-PACK_FILE, PARTIAL_FILE = "pack.json", "pack.partial.json"
+PARTIAL_FILE = "pack.partial.json"
 DEFAULT_SHARD_SIZE = 1000
 @dataclass
 class PackResult:
@@ -150,20 +150,7 @@ def _pack_shard(shard: _Shard) -> tuple[str, int, int]:
 
 def _finished(folder: Path, shard: _Shard) -> bool:
     """Whether the shard and its index are there and the shard's bytes are the ones its index proves."""
-    return _damage(folder, shard.name) is None
-
-
-def _damage(folder: Path, name: str, use_cache: bool = True) -> str | None:
-    """Why the shard ``name`` in ``folder`` is not whole (missing, unreadable index, damaged bytes), or None."""
-    path = folder / name
-    index_path = path.with_name(path.name + INDEX_SUFFIX)
-    if not index_path.is_file():
-        return f"{name}: no index (an unfinished shard)" if path.exists() else f"{name}: missing"
-    try:
-        verify_shard(path, ShardIndex.read(index_path), name, use_cache=use_cache)
-    except DataError as exc:
-        return str(exc).removesuffix(REPAIR_HINT)
-    return None
+    return shard_damage(folder, shard.name) is None
 
 
 def _clear(folder: Path) -> None:
@@ -171,17 +158,6 @@ def _clear(folder: Path) -> None:
         if path.name in (PACK_FILE, PARTIAL_FILE, FILES_FILE, "tokenizers") or path.suffix == ".tar" \
                 or path.name.endswith(INDEX_SUFFIX):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object at ``path``; None when it is missing, unreadable, not an object or too large to be ours."""
-    try:
-        if path.stat().st_size > MAX_INDEX_BYTES:
-            return None
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
 
 
 Progress = Callable[[int, int], None]
@@ -210,7 +186,7 @@ def pack_data(config: ExperimentConfig, folder: Path, workers: int | None = None
 def _pack_locked(config: ExperimentConfig, folder: Path, workers: int | None, rebuild: bool, shard_size: int,
                  progress: Progress | None) -> PackResult:
     splits = load_records(config)
-    saved = _read_json(folder / PACK_FILE)
+    saved = read_json(folder / PACK_FILE)
     saved_files = load_files(folder)
     current, files = fingerprint(config, splits, new_preprocessor(config), saved_files)
     workers = workers or os.cpu_count() or 1
@@ -223,7 +199,7 @@ def _pack_locked(config: ExperimentConfig, folder: Path, workers: int | None, re
         if repaired is not None:
             return repaired
         rebuild = True  # a pack from before digests (or of another layout): written again whole
-    partial = _read_json(folder / PARTIAL_FILE)
+    partial = read_json(folder / PARTIAL_FILE)
     if rebuild or saved is not None or partial != {"fingerprint": current, "shard_size": shard_size}:
         _clear(folder)
     preprocessor, task = fit_preprocessing(config, splits)
@@ -259,7 +235,7 @@ def _repair(config: ExperimentConfig, folder: Path, splits: dict[str, list[Recor
         planned.setdefault(shard.split, []).append(shard.name)
     if planned != checked_shards(saved.get("shards"), str(folder / PACK_FILE)):
         return None
-    damaged = {s.name: why for s in plan if (why := _damage(folder, s.name)) is not None}
+    damaged = {s.name: why for s in plan if (why := shard_damage(folder, s.name)) is not None}
     result = PackResult(folder, saved["counts"], saved["skipped"], shards_kept=len(plan) - len(damaged),
                         already_packed=not damaged)
     if not damaged:
@@ -272,7 +248,7 @@ def _repair(config: ExperimentConfig, folder: Path, splits: dict[str, list[Recor
         progress(0, total)
     _run(todo, (preprocessor, task, config.data.on_error, folder), workers,
          lambda n: progress(n, total) if progress else None, 0)
-    still = [why for s in todo if (why := _damage(folder, s.name)) is not None]
+    still = [why for s in todo if (why := shard_damage(folder, s.name)) is not None]
     if still:
         raise DataError(f"repacking did not give the shards their recorded content: {still[0]}; the input files "
                         "may have changed: pass --rebuild")
@@ -346,27 +322,6 @@ def _finish(config: ExperimentConfig, folder: Path, plan: list[_Shard], current:
     return PackResult(folder, counts, skipped, shards_written=written, shards_kept=kept)
 
 
-@dataclass
-class VerifyResult:
-    """What ``verify_pack`` found: shards checked and, per damaged shard, why (in words)."""
-
-    folder: Path
-    shards: int
-    damaged: dict[str, str]
-
-
-def verify_pack(folder: Path) -> VerifyResult:
-    """Hashes every shard of the finished pack in ``folder`` (no cache: this is the check that trusts
-    nothing) and compares it, and each damaged shard's members, with the digests in its index."""
-    folder = Path(folder)
-    saved = _read_json(folder / PACK_FILE)
-    if saved is None:
-        raise DataError(f"{folder} is not a finished pack: no readable {PACK_FILE}")
-    names = [name for split in checked_shards(saved.get("shards"), str(folder / PACK_FILE)).values() for name in split]
-    damaged = {name: why for name in names if (why := _damage(folder, name, use_cache=False)) is not None}
-    return VerifyResult(folder, len(names), damaged)
-
-
 def skip_reason(reason: str) -> str:
     """A skip message with the paths it names replaced by ``<file>``, so equal reasons count together."""
     return re.sub(r"'?[^\s']*/[^\s':]*'?", "<file>", reason)
@@ -375,7 +330,7 @@ def skip_reason(reason: str) -> str:
 def open_pack(config: ExperimentConfig, folder: Path) -> PreparedData:
     """The pack's splits and fitted preprocessing, after checking it was packed from this config's data."""
     folder = Path(folder)
-    saved = _read_json(folder / PACK_FILE)
+    saved = read_json(folder / PACK_FILE)
     if saved is None:
         hint = " (an unfinished pack: run `mmfuse data pack` again to finish it)" \
             if (folder / PARTIAL_FILE).exists() else ""
@@ -405,6 +360,6 @@ def shard_report(folder: Path, shard_names: list[str]) -> SkipReport:
 
 def ensure_pack(config: ExperimentConfig, folder: Path, workers: int | None = None) -> PackResult:
     """The pack in ``folder``, packed (or repacked) first when it is missing, unfinished or of other data."""
-    saved = _read_json(Path(folder) / PACK_FILE)
+    saved = read_json(Path(folder) / PACK_FILE)
     stale = saved is not None and bool(pack_differences(config, Path(folder), saved["fingerprint"]))
     return pack_data(config, folder, workers=workers, rebuild=stale)
