@@ -21,7 +21,8 @@ from mmfuse.config import validate_config
 from mmfuse.data import pack_integrity
 from mmfuse.data.pack_format import INDEX_SUFFIX, ShardIndex
 from mmfuse.datasets.synth import generate_synthetic
-from mmfuse.engine.pack import open_pack, pack_data
+from mmfuse.engine.pack import pack_data
+from mmfuse.engine.pack_open import open_pack
 from mmfuse.engine.pack_verify import verify_pack
 
 

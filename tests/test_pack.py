@@ -27,7 +27,8 @@ from mmfuse.engine.data import prepare_data
 from mmfuse.engine.evaluate import evaluate
 from mmfuse.engine.fit import fit
 from mmfuse.engine.loader import ResumableLoader
-from mmfuse.engine.pack import open_pack, pack_data
+from mmfuse.engine.pack import pack_data
+from mmfuse.engine.pack_open import open_pack
 from mmfuse.model import MultimodalModel
 
 
@@ -63,7 +64,7 @@ def test_pack_trains_and_evaluates_as_the_per_sample_path(synth_manifest: Path, 
     plain = pack_config(synth_manifest, tmp_path / "plain")
     result = pack_data(plain, tmp_path / "pack", workers=2, shard_size=40)
     assert result.counts == {"train": 128, "val": 16, "test": 16} and result.shards_written == 6
-    packed = plain.model_copy(update={"data": plain.data.model_copy(update={"pack": tmp_path / "pack"}),
+    packed = plain.model_copy(update={"data": plain.data.model_copy(update={"pack": str(tmp_path / "pack")}),
                                       "trainer": plain.trainer.model_copy(update={"output_dir": tmp_path / "packed"})})
     data = prepare_data(packed)
     assert all(isinstance(d, PackDataset) for d in data.datasets.values())
@@ -163,8 +164,11 @@ def test_changed_file_or_option_invalidates_the_pack(own_data: Path, tmp_path: P
     before = wav.stat()
     wav.write_bytes(bytes(data))
     os.utime(wav, ns=(before.st_atime_ns, before.st_mtime_ns))
+    open_pack(config, tmp_path / "pack")  # a pack is self-contained: training does not read the raw files
+    assert hashed == []
+    checked = config.model_copy(update={"data": config.data.model_copy(update={"check_sources": True})})
     with pytest.raises(DataError, match=rf"input files changed since packing: .*{wav.name}"):
-        open_pack(config, tmp_path / "pack")
+        open_pack(checked, tmp_path / "pack")
     with pytest.raises(DataError, match=r"other data or preprocessing.*--rebuild"):
         pack_data(config, tmp_path / "pack", workers=1, shard_size=80)
     assert pack_data(config, tmp_path / "pack", workers=1, shard_size=80, rebuild=True).shards_written == 4

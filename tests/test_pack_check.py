@@ -13,8 +13,9 @@ import pytest
 from mmfuse.config import ExperimentConfig, validate_config
 from mmfuse.core.errors import DataError
 from mmfuse.engine import pack_check
-from mmfuse.engine.pack import open_pack, pack_data
+from mmfuse.engine.pack import pack_data
 from mmfuse.engine.pack_fingerprint import fingerprint
+from mmfuse.engine.pack_open import open_pack
 from mmfuse.engine.records import load_records, new_preprocessor
 
 
@@ -91,10 +92,11 @@ def test_a_changed_manifest_row_or_a_missing_file_is_named(synth_manifest: Path,
     data = tmp_path / "data"
     shutil.copytree(synth_manifest.parent, data)
     manifest = data / synth_manifest.name
-    config = config_for(manifest=str(manifest))
+    config = config_for(manifest=str(manifest), check_sources=True)  # as `mmfuse train --check-sources`
     pack_data(config, tmp_path / "pack", workers=1, shard_size=50)
     image = sorted((data / "images").glob("*.png"))[3]
     image.rename(image.with_suffix(".bak"))
+    open_pack(config_for(manifest=str(manifest)), tmp_path / "pack")  # by default the raw files are not read
     with pytest.raises(DataError, match=rf"input files changed since packing: .*{image.name}"):
         open_pack(config, tmp_path / "pack")
     image.with_suffix(".bak").rename(image)

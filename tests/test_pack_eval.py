@@ -29,7 +29,7 @@ def packed_model(synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory)
     root = tmp_path_factory.mktemp("pack_eval")
     config = pack_config(synth_manifest, root / "run")
     pack_data(config, root / "pack", workers=1, shard_size=10)
-    packed = config.model_copy(update={"data": config.data.model_copy(update={"pack": root / "pack"}),
+    packed = config.model_copy(update={"data": config.data.model_copy(update={"pack": str(root / "pack")}),
                                        "trainer": config.trainer.model_copy(update={"max_epochs": 2})})
     fit(packed, prepare_data(packed))
     return root / "run" / "model", root / "pack"
@@ -95,7 +95,14 @@ def test_url_forms() -> None:
     assert is_url("file:///x") and is_url("pipe:cat x") and not is_url("/data/pack") and not is_url("C:\\pack")
 
 
-def test_data_pack_refuses_a_url_with_what_works(synth_manifest: Path) -> None:
-    with pytest.raises(ConfigError, match=r"is a URL: training reads a pack's samples by position"):
-        validate_config({"data": {"manifest": str(synth_manifest), "pack": "s3://bucket/pack"},
-                         "encoders": {"text": {"name": "text_gru"}}})
+def test_data_pack_takes_urls_of_allowed_protocols_only(synth_manifest: Path) -> None:
+    def pack(location: str) -> object:
+        return validate_config({"data": {"manifest": str(synth_manifest), "pack": location},
+                                "encoders": {"text": {"name": "text_gru"}}}).data.pack
+
+    assert pack("s3://bucket/pack") == "s3://bucket/pack"  # a URL stays a URL (it became 's3:/bucket/pack')
+    assert pack("~/packs/a") == str(Path("~/packs/a").expanduser())
+    with pytest.raises(ConfigError, match=r"pipe: commands are not run"):
+        pack("pipe:aws s3 cp s3://b/p -")
+    with pytest.raises(ConfigError, match=r"'ftp://' is not a protocol a pack is read from"):
+        pack("ftp://host/pack")

@@ -28,7 +28,8 @@ from mmfuse.core.errors import DataError
 from mmfuse.core.folder_lock import FolderBusy, folder_lock
 from mmfuse.data import pack_format, pack_integrity
 from mmfuse.engine.data import prepare_data
-from mmfuse.engine.pack import open_pack, pack_data
+from mmfuse.engine.pack import pack_data
+from mmfuse.engine.pack_open import open_pack
 from mmfuse.engine.pack_verify import verify_pack
 from mmfuse.model import MultimodalModel
 

@@ -21,7 +21,8 @@ from test_pack import pack_config
 from typer.testing import CliRunner
 
 from mmfuse.cli import app
-from mmfuse.engine.pack import open_pack, pack_data
+from mmfuse.engine.pack import pack_data
+from mmfuse.engine.pack_open import open_pack
 from mmfuse.model import MultimodalModel
 
 

@@ -32,10 +32,14 @@ def train(
         "--overwrite", help="Replace a finished run in the output folder (trainer.overwrite).")] = False,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in RUN_DIR from its checkpoints/last.ckpt (same config).")] = False,
-    pack: Annotated[Path | None, typer.Option(
-        "--pack", help="Stream the data from this `mmfuse data pack` folder (data.pack).")] = None,
+    pack: Annotated[str | None, typer.Option(
+        "--pack", help="Read the data from this `mmfuse data pack` folder or URL (s3://, gs://, https://: shards "
+        "cached locally, data.pack_cache_gb); the raw files are not needed (data.pack).")] = None,
     rebuild_pack: Annotated[bool, typer.Option(
         "--rebuild-pack", help="With --pack: pack the data first when the pack is missing or does not match.")] = False,
+    check_sources: Annotated[bool, typer.Option(
+        "--check-sources", help="With --pack: also check the pack against the manifests and raw files it was "
+        "made from (data.check_sources).")] = False,
 ) -> None:
     """Train a model from a config; saves it to OUTPUT_DIR/model.
 
@@ -63,6 +67,7 @@ def train(
     overrides = list(set_ or []) + ([f"trainer.output_dir={json.dumps(str(out))}"] if out else [])  # quoted: --out 2024
     overrides += ["trainer.overwrite=true"] if overwrite else []
     overrides += [f"data.pack={json.dumps(str(pack))}"] if pack else []
+    overrides += ["data.check_sources=true"] if check_sources else []
     cfg = load_config(config_path, overrides)
     if rebuild_pack:
         if cfg.data.pack is None:

@@ -31,6 +31,8 @@ from mmfuse.config.prep import (
     VideoPrep,
 )
 from mmfuse.config.strict import StrictModel
+from mmfuse.core.errors import ConfigError
+from mmfuse.core.locations import check_location, is_url
 from mmfuse.core.registry import ENCODERS, FUSIONS, TASKS, Registry
 
 ModalityKind = Literal["text", "image", "audio", "features", "video"]
@@ -100,8 +102,17 @@ class DataConfig(StrictModel):
                             "batches sliced from them (on the GPU when training there)")
     in_memory_cache: Path | None = Field(None, description="cache folder of the in-memory tensors "
                                          "(default $MMFUSE_CACHE/arrays or ~/.cache/mmfuse/arrays)")
-    pack: Path | None = Field(None, description="a folder written by `mmfuse data pack`: train, evaluate and "
-                              "bench stream its preprocessed shards instead of preprocessing the manifests")
+    pack: str | None = Field(None, description="a pack written by `mmfuse data pack`, a folder or a URL (s3://, gs://, "
+                             "https://, file://; read through fsspec into a bounded local cache): train, evaluate "
+                             "and bench read its preprocessed shards instead of preprocessing the manifests")
+    pack_cache_gb: float | None = Field(None, gt=0, description="with a pack URL: most GiB of its shards kept in the "
+                                        "local cache ($MMFUSE_CACHE/packs), least recently read removed first "
+                                        "(default 20)")
+    check_sources: bool = Field(False, description="with data.pack: also compare the pack with the manifests and "
+                                "every raw file's digest (a pack is self-contained; this finds raw data edited "
+                                "in place since packing)")
+    pack_strict_versions: bool = Field(False, description="with data.pack: refuse a pack made with other library "
+                                       "versions (by default they are named in a warning)")
     mode: Literal["eager", "lazy"] = Field(
         "eager", description="eager: every split preprocessed once, held in memory; lazy: each sample decoded "
         "from its raw files in the loader workers whenever it is read (vocabulary and labels still fitted first)")
@@ -121,14 +132,18 @@ class DataConfig(StrictModel):
 
     @field_validator("pack", mode="before")
     @classmethod
-    def _local_pack(cls, value: Any) -> Any:
-        """A URL here would silently become a path ('s3://b/p' -> 's3:/b/p'): say what works instead."""
-        text = str(value) if value is not None else ""
-        if text.startswith("pipe:") or ("://" in text and text.index("://") > 1):
-            raise ValueError(f"'{text}' is a URL: training reads a pack's samples by position and needs a local or "
-                             "mounted folder (copy it, e.g. aws s3 sync, or mount it, e.g. s3fs/gcsfuse); "
-                             "`mmfuse evaluate --pack URL` streams a remote pack")
-        return value
+    def _pack_location(cls, value: Any) -> Any:
+        """A URL of an allowed protocol stays a URL (``pipe:`` and unknown protocols are refused here, before
+        anything is opened); a path is kept as text, ``~`` expanded."""
+        if value is None:
+            return None
+        text = str(value)
+        if is_url(text):
+            try:
+                return check_location(text)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return str(Path(text).expanduser())
 
     @model_validator(mode="after")
     def _lazy_and_augment(self) -> DataConfig:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +36,30 @@ of shards would otherwise run into the limit on open files."""
 
 
 class PackDataset(MultimodalDataset):
-    """The samples of some shards, in shard order; ``[i]`` reads sample i from disk."""
+    """The samples of some shards, in shard order; ``[i]`` reads sample i from disk.
 
-    def __init__(self, shards: list[Path], report: SkipReport | None = None) -> None:
+    ``fetch`` (a remote pack, ``mmfuse.data.pack_cache``): the shards' ``indexes`` are given, and shard
+    ``n`` is ``fetch(n)``'s local, verified path, asked for when a sample of it is first read in a
+    process; ``paths`` then name the shards for messages. Without it every shard is verified now."""
+
+    def __init__(self, shards: list[Path], report: SkipReport | None = None, indexes: list[ShardIndex] | None = None,
+                 fetch: Callable[[int], Path] | None = None) -> None:
         # No super().__init__(): the samples are on disk, already preprocessed.
         self.paths = list(shards)
         self.report = report or SkipReport()
+        self.fetch = fetch
         rows: list[np.ndarray] = []
         self.layouts: list[Layout] = []  # the distinct member layouts: few (text lengths x missing modalities)
         known: dict[Layout, int] = {}
+        self.shard_sizes: list[int] = []
+        """Samples per shard, in order: what a shard-aware sampler (``mmfuse.engine.loader``) deals out."""
         for number, path in enumerate(self.paths):
-            index = ShardIndex.read(path.with_name(path.name + INDEX_SUFFIX))
-            verify_shard(path, index)  # before any sample of it is read: its bytes are the ones the index proves
+            if indexes is not None:
+                index = indexes[number]
+            else:
+                index = ShardIndex.read(path.with_name(path.name + INDEX_SUFFIX))
+                verify_shard(path, index)  # before any sample of it is read: its bytes are the ones the index proves
+            self.shard_sizes.append(len(index.spans))
             spans = np.asarray(index.spans, dtype=np.int64).reshape(-1, 2)
             assert index.layouts is not None  # verify_shard: a shard with digests has member layouts
             layout_ids = np.empty(len(spans), dtype=np.int64)
@@ -73,7 +85,8 @@ class PackDataset(MultimodalDataset):
             return self._fds[number]
         if len(self._fds) >= OPEN_SHARDS:
             os.close(self._fds.popitem(last=False)[1])
-        self._fds[number] = os.open(self.paths[number], os.O_RDONLY)
+        path = self.paths[number] if self.fetch is None else self.fetch(number)
+        self._fds[number] = os.open(path, os.O_RDONLY)
         return self._fds[number]
 
     def __getitem__(self, index: int) -> Sample:

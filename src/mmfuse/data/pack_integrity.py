@@ -92,6 +92,15 @@ def verify_shard(path: Path, index: ShardIndex, label: str | None = None, use_ca
     _write_stamp(key)
 
 
+def remember_verified(path: Path, index: ShardIndex) -> None:
+    """Records ``path`` as verified against ``index`` without hashing it again: for a shard whose bytes were
+    hashed and compared while they were written (``mmfuse.data.pack_cache`` downloads)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, hashlib.sha256(index.to_json().encode()).hexdigest())
+    _VERIFIED.add(key)
+    _write_stamp(key)
+
+
 def damage(path: Path, index: ShardIndex) -> str:
     """Which part of a shard whose digest differs is damaged, in words (the first damaged member, and
     how many more)."""

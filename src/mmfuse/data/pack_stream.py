@@ -33,36 +33,13 @@ from typing import Any
 from torch.utils.data import IterableDataset
 
 from mmfuse.core.errors import ConfigError, DataError
+from mmfuse.core.locations import PROTOCOLS, check_location, is_url, member_url
 from mmfuse.data.dataset import MultimodalDataset, Sample, SkipReport
 from mmfuse.data.pack_format import INDEX_SUFFIX, MAX_INDEX_BYTES, ShardIndex, decode_sample
 from mmfuse.data.pack_integrity import CHUNK, damage
 
-PROTOCOLS = ("file", "s3", "s3a", "gs", "gcs", "http", "https", "az", "abfs", "abfss", "hf")
-"""The fsspec protocols a pack may be read from: object stores, web servers and local files. Others
-(archives, chained caches, ``memory``...) are refused rather than guessed at."""
-
-
-def is_url(location: str) -> bool:
-    """True for ``scheme://...`` and ``pipe:...``; a plain path (even ``C:\\data``) is not a URL."""
-    return location.startswith("pipe:") or ("://" in location and location.index("://") > 1)
-
-
-def check_location(location: str) -> str:
-    """``location`` if it is a URL of a protocol in ``PROTOCOLS``; else a ConfigError saying what works."""
-    if location.startswith("pipe:"):
-        raise ConfigError(f"pack location '{location[:120]}': pipe: commands are not run (a command built from a "
-                          "pack's file names lets whoever writes the pack run commands here); give the pack's URL "
-                          "instead (s3://bucket/pack, gs://bucket/pack, https://host/pack) or a mounted folder")
-    protocol = location.split("://", 1)[0].lower()
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"pack location '{location[:120]}': '{protocol}://' is not a protocol a pack is read from; "
-                          f"use one of {', '.join(p + '://' for p in PROTOCOLS)}")
-    return location
-
-
-def member_url(location: str, name: str) -> str:
-    """The URL of the pack's file ``name`` (a name from ``checked_shards`` or a fixed one like pack.json)."""
-    return check_location(location).rstrip("/") + "/" + name
+__all__ = ["PROTOCOLS", "StreamedSplit", "check_location", "download_shard", "is_url", "member_url",
+           "read_pack_state", "read_url"]
 
 
 def _fsspec() -> Any:

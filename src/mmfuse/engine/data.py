@@ -24,7 +24,7 @@ from mmfuse.data.lazy import LazyDataset, lazy_base
 from mmfuse.data.manifest import Record
 from mmfuse.data.memory import ArrayDataset, ArrayLoader, cached_arrays
 from mmfuse.data.preprocess import Preprocessor
-from mmfuse.engine.pack import open_pack
+from mmfuse.engine.pack_open import open_pack
 from mmfuse.engine.records import PreparedData, fit_preprocessing, load_records
 from mmfuse.tasks import Task
 

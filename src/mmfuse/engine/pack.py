@@ -16,8 +16,8 @@ the result is byte-identical to an uninterrupted pack (``pack.partial.json`` hol
 the unfinished pack was started with; a different one starts over). A finished pack is never
 rewritten unless ``rebuild``.
 
-``open_pack(config, folder)`` (``data.pack``) checks the pack against the config and returns the
-``PreparedData`` training, evaluation and bench use, with ``PackDataset`` splits.
+``mmfuse.engine.pack_open.open_pack`` (``data.pack``) checks a finished pack against the config and
+returns the ``PreparedData`` training, evaluation and bench use.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from mmfuse.config import ExperimentConfig
 from mmfuse.core.atomic import atomic_file, write_text_atomic
 from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.core.folder_lock import folder_lock
-from mmfuse.data.dataset import MultimodalDataset, Sample, SkipReport, build_sample
+from mmfuse.core.locations import is_url
+from mmfuse.data.dataset import Sample, SkipReport, build_sample
 from mmfuse.data.manifest import Record
-from mmfuse.data.pack_dataset import PackDataset
 from mmfuse.data.pack_format import (
     FORMAT,
     INDEX_SUFFIX,
@@ -69,11 +69,11 @@ from mmfuse.engine.pack_fingerprint import (
     load_files,
     write_files,
 )
+from mmfuse.engine.pack_open import PARTIAL_FILE
 from mmfuse.engine.pack_verify import PACK_FILE, read_json, shard_damage
-from mmfuse.engine.records import PreparedData, fit_preprocessing, load_records, new_preprocessor
-from mmfuse.tasks import TASKS, Task
+from mmfuse.engine.records import fit_preprocessing, load_records, new_preprocessor
+from mmfuse.tasks import Task
 
-PARTIAL_FILE = "pack.partial.json"
 DEFAULT_SHARD_SIZE = 1000
 @dataclass
 class PackResult:
@@ -303,8 +303,10 @@ def _finish(config: ExperimentConfig, folder: Path, plan: list[_Shard], current:
     counts: dict[str, int] = {}
     skipped: dict[str, dict[str, int]] = {}
     shards: dict[str, list[str]] = {}
+    digests: dict[str, str | None] = {}
     for shard in plan:
         index = ShardIndex.read(folder / (shard.name + INDEX_SUFFIX))
+        digests[shard.name] = index.sha256
         counts[shard.split] = counts.get(shard.split, 0) + len(index.spans)
         shards.setdefault(shard.split, []).append(shard.name)
         reasons = skipped.setdefault(shard.split, {})
@@ -316,10 +318,17 @@ def _finish(config: ExperimentConfig, folder: Path, plan: list[_Shard], current:
     write_files(folder, files)
     state = {"format": FORMAT, "fingerprint": current, "preprocessor": preprocessor.state(), "task": task.state(),
              "counts": counts, "skipped": skipped, "shards": shards, "shard_size": shard_size,
+             "shard_sha256": digests, "assets": assets(folder),
              "config_data": config.data.model_dump(mode="json", include=PREPROCESSING_FIELDS)}
     write_text_atomic(folder / PACK_FILE, json.dumps(state, indent=1))
     (folder / PARTIAL_FILE).unlink(missing_ok=True)
     return PackResult(folder, counts, skipped, shards_written=written, shards_kept=kept)
+
+
+def assets(folder: Path) -> list[str]:
+    """The pack's pretrained tokenizer files, relative to ``tokenizers/`` (what a remote reader fetches)."""
+    root = folder / "tokenizers"
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
 
 
 def skip_reason(reason: str) -> str:
@@ -327,39 +336,12 @@ def skip_reason(reason: str) -> str:
     return re.sub(r"'?[^\s']*/[^\s':]*'?", "<file>", reason)
 
 
-def open_pack(config: ExperimentConfig, folder: Path) -> PreparedData:
-    """The pack's splits and fitted preprocessing, after checking it was packed from this config's data."""
-    folder = Path(folder)
+def ensure_pack(config: ExperimentConfig, location: str | Path, workers: int | None = None) -> PackResult:
+    """The pack in ``location``, packed (or repacked) first when it is missing, unfinished or of other data."""
+    if is_url(str(location)):
+        raise ConfigError(f"--rebuild-pack packs into a local folder; for {location} run `mmfuse data pack --out "
+                          f"{location}` first, then train with --pack {location}")
+    folder = Path(location)
     saved = read_json(folder / PACK_FILE)
-    if saved is None:
-        hint = " (an unfinished pack: run `mmfuse data pack` again to finish it)" \
-            if (folder / PARTIAL_FILE).exists() else ""
-        raise DataError(f"{folder} is not a finished pack: no {PACK_FILE}{hint}")
-    diff = pack_differences(config, folder, saved["fingerprint"])
-    if diff:
-        raise DataError(f"the pack {folder} does not match the config: {'; '.join(diff)}; "
-                        "rebuild it with `mmfuse data pack --rebuild` (or `mmfuse train --rebuild-pack`)")
-    preprocessor = Preprocessor.from_state(saved["preprocessor"], folder)
-    task = TASKS.create(config.task.name, **config.task.options)
-    task.load_state(saved["task"])
-    datasets: dict[str, MultimodalDataset] = {}
-    for name, shard_names in checked_shards(saved.get("shards"), str(folder / PACK_FILE)).items():
-        datasets[name] = PackDataset([folder / shard for shard in shard_names], shard_report(folder, shard_names))
-    return PreparedData(preprocessor, task, datasets)
-
-
-def shard_report(folder: Path, shard_names: list[str]) -> SkipReport:
-    """The samples skipped while packing these shards, with their rows and reasons (from the indexes)."""
-    report = SkipReport()
-    for shard in shard_names:
-        for row in ShardIndex.read(folder / (shard + INDEX_SUFFIX)).skipped:
-            report.skipped.append(str(row.get("reason", "")))
-            report.rows.append(row)
-    return report
-
-
-def ensure_pack(config: ExperimentConfig, folder: Path, workers: int | None = None) -> PackResult:
-    """The pack in ``folder``, packed (or repacked) first when it is missing, unfinished or of other data."""
-    saved = read_json(Path(folder) / PACK_FILE)
-    stale = saved is not None and bool(pack_differences(config, Path(folder), saved["fingerprint"]))
+    stale = saved is not None and bool(pack_differences(config, folder, saved["fingerprint"]))
     return pack_data(config, folder, workers=workers, rebuild=stale)

@@ -17,7 +17,8 @@ from mmfuse.data.dataset import MultimodalDataset, SkipReport
 from mmfuse.data.pack_dataset import PackDataset
 from mmfuse.data.pack_format import FORMAT, MAX_INDEX_BYTES, checked_shards
 from mmfuse.data.pack_stream import StreamedSplit, is_url, read_pack_state
-from mmfuse.engine.pack import PACK_FILE, shard_report
+from mmfuse.engine.pack_open import shard_report
+from mmfuse.engine.pack_verify import PACK_FILE
 from mmfuse.model import MultimodalModel
 
 

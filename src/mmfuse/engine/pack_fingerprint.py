@@ -1,10 +1,19 @@
 """What a pack (``mmfuse.engine.pack``) is a function of, and what differs when it no longer matches.
 
-The fingerprint holds the preprocessing settings, the task, the records of each split (ids, fields,
-targets: a re-split or an edited manifest differs), the SHA-256 of every referenced file's bytes,
-and the versions and code that turn records into tensors (``preprocessing_identity``, mmfuse's
-version included). The fitted vocabulary and labels follow from these; ``pack.json`` stores them
-beside it.
+The fingerprint holds the preprocessing settings, the task, mmfuse's preprocessing version
+(``PREPROCESSING_VERSION``), the records of each split (ids, fields, targets: a re-split or an
+edited manifest differs), the SHA-256 of every referenced file's bytes, and the library versions
+and code that turn records into tensors (``preprocessing_identity``). The fitted vocabulary and
+labels follow from these; ``pack.json`` stores them beside it, with every shard's SHA-256.
+
+Two kinds of difference, because a pack must travel (packed on one machine, trained on a cluster):
+
+- what decides the tensors' meaning: the preprocessing settings, the task, the format and the
+  preprocessing version (and, with ``--check-sources``, the records and input files). A mismatch is
+  refused (``differences``): the model would read tensors made another way.
+- the exact library versions and code hash (``library_changes``): a newer torch or Pillow usually
+  gives the same tensors, so these are recorded, warned about and refused only on request
+  (``data.pack_strict_versions``). The shards' own digests prove the bytes whatever made them.
 
 Hashing every input file at every training start would read the whole raw data set, which is what a
 pack exists to avoid. ``files.json`` therefore keeps each file's ``stat_stamp`` (device, inode, size,
@@ -29,6 +38,11 @@ from mmfuse.data.pack_format import FORMAT
 from mmfuse.data.preprocess import Preprocessor
 
 FILES_FILE = "files.json"
+PREPROCESSING_VERSION = 1
+"""mmfuse's version of the record -> tensor recipe. Bump it in the change that makes the same records and
+settings give other tensors (a new resampler, another mel scale): packs of the old recipe are then
+refused instead of silently read as the new one. ``tests/test_pack_portable.py`` pins the tensors of
+a fixed sample to this number, so such a change fails there until it is bumped."""
 PREPROCESSING_FIELDS = {"modalities", "text", "image", "audio", "features", "on_error", "id_column", "target_column"}
 """The ``data`` settings that shape the packed tensors (batch size, workers and the like do not)."""
 
@@ -109,6 +123,7 @@ def fingerprint_of(config: ExperimentConfig, records: dict[str, str], files: str
         "task": {"name": config.task.name, "options": config.task.options},
         "records": records,
         "files": files,
+        "version": PREPROCESSING_VERSION,
         "code": preprocessing_identity(),
     }
 
@@ -126,8 +141,8 @@ def differences(saved: dict[str, Any], current: dict[str, Any], changed: list[st
     ``changed`` names the input files that differ (``changed_files``)."""
     out: list[str] = []
     for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
-        if old == new:
+        old, new = saved.get(key, 1 if key == "version" else None), current.get(key)
+        if old == new or key == "code":  # library versions: ``library_changes``
             continue
         if key == "preprocessing" and isinstance(old, dict) and isinstance(new, dict):
             out += [f"data.{k}: {old.get(k)!r} in the pack, {new.get(k)!r} in the config"
@@ -138,10 +153,29 @@ def differences(saved: dict[str, Any], current: dict[str, Any], changed: list[st
         elif key == "records":
             splits = sorted(s for s in set(old or {}) | set(new or {}) if (old or {}).get(s) != (new or {}).get(s))
             out.append(f"the manifest rows of {', '.join(splits)} differ")
-        elif key == "code":
-            out.append("mmfuse or a decoding library was upgraded or edited since packing")
+        elif key == "version":
+            out.append(f"the pack was made by mmfuse's preprocessing version {old!r}, this mmfuse reads version "
+                       f"{new!r} (the same records now give other tensors)")
         else:
             out.append(f"{key}: {old!r} in the pack, {new!r} in the config")
+    return out
+
+
+def portable_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs in the parts of the fingerprint that a pack carries wherever it goes (preprocessing,
+    task, format, preprocessing version): the check every training start makes, raw files or not."""
+    keys = ("format", "preprocessing", "task", "version")
+    return differences({k: saved.get(k) for k in keys if k in saved}, {k: current[k] for k in keys}, [])
+
+
+def library_changes(saved: Any, current: dict[str, Any]) -> list[str]:
+    """The library versions (and preprocessing code) that differ between packing and now, in words."""
+    saved = saved if isinstance(saved, dict) else {}
+    before, now = saved.get("libraries") or {}, current.get("libraries") or {}
+    out = [f"{name} {before.get(name) or 'absent'} at packing, {now.get(name) or 'absent'} here"
+           for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
+    if saved.get("code") != current.get("code") and not out:
+        out.append("mmfuse's preprocessing code differs from the code that packed it")
     return out
 
 
