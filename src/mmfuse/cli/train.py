@@ -76,6 +76,7 @@ def train(
 
         ensure_pack(cfg, cfg.data.pack)
     resume_command = shlex.join(["mmfuse", "train", str(config_path), *[a for s in set_ or [] for a in ("--set", s)],
+                                 *(["--pack", pack] if pack else []), *(["--check-sources"] if check_sources else []),
                                  "--resume", str(cfg.trainer.output_dir)])
     try:
         result = run_training(cfg, resume=resume)

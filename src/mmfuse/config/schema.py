@@ -108,6 +108,11 @@ class DataConfig(StrictModel):
     pack_cache_gb: float | None = Field(None, gt=0, description="with a pack URL: most GiB of its shards kept in the "
                                         "local cache ($MMFUSE_CACHE/packs), least recently read removed first "
                                         "(default 20)")
+    pack_order: Literal["samples", "shards"] = Field(
+        "samples", description="with data.pack: samples = every epoch one permutation of all samples (as without a "
+        "pack); shards = each rank reads only its own share of the shards, in an order drawn per epoch, samples "
+        "shuffled within windows of data.pack_window shards (for packs larger than a node's cache)")
+    pack_window: int = Field(4, ge=1, description="with pack_order shards: shards whose samples are shuffled together")
     check_sources: bool = Field(False, description="with data.pack: also compare the pack with the manifests and "
                                 "every raw file's digest (a pack is self-contained; this finds raw data edited "
                                 "in place since packing)")
@@ -128,6 +133,8 @@ class DataConfig(StrictModel):
         if self.pack is not None and self.in_memory:
             raise ValueError("data.pack streams preprocessed shards from disk and data.in_memory holds every split "
                              "in memory: give one of them")
+        if self.pack_order == "shards" and self.pack is None:
+            raise ValueError("data.pack_order shards orders the shards of a pack: it needs data.pack")
         return self
 
     @field_validator("pack", mode="before")

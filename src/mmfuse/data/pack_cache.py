@@ -57,6 +57,7 @@ class PackCache:
             write_text_atomic(self.folder / "source.txt", self.location + "\n")
             with atomic_file(self.folder / "pack.json") as tmp:
                 tmp.write_bytes(state_bytes)
+        self.trim()  # a smaller limit than the last run's applies from the start
 
     def index(self, name: str, want_sha256: str | None = None) -> ShardIndex:
         """The index of shard ``name`` (fetched once into the cache), checked to be this shard's, with a

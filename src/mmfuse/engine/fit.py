@@ -49,7 +49,7 @@ from mmfuse.engine.data import PreparedData, prepare_data, warn_lazy_crops, writ
 from mmfuse.engine.evaluate import evaluate
 from mmfuse.engine.interrupts import raise_on_signals
 from mmfuse.engine.last_checkpoint import LastCheckpoint
-from mmfuse.engine.loader import LoaderPosition, ResumableLoader
+from mmfuse.engine.loader import LoaderPosition, ResumableLoader, ShardOrder
 from mmfuse.engine.module import FusionModule, lightning_output
 from mmfuse.engine.nonfinite import NonFiniteGuard
 from mmfuse.engine.resume import BestCheckpoint, config_json, keep_earlier_logs, last_checkpoint, resume_point
@@ -266,12 +266,23 @@ def _checkpoint_callback(config: ExperimentConfig, task: Task, out: Path) -> Bes
                           save_top_k=1, enable_version_counter=False)
 
 
+def shard_order(config: ExperimentConfig, dataset: object) -> ShardOrder | None:
+    """``data.pack_order: shards``: the order over the train split's shards (through an augmenting wrapper)."""
+    if config.data.pack_order != "shards":
+        return None
+    sizes = getattr(getattr(dataset, "base", dataset), "shard_sizes", None)
+    if sizes is None:
+        raise ConfigError("data.pack_order shards orders a pack's shards: it needs data.pack")
+    return ShardOrder(sizes, config.data.pack_window)
+
+
 def _run_trainer(config: ExperimentConfig, data: PreparedData, module: FusionModule, checkpoint: ModelCheckpoint,
                  out: Path, resume_from: Path | None = None,
                  extra_callbacks: Sequence[L.Callback] = ()) -> tuple[L.Trainer, float]:
     collator = Collator(data.preprocessor, data.task)
     batch_size, workers = config.data.batch_size, config.data.num_workers
-    train_loader = ResumableLoader(data.datasets["train"], collator, batch_size, True, workers, config.seed)
+    train_loader = ResumableLoader(data.datasets["train"], collator, batch_size, True, workers, config.seed,
+                                   shard_order(config, data.datasets["train"]))
     # LastCheckpoint after the best-model checkpoint: it saves the state that one has just updated.
     callbacks: list[L.Callback] = [
         checkpoint, LastCheckpoint(last_checkpoint(out), config.trainer.checkpoint_every_n_steps, config_json(config)),

@@ -18,6 +18,13 @@ epoch's order, as ``DistributedSampler`` does: all ranks draw the same permutati
 and the order is topped up by wrapping around so that every rank gets the same number of samples
 and batches (a rank with one batch more would wait in an all-reduce for ever). Batch k of all
 ranks together is then batch k of one process with ``batch_size x world_size``.
+
+``data.pack_order: shards`` (``ShardOrder``) is the order for a pack larger than a node's cache: each
+rank is dealt a fixed share of the pack's shards (a permutation by ``seed``), visits them in an
+order drawn per epoch, and shuffles samples within windows of a few consecutive shards; so a node
+downloads and reads only its own shards, a window at a time. Still a function of (seed, epoch, rank,
+world): resumable mid-epoch in the same way, with equal batch counts on every rank (topped up from
+the rank's own order).
 """
 
 from __future__ import annotations
@@ -44,8 +51,10 @@ class EpochBatches:
     passes when it creates its iterator, and both must be the same.
     """
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int) -> None:
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int,
+                 shards: ShardOrder | None = None) -> None:
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        self.shards = shards if shuffle else None
         self.epoch = 0
         self.skip = 0
         self.current = (0, 0)
@@ -60,10 +69,14 @@ class EpochBatches:
         return math.ceil(self._per_rank() / self.batch_size)
 
     def _per_rank(self) -> int:
+        if self.shards is not None:
+            return self.shards.per_rank(_rank_and_world()[1], self.seed)
         return math.ceil(self.size / _rank_and_world()[1])
 
     def order(self) -> torch.Tensor:
         """This rank's indices for the current epoch."""
+        if self.shards is not None:
+            return self.shards.order(self.seed, self.epoch, *_rank_and_world())
         if not self.shuffle:
             order = torch.arange(self.size)
         else:
@@ -81,6 +94,47 @@ class EpochBatches:
         order, size = self.order(), self.batch_size
         self.current = (self.epoch, self.skip)
         return iter([order[b * size:(b + 1) * size].tolist() for b in range(self.skip, len(self))])
+
+
+class ShardOrder:
+    """The shard-aware order of ``data.pack_order: shards`` (module docstring) for shards of these sizes."""
+
+    def __init__(self, shard_sizes: list[int], window: int) -> None:
+        self.sizes, self.window = list(shard_sizes), max(1, window)
+        self.starts = [0]
+        for size in self.sizes[:-1]:
+            self.starts.append(self.starts[-1] + size)
+
+    def _share(self, seed: int, rank: int, world: int) -> list[int]:
+        """The shards dealt to ``rank``: fixed for the run (by ``seed``), so its node caches only them."""
+        if len(self.sizes) < world:
+            raise ValueError(f"data.pack_order shards deals whole shards to ranks: the split has {len(self.sizes)} "
+                             f"shards for {world} ranks; pack with a smaller --shard-size or use pack_order samples")
+        dealt = torch.randperm(len(self.sizes), generator=torch.Generator().manual_seed(seed)).tolist()
+        return dealt[rank::world]
+
+    def per_rank(self, world: int, seed: int = 0) -> int:
+        """Samples per rank: the largest share (every rank hands out as many batches)."""
+        if world == 1:
+            return sum(self.sizes)
+        return max(sum(self.sizes[s] for s in self._share(seed, rank, world)) for rank in range(world))
+
+    def order(self, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed + epoch)
+        mine = self._share(seed, rank, world)
+        mine = [mine[i] for i in torch.randperm(len(mine), generator=generator).tolist()]
+        parts = []
+        for first in range(0, len(mine), self.window):
+            indices = torch.cat([torch.arange(self.starts[s], self.starts[s] + self.sizes[s])
+                                 for s in mine[first:first + self.window]])
+            parts.append(indices[torch.randperm(len(indices), generator=generator)])
+        order = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        wanted = self.per_rank(world, seed)
+        if len(order) == 0 and wanted:
+            raise ValueError(f"rank {rank} was dealt only empty shards (every sample of them skipped at packing)")
+        while len(order) < wanted:  # topped up from this rank's own shards: no other node's shard is read
+            order = torch.cat([order, order[: wanted - len(order)]])
+        return order
 
 
 class EpochTagged:
@@ -115,9 +169,9 @@ class ResumableLoader:
     """
 
     def __init__(self, dataset: MultimodalDataset, collator: Collator, batch_size: int, shuffle: bool,
-                 num_workers: int, seed: int) -> None:
+                 num_workers: int, seed: int, shards: ShardOrder | None = None) -> None:
         self.dataset = dataset
-        self.sampler = EpochBatches(len(dataset), batch_size, shuffle, seed)
+        self.sampler = EpochBatches(len(dataset), batch_size, shuffle, seed, shards)
         self.batch_sampler = None  # read by Lightning beside .sampler, as on a DataLoader
         self._position = (0, 0)
         self._generator = torch.Generator()  # the DataLoader's base seed: never drawn from the global one
