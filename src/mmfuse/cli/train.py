@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from mmfuse.cli.app import app, console, err_console, friendly_errors, metrics_table
+from mmfuse.cli.train_run import report_interrupt, train_on_ray
 from mmfuse.core.errors import MMFuseError
 
 
@@ -40,6 +40,15 @@ def train(
     check_sources: Annotated[bool, typer.Option(
         "--check-sources", help="With --pack: also check the pack against the manifests and raw files it was "
         "made from (data.check_sources).")] = False,
+    ray_workers: Annotated[int | None, typer.Option(
+        "--ray-workers", min=1, help="Run as this many DDP ranks on a Ray cluster (one actor per rank; the run "
+        "folder and data must be reachable from every node, e.g. a pack URL).")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="With --ray-workers: the cluster (host:port or auto); default: a new local one.")] = None,
+    ray_gpus: Annotated[float, typer.Option("--ray-gpus-per-worker", min=0, help="With --ray-workers.")] = 0,
+    ray_placement: Annotated[str, typer.Option(
+        "--ray-placement", help="With --ray-workers: spread (ranks over nodes) or pack (fill a node first).",
+    )] = "spread",
 ) -> None:
     """Train a model from a config; saves it to OUTPUT_DIR/model.
 
@@ -75,13 +84,19 @@ def train(
         from mmfuse.engine.pack import ensure_pack
 
         ensure_pack(cfg, cfg.data.pack)
+    if ray_workers is not None:
+        args = [str(config_path), *[a for s in set_ or [] for a in ("--set", s)], *(["--pack", pack] if pack else []),
+                *(["--check-sources"] if check_sources else []), *(["--overwrite"] if overwrite else []),
+                "--out", str(cfg.trainer.output_dir), *(["--resume"] if resume else [])]
+        train_on_ray(args, ray_workers, ray_address, ray_gpus, ray_placement)
+        return
     resume_command = shlex.join(["mmfuse", "train", str(config_path), *[a for s in set_ or [] for a in ("--set", s)],
                                  *(["--pack", pack] if pack else []), *(["--check-sources"] if check_sources else []),
                                  "--resume", str(cfg.trainer.output_dir)])
     try:
         result = run_training(cfg, resume=resume)
     except (SignalInterrupt, KeyboardInterrupt) as stop:
-        _report_interrupt(stop, cfg.trainer.output_dir, resume_command)
+        report_interrupt(stop, cfg.trainer.output_dir, resume_command)
     if not result.is_global_zero:  # the other ranks of a DDP run: rank 0 reports for all
         return
     console.print(metrics_table("validation", result.val_metrics))
@@ -100,33 +115,6 @@ def train(
     resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
     console.print(f"model saved to [bold]{result.model_dir}[/] ({result.params:,} parameters, "
                   f"{result.train_seconds:.1f} s training{resumed})")
-
-
-def _report_interrupt(stop: BaseException, output_dir: Path, resume_command: str) -> NoReturn:
-    """One line: what stopped the run, whether it can resume and the exact command; exit 128 + signal."""
-    from mmfuse.core.distributed import is_rank_zero
-    from mmfuse.engine.checkpoint_io import read_checkpoint
-    from mmfuse.engine.interrupts import SignalInterrupt, signal_name
-    from mmfuse.engine.resume import checkpoint_position, last_checkpoint
-
-    signum = stop.signum if isinstance(stop, SignalInterrupt) else signal.SIGINT
-    path = last_checkpoint(output_dir)
-    if isinstance(stop, SignalInterrupt) and stop.checkpoint is not None:
-        line = (f"{signal_name(signum)}: stopped at global step {stop.step} (epoch {(stop.epoch or 0) + 1}); "
-                f"a resumable checkpoint was saved to {stop.checkpoint}; resume with: {resume_command}")
-    elif path.is_file():
-        try:
-            epoch, step = checkpoint_position(read_checkpoint(path))
-            at = f" (global step {step}, epoch {epoch + 1})"
-        except Exception:  # unreadable: --resume will say why
-            at = ""
-        line = (f"{signal_name(signum)}: stopped without a new checkpoint; the last resumable checkpoint is "
-                f"{path}{at}; resume with: {resume_command}")
-    else:
-        line = f"{signal_name(signum)}: stopped before any checkpoint was written; nothing to resume"
-    if is_rank_zero():  # every DDP rank stops together; one line says so
-        err_console.print(f"[bold yellow]interrupted:[/] {line}", highlight=False, soft_wrap=True)
-    raise typer.Exit(128 + signum)
 
 
 def _output_file(path: Path | None, option: str) -> Path | None:
