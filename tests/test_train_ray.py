@@ -56,7 +56,8 @@ def test_a_failing_rank_ends_the_launch_with_its_last_line(cluster: str, synth_m
     config = write_config(synth_manifest, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(Path(mmfuse.__file__).parents[1])}
     failed = subprocess.run([sys.executable, "-m", "mmfuse.cli", "train", str(config), "--out", str(tmp_path / "r"),
-                             "--ray-workers", "2", "--ray-address", cluster, "--set", f"data.manifest={tmp_path / 'nope.jsonl'}"],
+                             "--ray-workers", "2", "--ray-address", cluster,
+                             "--set", f"data.manifest={tmp_path / 'nope.jsonl'}"],
                             capture_output=True, text=True, timeout=300, env=env)
     assert failed.returncode == 1
     said = "".join(failed.stdout.split() + failed.stderr.split())  # rich wraps anywhere
