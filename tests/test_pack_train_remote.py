@@ -175,3 +175,28 @@ def test_pack_order_shards_from_s3_equals_the_same_order_from_the_local_pack(
                                      "--set", "data.pack_order=shards", "--set", "trainer.max_epochs=2"])
         assert result.exit_code == 0, result.output
     assert_same_result(runs["s3"], runs["local"])
+
+
+def test_a_damaged_cached_shard_is_downloaded_again(config: Path, packed: tuple[Path, str]) -> None:
+    local_dir, url = packed
+    train = open_pack(load_config(config), url).datasets["train"]
+    first = train[0]
+    cache = PackCache(url, read_state(url)[1])
+    cached = cache.folder / "train-00000.tar"
+    data = bytearray(cached.read_bytes())
+    data[700] ^= 0x01  # same size; a later reader must not trust it
+    cached.write_bytes(bytes(data))
+    again = open_pack(load_config(config), url).datasets["train"][0]
+    assert again.id == first.id and cached.read_bytes() == (local_dir / "train-00000.tar").read_bytes()
+
+
+def test_an_index_that_disagrees_with_pack_json_is_refused(config: Path, packed: tuple[Path, str],
+                                                           bucket: Any) -> None:
+    state = json.loads((packed[0] / "pack.json").read_text())
+    state["shard_sha256"]["train-00001.tar"] = "0" * 64
+    for path in packed[0].iterdir():
+        if path.is_file() and path.name != "pack.json" and not path.name.startswith("."):
+            bucket.upload_file(str(path), BUCKET, f"rewritten/{path.name}")
+    bucket.put_object(Bucket=BUCKET, Key="rewritten/pack.json", Body=json.dumps(state).encode())
+    with pytest.raises(DataError, match=r"train-00001\.tar\.index\.json records another shard digest than .*pack"):
+        open_pack(load_config(config), f"s3://{BUCKET}/rewritten")
