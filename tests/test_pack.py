@@ -92,7 +92,9 @@ def test_pack_trains_and_evaluates_as_the_per_sample_path(synth_manifest: Path, 
 
 
 def test_shards_are_webdataset_tars_of_npy_and_json_only(synth_manifest: Path, tmp_path: Path) -> None:
+    """Members are .npy (compact ones zstd-compressed: .npy.zst, what `zstd -d` reads) and JSON."""
     import webdataset as wds
+    import zstandard
 
     pack_data(pack_config(synth_manifest, tmp_path / "run"), tmp_path / "pack", workers=1, shard_size=64)
     shard = tmp_path / "pack" / "train-00000.tar"
@@ -101,8 +103,10 @@ def test_shards_are_webdataset_tars_of_npy_and_json_only(synth_manifest: Path, t
         assert members and all(m.isfile() for m in members)
         for member in members:
             data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            assert member.name.endswith((".npy", ".json")), member.name
-            if member.name.endswith(".npy"):
+            assert member.name.endswith((".npy", ".npy.zst", ".json")), member.name
+            if member.name.endswith(".zst"):
+                data = zstandard.ZstdDecompressor().decompress(data)
+            if member.name.endswith((".npy", ".npy.zst")):
                 array = np.load(io.BytesIO(data), allow_pickle=False)  # raises on any pickled object
                 assert array.dtype != object
             else:

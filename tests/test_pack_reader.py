@@ -94,10 +94,10 @@ def test_a_damaged_span_names_where(tmp_path) -> None:
     path = tmp_path / "shard.tar"
     (start, end), *_ = write_shard(path, _samples(), first_key=0)
     raw = bytearray(path.read_bytes()[start:end])
-    raw[10] ^= 0xFF  # inside the first header's name: its checksum no longer matches
+    raw[101] ^= 0x01  # inside the first header's mode field: its checksum no longer matches
     with pytest.raises(DataError, match=r"shard\.tar sample 0: corrupt sample in the pack.*checksum"):
         decode_sample(bytes(raw), "shard.tar sample 0")
-    # each member: PAX header + its record block + ustar header + data block (2048 bytes here)
+    # each member: a ustar header block + its data block (1024 bytes here)
     with pytest.raises(DataError, match="runs past the end"):
         decode_sample(path.read_bytes()[start:end - 512 + 50], "cut")  # the last array's bytes cut
     with pytest.raises(DataError, match="cut short"):

@@ -31,9 +31,15 @@ import torch
 
 from mmfuse.core.errors import DataError
 from mmfuse.data.dataset import Sample
+from mmfuse.data.pack_compact import Compactor, decompress, restore
+from mmfuse.data.pack_tar import BLOCK, span_layout, span_members
 
-FORMAT = "mmfuse-pack-v1"
+FORMAT = "mmfuse-pack-v2"
+READABLE_FORMATS = ("mmfuse-pack-v1", FORMAT)
+"""v2 adds compact members (``mmfuse.data.pack_compact``); a v1 pack (plain ``.npy`` members) reads as before."""
 INDEX_SUFFIX = ".index.json"
+__all__ = ["BLOCK", "FORMAT", "INDEX_SUFFIX", "READABLE_FORMATS", "ShardIndex", "decode_sample", "sample_members",
+           "shard_layouts", "span_layout", "span_members", "write_shard"]
 _DTYPES = {"bool", "int64", "int32", "float32", "float64", "float16", "uint8", "int16"}
 
 
@@ -164,8 +170,8 @@ Layout = tuple[tuple[str, int, int], ...]
 """One sample's members: (name after the key, data offset within the sample's span, size in bytes)."""
 
 
-def _npy(tensor: torch.Tensor) -> bytes:
-    array = tensor.detach().cpu().numpy()
+def _npy(tensor: torch.Tensor | np.ndarray) -> bytes:
+    array = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else tensor
     if str(array.dtype) not in _DTYPES:
         raise DataError(f"cannot pack a tensor of dtype {array.dtype}")
     buffer = io.BytesIO()
@@ -173,27 +179,43 @@ def _npy(tensor: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def sample_members(key: str, sample: Sample) -> dict[str, Any]:
-    """One sample as WebDataset members: the ``__key__``, a JSON header and one ``.npy`` per tensor."""
-    header = {"id": sample.id, "target": sample.target is not None,
-              "inputs": {m: None if v is None else sorted(v) for m, v in sorted(sample.inputs.items())}}
-    members: dict[str, Any] = {"__key__": key, "json": json.dumps(header, sort_keys=True).encode()}
-    for modality, tensors in sample.inputs.items():
-        for name, tensor in (tensors or {}).items():
-            members[f"{modality}.{name}.npy"] = _npy(tensor)
-    if sample.target is not None:
-        members["target.npy"] = _npy(sample.target)
+def sample_members(key: str, sample: Sample, compactor: Compactor | None = None) -> dict[str, Any]:
+    """One sample as WebDataset members: the ``__key__``, a JSON header and one ``.npy`` per tensor (with a
+    ``compactor``, stored compactly where that is exact: ``mmfuse.data.pack_compact``)."""
+    header: dict[str, Any] = {"id": sample.id, "target": sample.target is not None,
+                              "inputs": {m: None if v is None else sorted(v) for m, v in sorted(sample.inputs.items())}}
+    members: dict[str, Any] = {"__key__": key}
+    tensors = [(f"{m}.{n}", t) for m, named in sample.inputs.items() for n, t in (named or {}).items()]
+    tensors += [("target", sample.target)] if sample.target is not None else []
+    stored: dict[str, Any] = {}
+    for name, tensor in tensors:
+        if compactor is None:
+            members[f"{name}.npy"] = _npy(tensor)
+            continue
+        array, spec = compactor.narrow(tensor.detach().cpu().numpy())
+        if spec is not None:
+            stored[name] = spec
+        npy = _npy(array)
+        packed = compactor.compress(npy)
+        members[f"{name}.npy" if packed is None else f"{name}.npy.zst"] = npy if packed is None else packed
+    if stored:
+        header["stored"] = stored
+    members["json"] = json.dumps(header, sort_keys=True).encode()
     return members
 
 
-def write_shard(path: Path, samples: list[Sample], first_key: int) -> list[tuple[int, int]]:
-    """Writes ``samples`` as one tar at ``path`` (keys from ``first_key``); returns each sample's byte span."""
+def write_shard(path: Path, samples: list[Sample], first_key: int,
+                compactor: Compactor | None = None) -> list[tuple[int, int]]:
+    """Writes ``samples`` as one tar at ``path`` (keys from ``first_key``; members compact with a
+    ``compactor``); returns each sample's byte span."""
     import webdataset as wds
 
-    with open(path, "wb") as handle, wds.TarWriter(handle, encoder=False, mtime=0.0, user="mmfuse",
+    # mtime 0 as an int: a float (0.0) made tarfile add a 1 KiB PAX header to every member ("mtime=0.0"),
+    # two thirds of a member's header bytes and a third of a compact shard.
+    with open(path, "wb") as handle, wds.TarWriter(handle, encoder=False, mtime=0, user="mmfuse",
                                                    group="mmfuse", mode=0o444) as writer:
         for offset, sample in enumerate(samples):
-            writer.write(sample_members(f"{first_key + offset:010d}", sample))
+            writer.write(sample_members(f"{first_key + offset:010d}", sample, compactor))
     return _spans(path)
 
 
@@ -236,102 +258,16 @@ def decode_sample(data: bytes | bytearray, where: str, layout: Layout | None = N
     return sample_from_members(members, where)
 
 
-def span_members(data: bytes | bytearray) -> list[tuple[str, memoryview]]:
-    """(name, content) of the regular files in a run of tar blocks: one sample's span of a shard."""
-    view = memoryview(data)
-    return [(name, view[offset:offset + size]) for name, offset, size in span_layout(data)]
-
-
-def span_layout(data: bytes | bytearray) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of the regular files in a run of tar blocks: one sample's span of a shard.
-
-    Why not ``tarfile``: opening a ``TarFile`` per sample and its generic member handling took 60% of
-    the time of reading a pack (measured: 1.3 s of 2.1 s for 1,600 samples); a span holds a handful
-    of members that our own writer made (POSIX ustar headers, each with a PAX header carrying the
-    path), so this reads exactly that format: header checksums verified, PAX ``path`` records and
-    GNU long names honoured, anything else refused (ValueError).
-    """
-    members: list[tuple[str, int, int]] = []
-    view = memoryview(data)
-    offset, long_name = 0, None
-    headers: list[int] = []
-    checksums: list[int] = []
-    while offset + _BLOCK <= len(data):
-        header = bytes(view[offset:offset + _BLOCK])
-        if header == _ZERO_BLOCK:
-            break
-        headers.append(offset)
-        checksums.append(int(header[148:156].strip(b"\0 ") or b"0", 8))
-        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        kind = header[156:157]
-        start = offset + _BLOCK
-        body = view[start:start + size]
-        if len(body) != size:
-            raise ValueError(f"member at byte {offset} runs past the end of the sample")
-        offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
-        if kind == b"x":  # PAX extended header: applies to the next member
-            long_name = _pax_path(bytes(body)) or long_name
-        elif kind == b"L":  # GNU long name
-            long_name = bytes(body).rstrip(b"\0").decode()
-        elif kind in (b"0", b"\0"):
-            name = long_name or _ustar_name(header)
-            members.append((name, start, size))
-            long_name = None
-        elif kind != b"g":
-            raise ValueError(f"unexpected tar member type {kind!r} at byte {offset}")
-    if offset < len(data) and view[offset:] != bytes(len(data) - offset):
-        raise ValueError(f"{len(data) - offset} bytes after the last whole member: the sample is cut short")
-    _check_sums(data, headers, checksums)
-    return members
-
-
-def _check_sums(data: bytes | bytearray, offsets: list[int], checksums: list[int]) -> None:
-    """Each header's checksum (the sum of its bytes, its checksum field counted as spaces). A span is whole
-    512-byte blocks, so all its blocks are summed in one numpy call: header by header in Python took a
-    fifth of the time of reading a sample."""
-    if len(data) % _BLOCK:
-        sums = [sum(data[o:o + _BLOCK]) - sum(data[o + 148:o + 156]) + 256 for o in offsets]
-    else:
-        blocks = np.frombuffer(data, dtype=np.uint8).reshape(-1, _BLOCK)
-        rows = np.asarray(offsets) // _BLOCK
-        sums = (blocks.sum(axis=1, dtype=np.int64)[rows] - blocks[rows, 148:156].sum(axis=1, dtype=np.int64)
-                + 256).tolist()
-    for offset, got, want in zip(offsets, sums, checksums, strict=True):
-        if got != want:
-            raise ValueError(f"bad tar header checksum at byte {offset}")
-
-
-BLOCK = _BLOCK = tarfile.BLOCKSIZE
-_ZERO_BLOCK = bytes(_BLOCK)
-
-
-def _ustar_name(header: bytes) -> str:
-    name = header[0:100].split(b"\0", 1)[0].decode()
-    prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
-    return f"{prefix}/{name}" if prefix else name
-
-
-def _pax_path(body: bytes) -> str | None:
-    """The ``path`` record of a PAX header ("<length> path=<value>\\n" records)."""
-    position = 0
-    while position < len(body):
-        space = body.index(b" ", position)
-        length = int(body[position:space])
-        key, _, value = body[space + 1:position + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode()
-        position += length
-    return None
-
-
 def sample_from_members(members: dict[str, Any], where: str) -> Sample:
     """One sample's members (name after the key -> bytes, as WebDataset yields them) -> ``Sample``."""
     try:
         header = json.loads(bytes(members["json"]))
+        stored = header.get("stored") or {}
         inputs: dict[str, dict[str, torch.Tensor] | None] = {}
         for modality, names in header["inputs"].items():
-            inputs[modality] = None if names is None else {n: _load(members[f"{modality}.{n}.npy"]) for n in names}
-        target = _load(members["target.npy"]) if header["target"] else None
+            inputs[modality] = None if names is None else {n: _member(members, f"{modality}.{n}", stored)
+                                                           for n in names}
+        target = _member(members, "target", stored) if header["target"] else None
         sample_id = str(header["id"])
     except (KeyError, ValueError, TypeError, EOFError, IndexError, AttributeError, OverflowError) as exc:
         # Found by fuzzing (tests/test_fuzz_files.py): a header that is not an object (AttributeError),
@@ -341,7 +277,18 @@ def sample_from_members(members: dict[str, Any], where: str) -> Sample:
     return Sample(sample_id, inputs, target)
 
 
-def _load(data: bytes | memoryview) -> torch.Tensor:
+def _member(members: dict[str, Any], name: str, stored: dict[str, Any]) -> torch.Tensor:
+    """The tensor of member ``name``: a plain ``.npy``, or a compact one read back (``pack_compact``)."""
+    if f"{name}.npy" in members:
+        tensor = _load(members[f"{name}.npy"])
+    else:
+        tensor = _load(bytearray(decompress(members[f"{name}.npy.zst"])))
+    if name in stored:
+        tensor = torch.from_numpy(restore(tensor.numpy(), stored[name]))  # a new array (astype, arithmetic)
+    return tensor
+
+
+def _load(data: bytes | bytearray | memoryview) -> torch.Tensor:
     """One ``.npy`` member -> a tensor, its header parsed once per distinct header.
 
     ``np.load`` parses every header with ``ast.literal_eval`` (40% of reading a pack's arrays); the

@@ -47,6 +47,7 @@ from mmfuse.core.folder_lock import folder_lock
 from mmfuse.core.locations import is_url
 from mmfuse.data.dataset import Sample, SkipReport, build_sample
 from mmfuse.data.manifest import Record
+from mmfuse.data.pack_compact import compactor_for
 from mmfuse.data.pack_format import (
     FORMAT,
     INDEX_SUFFIX,
@@ -139,7 +140,7 @@ def _pack_shard(shard: _Shard) -> tuple[str, int, int]:
             report.add(record, str(exc))
     path = folder / shard.name
     with atomic_file(path) as tmp:
-        spans = write_shard(tmp, samples, shard.first_key)
+        spans = write_shard(tmp, samples, shard.first_key, compactor_for(preprocessor))
         size = tmp.stat().st_size
         layouts = shard_layouts(tmp, spans)
         sha256, members = shard_digests(tmp, spans, layouts)

@@ -15,7 +15,7 @@ from typing import Any
 from mmfuse.core.errors import DataError
 from mmfuse.data.dataset import MultimodalDataset, SkipReport
 from mmfuse.data.pack_dataset import PackDataset
-from mmfuse.data.pack_format import FORMAT, MAX_INDEX_BYTES, checked_shards
+from mmfuse.data.pack_format import FORMAT, MAX_INDEX_BYTES, READABLE_FORMATS, checked_shards
 from mmfuse.data.pack_stream import StreamedSplit, is_url, read_pack_state
 from mmfuse.engine.pack_open import shard_report
 from mmfuse.engine.pack_verify import PACK_FILE
@@ -50,7 +50,7 @@ def pack_split_for_model(model: MultimodalModel, location: str | Path, split: st
             raise DataError(f"{path}: unreadable ({exc})") from None
         if not isinstance(state, dict):
             raise DataError(f"{path}: unreadable (not a JSON object)")
-    if state.get("format") != FORMAT:
+    if state.get("format") not in READABLE_FORMATS:
         raise DataError(f"{where}: not a pack of this mmfuse (format {state.get('format')!r}, expected {FORMAT})")
     shards = checked_shards(state.get("shards", {}), f"{where}/{PACK_FILE}")
     if split not in shards:

@@ -34,7 +34,7 @@ from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.identity import file_digest, stat_stamp
 from mmfuse.data.manifest import Record
 from mmfuse.data.memory import preprocessing_identity, referenced_files
-from mmfuse.data.pack_format import FORMAT
+from mmfuse.data.pack_format import FORMAT, READABLE_FORMATS
 from mmfuse.data.preprocess import Preprocessor
 
 FILES_FILE = "files.json"
@@ -165,7 +165,10 @@ def portable_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     """What differs in the parts of the fingerprint that a pack carries wherever it goes (preprocessing,
     task, format, preprocessing version): the check every training start makes, raw files or not."""
     keys = ("format", "preprocessing", "task", "version")
-    return differences({k: saved.get(k) for k in keys if k in saved}, {k: current[k] for k in keys}, [])
+    readable = {k: saved.get(k) for k in keys if k in saved}
+    if readable.get("format") in READABLE_FORMATS:  # an older layout of the same tensors reads as it is
+        readable["format"] = current["format"]
+    return differences(readable, {k: current[k] for k in keys}, [])
 
 
 def library_changes(saved: Any, current: dict[str, Any]) -> list[str]:
