@@ -192,12 +192,17 @@ def sample_members(key: str, sample: Sample, compactor: Compactor | None = None)
         if compactor is None:
             members[f"{name}.npy"] = _npy(tensor)
             continue
+        plain = _npy(tensor)
         array, spec = compactor.narrow(tensor.detach().cpu().numpy())
+        npy = plain if spec is None else _npy(array)
+        packed = compactor.compress(npy)
+        body = npy if packed is None else packed
+        if -(-len(body) // BLOCK) >= -(-len(plain) // BLOCK):  # tar pads to 512: no block saved, only decode time
+            members[f"{name}.npy"] = plain
+            continue
         if spec is not None:
             stored[name] = spec
-        npy = _npy(array)
-        packed = compactor.compress(npy)
-        members[f"{name}.npy" if packed is None else f"{name}.npy.zst"] = npy if packed is None else packed
+        members[f"{name}.npy" if packed is None else f"{name}.npy.zst"] = body
     if stored:
         header["stored"] = stored
     members["json"] = json.dumps(header, sort_keys=True).encode()
