@@ -14,9 +14,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
+from s3_helpers import moto_s3
 from test_pack import pack_config
 from typer.testing import CliRunner
 
@@ -60,17 +59,8 @@ def http_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[Any]:
     """An S3 API server (moto) on 127.0.0.1 with a bucket 'packs'; AWS_* point boto3 and s3fs at it."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-            env.setenv(key, value)
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="packs")
+    with moto_s3("packs") as client:
         yield client
-    server.stop()
 
 
 def _upload(client: Any, folder: Path, prefix: str) -> None:

@@ -12,12 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import test_resume
 import torch
 import yaml
-from moto.server import ThreadedMotoServer
+from s3_helpers import moto_s3
 from test_resume import assert_same_result, checkpoint_step, runner, start_slow_run, wait_for_checkpoint
 
 from mmfuse.cli import app
@@ -36,18 +35,8 @@ small_manifest, config = test_resume.small_manifest, test_resume.config  # its 4
 def bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """An S3 API server on 127.0.0.1 with one bucket; AWS_* point s3fs (and subprocesses) at it, and the
     cache home is a fresh folder so every test downloads what it reads."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-                           "MMFUSE_CACHE": str(tmp_path_factory.mktemp("cache-home"))}.items():
-            env.setenv(key, value)
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
+    with moto_s3(BUCKET, {"MMFUSE_CACHE": str(tmp_path_factory.mktemp("cache-home"))}) as client:
         yield client
-    server.stop()
 
 
 @pytest.fixture(scope="module")
