@@ -5,8 +5,12 @@ name beside its final path and renamed into place only when complete, so a crash
 Ctrl-C can never leave a half-written file that a later run would trust. Every writer in mmfuse
 goes through these helpers; none renames by hand.
 
-Temporary names carry the writer's process id, so the leftovers of a killed writer are recognised
-and removed by the next writer of the same path. What lands gets the permissions the user's umask
+Temporary names carry the writer's host name and process id (``.<name>.tmp-<pid>@<host>-<random>``),
+so the leftovers of a killed writer are recognised and removed by the next writer of the same path.
+Only this host's leftovers: on a disk that several machines share (NFS, Lustre: parts of one pack
+written from a SLURM array) a process id means nothing on another machine, and one machine must never
+delete another's file in flight. Names from before hosts were recorded (``.<name>.tmp-<pid>-<random>``)
+count as this host's, as they always did. What lands gets the permissions the user's umask
 gives a newly created file or folder (``mkstemp``/``mkdtemp`` alone would give 0600/0700).
 """
 
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,15 +47,39 @@ def _temp_prefix(final: Path) -> str:
     return f".{final.name}.tmp-"
 
 
+def host_tag() -> str:
+    """This machine's name as it appears in temporary names: no ``-`` or ``/`` (they delimit the name)."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+
+
+def _writer_tag() -> str:
+    """``<pid>@<host>-``: what a temporary's name says about the process writing it."""
+    return f"{os.getpid()}@{host_tag()}-"
+
+
+def _writer(name: str) -> tuple[int, str | None] | None:
+    """(pid, host) of a temporary's name after its prefix; host None for names from before hosts were
+    recorded; None when the name is not one of ours."""
+    head = name.split("-", 1)[0]
+    pid_text, at, host = head.partition("@")
+    if not pid_text.isdigit():
+        return None
+    return int(pid_text), (host if at else None)
+
+
 def remove_stale_temporaries(final: Path) -> list[Path]:
-    """Deletes temporaries of ``final`` left by writers that no longer run; returns what it removed."""
+    """Deletes temporaries of ``final`` left by writers on this host that no longer run; returns what it
+    removed. Another host's temporaries are never touched (see the module docstring)."""
     removed: list[Path] = []
     prefix = _temp_prefix(final)
     if not final.parent.is_dir():
         return removed
+    here = host_tag()
     for leftover in final.parent.glob(f"{prefix}*"):
-        pid_text = leftover.name[len(prefix):].split("-", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+        writer = _writer(leftover.name[len(prefix):])
+        if writer is None or writer[1] not in (None, here):  # another machine's: its pid says nothing here
+            continue
+        if writer[0] == os.getpid() or _pid_alive(writer[0]):
             continue
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -73,7 +103,7 @@ def atomic_file(final: Path | str) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
-    fd, name = tempfile.mkstemp(prefix=f"{_temp_prefix(final)}{os.getpid()}-", dir=final.parent)
+    fd, name = tempfile.mkstemp(prefix=f"{_temp_prefix(final)}{_writer_tag()}", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -102,14 +132,14 @@ def staged_folder(final: Path, keep_existing: bool = False) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(final)}{os.getpid()}-", dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(final)}{_writer_tag()}", dir=final.parent))
     try:
         yield staging
         _apply_umask(staging, is_dir=True)
         if final.exists() and keep_existing:
             return
         if final.exists():
-            backup = final.with_name(f"{_temp_prefix(final)}{os.getpid()}-old")
+            backup = final.with_name(f"{_temp_prefix(final)}{_writer_tag()}old")
             shutil.rmtree(backup, ignore_errors=True)
             os.replace(final, backup)
             os.replace(staging, final)

@@ -12,6 +12,11 @@ is (pid, host, command, start time) into the file for the refusal message and em
 done; the empty file stays behind (removing it would race with a process opening it). On network
 file systems without working locks (some NFS setups) filelock falls back to its own marker, which
 still refuses a second writer on the same machine.
+
+Parts of one pack (``mmfuse data pack --shard-index I --shard-count N``) write one folder at once, so
+each holds a lock of its own (``.mmfuse.part-I-of-N.lock``, ``folder_lock(..., name=...)``) instead of
+the folder's; whoever needs the folder alone (finalizing, a whole pack) takes the folder's lock and
+then asks ``lock_holder`` whether any part's is held, and a part asks the same of the folder's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ from filelock import FileLock, Timeout
 from mmfuse.core.errors import MMFuseError
 
 LOCK_FILE = ".mmfuse.lock"
+PART_LOCKS = ".mmfuse.part-*.lock"
+
+
+def part_lock_name(index: int, count: int) -> str:
+    """The lock file of part ``index`` of ``count`` of a pack written in parts."""
+    return f".mmfuse.part-{index}-of-{count}.lock"
 
 
 class FolderBusy(MMFuseError):
@@ -46,13 +57,13 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, what: str) -> Iterator[None]:
-    """Holds ``folder``'s lock while the block runs (``what``: the work, for the refusal message).
-    Re-entrant within a process (a train that packs its data first takes both locks)."""
+def folder_lock(folder: Path, what: str, name: str = LOCK_FILE) -> Iterator[None]:
+    """Holds ``folder``'s lock (or the lock file ``name`` in it) while the block runs (``what``: the work,
+    for the refusal message). Re-entrant within a process (a train that packs its data first takes both)."""
     if folder.exists() and not folder.is_dir():
         raise MMFuseError(f"{folder} is a file, not a folder ({what} needs a folder)")
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_FILE
+    path = folder / name
     lock = FileLock(path, timeout=0, is_singleton=True, on_acquired=_write_owner)
     try:
         lock.acquire()
@@ -66,6 +77,31 @@ def folder_lock(folder: Path, what: str) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 os.truncate(path, 0)
         lock.release()
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the lock file ``path`` in another process, in words; None when no one does. Found by trying
+    it (and letting go at once), so a holder killed with kill -9 holds nothing."""
+    if not path.is_file():
+        return None
+    probe = FileLock(path, timeout=0, is_singleton=False)
+    try:
+        probe.acquire()
+    except Timeout:
+        return _holder(path)
+    probe.release()
+    return None
+
+
+def held_parts(folder: Path) -> list[str]:
+    """The parts writing ``folder`` now (``part I of N: holder``), from their locks."""
+    held = []
+    for path in sorted(folder.glob(PART_LOCKS)) if folder.is_dir() else []:
+        holder = lock_holder(path)
+        if holder is not None:
+            part = path.name.removeprefix(".mmfuse.part-").removesuffix(".lock").replace("-of-", " of ")
+            held.append(f"part {part}: {holder}")
+    return held
 
 
 def _write_owner(fd: int) -> None:
