@@ -27,7 +27,11 @@ def local_ray_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[str]:
     saved = {key: os.environ.get(key) for key in LOOPBACK_ENV}
     os.environ.update(LOOPBACK_ENV)
     from ray._common.utils import get_default_ray_temp_dir
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
+
+    enabled = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read from the variable at import: Ray may be imported already
 
     os.makedirs(get_default_ray_temp_dir(), exist_ok=True)  # where Ray notes the newest cluster's address
     temp = tempfile.mkdtemp(prefix="/tmp/mray-")  # short: Ray's socket paths must fit in 107 bytes
@@ -44,6 +48,7 @@ def local_ray_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[str]:
     finally:
         cluster.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+        ray_constants.ENABLE_RAY_CLUSTER = enabled
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

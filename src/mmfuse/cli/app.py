@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mmfuse.core.errors import MMFuseError
@@ -39,12 +40,12 @@ def friendly_errors(command: F) -> F:
         except MMFuseError as exc:
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except SignalInterrupt as stop:
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold yellow]interrupted:[/] {stop}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold yellow]interrupted:[/] {escape(str(stop))}", highlight=False, soft_wrap=True)
             raise typer.Exit(stop.exit_code) from None
 
     return wrapper  # type: ignore[return-value]

@@ -127,23 +127,29 @@ def data_avmnist_arith(
 @friendly_errors
 def data_pack(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML whose data to pack.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Pack folder.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Pack folder, or a URL (s3://bucket/prefix...).")],
     workers: Annotated[int | None, typer.Option(help="Preprocessing processes (default: the cores).", min=1)] = None,
     shard_size: Annotated[int, typer.Option(help="Samples per shard.", min=1)] = 1000,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Replace a finished pack (or one of other data).")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set data.on_error=skip")] = None,
+    shard_index: Annotated[int | None, typer.Option(help="Pack only part I of --shard-count (0-based).", min=0)] = None,
+    shard_count: Annotated[int | None, typer.Option(help="Parts the shard plan is split into.", min=1)] = None,
+    finalize: Annotated[bool, typer.Option("--finalize", help="Write pack.json once every part is packed.")] = False,
+    engine: Annotated[str, typer.Option(help="local (a process pool) or ray (Ray Data tasks).")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
 ) -> None:
     """Preprocess every split once, in parallel, into WebDataset shards that training streams (data.pack).
 
     Fits vocabulary and labels on train as training does; a killed pack continues where it stopped
-    when run again; a finished pack is kept unless --rebuild.
+    when run again; a finished pack is kept unless --rebuild. Many machines pack one folder with
+    --shard-index/--shard-count, then --finalize; --engine ray packs on a Ray cluster.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mmfuse.config import load_config
-    from mmfuse.engine.pack import pack_data
 
     cfg = load_config(config, list(set_ or []))
+    part = _part(shard_index, shard_count, finalize, engine, rebuild)
     columns = (TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TimeRemainingColumn())
     started = time.perf_counter()
@@ -158,20 +164,75 @@ def data_pack(
             rate = f"{(done - first[0]) / seconds:,.0f} samples/s" if done > first[0] and seconds > 0 else ""
             bar.update(task, completed=done, total=total, rate=rate)
 
-        result = pack_data(cfg, out, workers=workers, rebuild=rebuild, shard_size=shard_size, progress=progress)
+        result = _pack(cfg, out, workers, rebuild, shard_size, progress, part, finalize, engine, address)
     counts = ", ".join(f"{split} {n}" for split, n in sorted(result.counts.items()))
     for message in result.messages:
         console.print(f"[yellow]{message}[/]", highlight=False, soft_wrap=True)
     if result.already_packed:
+        checked = "listed in its pack.json" if "://" in out else "verified whole"
         console.print(f"[bold]{out}[/] is already a pack of this data ({counts}); its {result.shards_kept} shards "
-                      "verified whole; --rebuild to redo it")
+                      f"{checked}; --rebuild to redo it")
+        return
+    if finalize:
+        console.print(f"finalized [bold]{out}[/]: {counts} samples in {result.shards_kept} shards")
         return
     kept = f", {result.shards_kept} kept" if result.shards_kept else ""
+    if part is not None:
+        console.print(f"packed part {part[0]} of {part[1]} ({counts} samples) into [bold]{out}[/] "
+                      f"({result.shards_written} shards written{kept}); `--finalize` once every part is done")
+        return
     console.print(f"packed {counts} samples into [bold]{out}[/] ({result.shards_written} shards written{kept}) "
                   f"in {time.perf_counter() - started:.1f} s")
     for split, reasons in result.skipped.items():
         for reason, count in reasons.items():
             console.print(f"[yellow]skipped {count} sample(s) in {split}:[/] {reason}", highlight=False)
+
+
+def _part(index: int | None, count: int | None, finalize: bool, engine: str, rebuild: bool) -> tuple[int, int] | None:
+    """(index, count) of a pack in parts, after refusing options that do not go with it."""
+    from mmfuse.core.errors import ConfigError
+
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine must be local or ray, got '{engine}'")
+    if (index is None) != (count is None):
+        raise ConfigError("--shard-index and --shard-count go together")
+    if (index is not None or finalize) and (engine != "local" or rebuild):
+        raise ConfigError("a pack in parts (--shard-index/--shard-count, --finalize) uses the local engine and "
+                          "never --rebuild (a part must not delete other parts' shards)")
+    if index is not None and finalize:
+        raise ConfigError("--finalize runs after the parts, without --shard-index/--shard-count")
+    return None if index is None or count is None else (index, count)
+
+
+def _pack(cfg: Any, out: str, workers: int | None, rebuild: bool, shard_size: int, progress: Any,
+          part: tuple[int, int] | None, finalize: bool, engine: str, address: str | None) -> Any:
+    """The one packing call the options ask for: a URL, a part, the finalize, or a whole local or Ray pack."""
+    from mmfuse.core.errors import ConfigError
+    from mmfuse.core.locations import is_url
+    from mmfuse.engine.pack import pack_data
+    from mmfuse.engine.pack_parts import finalize_pack, pack_part
+
+    if is_url(out):
+        from mmfuse.engine.pack_upload import pack_to_url
+
+        if part is not None or finalize:
+            raise ConfigError("a pack in parts is written to a shared folder (--out DIR), not a URL: finalize it, "
+                              "then copy it (aws s3 sync) or pack the URL in one command (--engine ray for a cluster)")
+        ray = None
+        if engine == "ray":
+            from mmfuse.engine.pack_ray import ray_runner
+
+            ray = lambda url: ray_runner(address, upload=url)  # noqa: E731
+        return pack_to_url(cfg, out, workers, rebuild, shard_size, progress, ray)
+    if part is not None:
+        return pack_part(cfg, Path(out), part[0], part[1], workers, shard_size, progress)
+    if finalize:
+        return finalize_pack(cfg, Path(out), shard_size)
+    if engine == "ray":
+        from mmfuse.engine.pack_ray import ray_runner
+
+        return pack_data(cfg, Path(out), workers, rebuild, shard_size, progress, runner=ray_runner(address))
+    return pack_data(cfg, Path(out), workers=workers, rebuild=rebuild, shard_size=shard_size, progress=progress)
 
 
 @data_app.command("verify")

@@ -43,7 +43,7 @@ import torch
 from mmfuse.config import ExperimentConfig
 from mmfuse.core.atomic import atomic_file, write_text_atomic
 from mmfuse.core.errors import ConfigError, DataError
-from mmfuse.core.folder_lock import folder_lock
+from mmfuse.core.folder_lock import folder_lock, held_parts
 from mmfuse.core.locations import is_url
 from mmfuse.data.dataset import Sample, SkipReport, build_sample
 from mmfuse.data.manifest import Record
@@ -163,29 +163,49 @@ def _clear(folder: Path) -> None:
 
 Progress = Callable[[int, int], None]
 """Called with (samples done, samples in all) as shards finish."""
+Context = tuple[Preprocessor, Task, str, Path]
+"""What packing a shard needs: the fitted preprocessor and task, ``data.on_error`` and the folder."""
+Runner = Callable[[list[_Shard], Context, int, Callable[[int], None], int], None]
+"""Packs a list of shards of the plan (``_run``: the local pool; ``mmfuse.engine.pack_ray``: Ray tasks)."""
 
 
 def pack_data(config: ExperimentConfig, folder: Path, workers: int | None = None, rebuild: bool = False,
-              shard_size: int = DEFAULT_SHARD_SIZE, progress: Progress | None = None) -> PackResult:
+              shard_size: int = DEFAULT_SHARD_SIZE, progress: Progress | None = None,
+              runner: Runner | None = None) -> PackResult:
     """Packs the config's data into ``folder`` (see the module docstring); ``workers`` defaults to the cores.
 
     A finished pack of the same data is verified shard by shard and only damaged shards are packed
     again (``PackResult.repaired``): the result hashes equal to a pack written whole. The folder is
-    locked for the duration: a second process packing into it is refused."""
-    if importlib.util.find_spec("webdataset") is None:  # before any work, not as a traceback in a worker
-        raise ConfigError("packing writes WebDataset shards and needs the pack extra: pip install 'mmfuse[pack]' "
-                          "(training from a finished pack does not)")
+    locked for the duration: a second process packing into it, or a part of a pack in parts writing it
+    (``mmfuse.engine.pack_parts``), is refused. ``runner`` packs the shards (default: the local pool)."""
+    check_pack_extra()
     folder = Path(folder)
     with folder_lock(folder, "packing"), raise_on_signals():
+        refuse_parts(folder, "packing")
         try:
-            return _pack_locked(config, folder, workers, rebuild, shard_size, progress)
+            return _pack_locked(config, folder, workers, rebuild, shard_size, progress, runner or _run)
         except SignalInterrupt as stop:
             raise SignalInterrupt(stop.signum, note=f"the finished shards in {folder} are kept: run the same "
                                   "`mmfuse data pack` command again to continue") from None
 
 
+def check_pack_extra() -> None:
+    """Refuses before any work (not as a traceback in a worker) when WebDataset is missing."""
+    if importlib.util.find_spec("webdataset") is None:
+        raise ConfigError("packing writes WebDataset shards and needs the pack extra: pip install 'mmfuse[pack]' "
+                          "(training from a finished pack does not)")
+
+
+def refuse_parts(folder: Path, what: str) -> None:
+    """Refuses ``what`` (a holder of the folder's lock) while parts of a pack in parts write ``folder``."""
+    parts = held_parts(folder)
+    if parts:
+        raise DataError(f"{folder} is being packed in parts ({'; '.join(parts)[:300]}); wait for them to finish "
+                        f"({what} refused)")
+
+
 def _pack_locked(config: ExperimentConfig, folder: Path, workers: int | None, rebuild: bool, shard_size: int,
-                 progress: Progress | None) -> PackResult:
+                 progress: Progress | None, runner: Runner) -> PackResult:
     splits = load_records(config)
     saved = read_json(folder / PACK_FILE)
     saved_files = load_files(folder)
@@ -196,7 +216,7 @@ def _pack_locked(config: ExperimentConfig, folder: Path, workers: int | None, re
         if diff:
             raise DataError(f"{folder} holds a pack of other data or preprocessing ({'; '.join(diff)}); "
                             "pass --rebuild to replace it")
-        repaired = _repair(config, folder, splits, saved, workers, progress)
+        repaired = _repair(config, folder, splits, saved, workers, progress, runner)
         if repaired is not None:
             return repaired
         rebuild = True  # a pack from before digests (or of another layout): written again whole
@@ -212,8 +232,8 @@ def _pack_locked(config: ExperimentConfig, folder: Path, workers: int | None, re
     done = total - sum(len(s.records) for s in todo)
     if progress:
         progress(done, total)
-    _run(todo, (preprocessor, task, config.data.on_error, folder), workers,
-         lambda n: progress(n, total) if progress else None, done)
+    runner(todo, (preprocessor, task, config.data.on_error, folder), workers,
+           lambda n: progress(n, total) if progress else None, done)
     return _finish(config, folder, plan, current, files, preprocessor, task, len(plan) - len(todo), len(todo),
                    shard_size)
 
@@ -224,7 +244,7 @@ def _plan(splits: dict[str, list[Record]], shard_size: int) -> list[_Shard]:
 
 
 def _repair(config: ExperimentConfig, folder: Path, splits: dict[str, list[Record]], saved: dict[str, Any],
-            workers: int, progress: Progress | None) -> PackResult | None:
+            workers: int, progress: Progress | None, runner: Runner) -> PackResult | None:
     """A finished pack of this data: every shard verified, the damaged ones packed again. None when the
     pack cannot be repaired in place (written before packs recorded their shard size and digests)."""
     shard_size = saved.get("shard_size")
@@ -247,8 +267,8 @@ def _repair(config: ExperimentConfig, folder: Path, splits: dict[str, list[Recor
     total = sum(len(s.records) for s in todo)
     if progress:
         progress(0, total)
-    _run(todo, (preprocessor, task, config.data.on_error, folder), workers,
-         lambda n: progress(n, total) if progress else None, 0)
+    runner(todo, (preprocessor, task, config.data.on_error, folder), workers,
+           lambda n: progress(n, total) if progress else None, 0)
     still = [why for s in todo if (why := shard_damage(folder, s.name)) is not None]
     if still:
         raise DataError(f"repacking did not give the shards their recorded content: {still[0]}; the input files "
@@ -257,9 +277,10 @@ def _repair(config: ExperimentConfig, folder: Path, splits: dict[str, list[Recor
     return result
 
 
-def _run(todo: list[_Shard], context: tuple[Preprocessor, Task, str, Path], workers: int,
-         report: Callable[[int], None], done: int) -> None:
-    """Packs the shards in ``todo``: in this process for one worker, else in a pool of forked ones."""
+def _run(todo: list[_Shard], context: Context, workers: int, report: Callable[[int], None], done: int,
+         job: Callable[[_Shard], object] = _pack_shard) -> None:
+    """Packs the shards in ``todo`` with ``job`` (default ``_pack_shard``; packing to a URL also uploads):
+    in this process for one worker, else in a pool of forked ones."""
     if workers <= 1 or len(todo) <= 1:
         global _WORKER
         previous, _WORKER = _WORKER, context
@@ -268,7 +289,7 @@ def _run(todo: list[_Shard], context: tuple[Preprocessor, Task, str, Path], work
         try:
             for shard in todo:
                 done += len(shard.records)
-                _pack_shard(shard)
+                job(shard)
                 report(done)
         finally:
             _WORKER = previous
@@ -279,7 +300,7 @@ def _run(todo: list[_Shard], context: tuple[Preprocessor, Task, str, Path], work
     pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("fork"),
                                initializer=_init_worker, initargs=context)
     try:
-        futures: dict[Future[tuple[str, int, int]], _Shard] = {pool.submit(_pack_shard, s): s for s in todo}
+        futures: dict[Future[object], _Shard] = {pool.submit(job, s): s for s in todo}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
