@@ -5,7 +5,8 @@ of 1 s) packed three ways: as packs were written before (v1: float32/int64 ``.np
 a PAX header), plain members without the PAX header, and compact (v2 default: uint8 pixels, narrow
 integers, zstd). Read throughput is shuffled epochs of train batches (the median of 7) through ``ResumableLoader``
 (batch 64, no loader workers, one torch thread), the training read path; the shards are hashed once
-before it (remembered), so it is the reading and decoding alone.
+before it (remembered), so it is the reading and decoding alone. Train throughput: 2 epochs of
+``mmfuse train`` from each pack (built-in encoders, one thread), samples per second of the training loop.
 
     PYTHONPATH=src python benchmarks/pack_compact.py --samples 3000
 """
@@ -21,6 +22,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import webdataset
@@ -29,6 +31,7 @@ from mmfuse.config import validate_config
 from mmfuse.data.dataset import Collator
 from mmfuse.datasets.synth import generate_synthetic
 from mmfuse.engine import pack as pack_module
+from mmfuse.engine.fit import train
 from mmfuse.engine.loader import ResumableLoader
 from mmfuse.engine.pack import pack_data
 from mmfuse.engine.pack_open import open_pack
@@ -54,22 +57,35 @@ def read_epochs(config: object, folder: Path, epochs: int) -> tuple[float, int]:
     return statistics.median(seconds), samples
 
 
+def train_rate(settings: dict[str, Any], folder: Path, out: Path, epochs: int, samples: int) -> float:
+    """Training samples per second of ``epochs`` epochs from the pack at ``folder`` (the loop's own time,
+    ``TrainResult.train_seconds``: reading, decoding, forward and backward and each epoch's validation;
+not the start or the final evaluation); ``samples``: the pack's training samples."""
+    config = validate_config({**settings, "data": {**settings["data"], "pack": str(folder)},
+                              "trainer": {"max_epochs": epochs, "patience": None, "output_dir": str(out),
+                                          "progress_bar": False, "threads": 1}})
+    result = train(config)
+    return epochs * samples / result.train_seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=7)
+    parser.add_argument("--train-epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pack_compact.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="pack-compact-"))
     os.environ["MMFUSE_CACHE"] = str(root / "cache")
     manifest = generate_synthetic(root / "data", n_samples=args.samples, seed=0, missing_rate=0.0)
-    config = validate_config({
+    settings: dict[str, Any] = {
         "seed": 0,
         "data": {"manifest": str(manifest), "text": {"max_length": 16}, "image": {"size": 64, "mode": "rgb"},
                  "audio": {"sample_rate": 16000, "n_mels": 64, "n_fft": 512, "hop_length": 128, "max_seconds": 1.0}},
         "encoders": {"text": {"name": "text_gru"}, "image": {"name": "image_cnn"}, "audio": {"name": "audio_cnn"}},
-        "trainer": {"output_dir": str(root / "run")}})
+        "trainer": {"output_dir": str(root / "run")}}
+    config = validate_config(settings)
     compactor_for, tar_writer = pack_module.compactor_for, webdataset.TarWriter
     rows = {}
     for name in ("v1 (before)", "plain, no PAX headers", "compact (v2 default)"):
@@ -87,7 +103,9 @@ def main() -> None:
         open_pack(config, folder)  # every shard hashed once, remembered
         seconds, samples = read_epochs(config, folder, args.epochs)
         rows[name] = {"pack_bytes": size, "bytes_per_sample": round(size / count), "pack_s": round(pack_seconds, 1),
-                      "read_samples_per_s": round(samples / seconds)}
+                      "read_samples_per_s": round(samples / seconds),
+                      "train_samples_per_s": round(train_rate(settings, folder, root / f"run-{folder.name}",
+                                                              args.train_epochs, result.counts["train"]))}
     result = {"command": f"PYTHONPATH=src python benchmarks/pack_compact.py --samples {args.samples}",
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads 1", "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
