@@ -5,6 +5,7 @@ training from the local pack, bit for bit (CPU, one thread)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import signal
@@ -189,3 +190,20 @@ def test_an_index_that_disagrees_with_pack_json_is_refused(config: Path, packed:
     bucket.put_object(Bucket=BUCKET, Key="rewritten/pack.json", Body=json.dumps(state).encode())
     with pytest.raises(DataError, match=r"train-00001\.tar\.index\.json records another shard digest than .*pack"):
         open_pack(load_config(config), f"s3://{BUCKET}/rewritten")
+
+
+def test_bench_from_s3_scores_as_bench_from_the_local_pack(config: Path, packed: tuple[Path, str],
+                                                           tmp_path: Path) -> None:
+    """``mmfuse bench`` reads ``data.pack`` through the same door: a URL gives the local pack's scores."""
+    scores = {}
+    for name, location in (("local", str(packed[0])), ("s3", packed[1])):
+        out = tmp_path / name
+        result = runner.invoke(app, ["bench", "-c", str(config), "--methods", "concat,late", "--seeds", "1",
+                                     "--no-unimodal", "--out", str(out), "--set", f"data.pack={location}"])
+        assert result.exit_code == 0, result.output
+        with (out / "runs.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [row["method"] for row in rows] == ["concat", "late"]
+        scores[name] = [{k: v for k, v in row.items() if k not in ("train_seconds", "peak_memory_mb")} for row in rows]
+        assert 0 <= float(scores[name][0]["accuracy"]) <= 1 and float(scores[name][0]["params"]) > 0
+    assert scores["s3"] == scores["local"]
