@@ -193,8 +193,9 @@ def test_an_index_that_disagrees_with_pack_json_is_refused(config: Path, packed:
 
 
 def test_bench_from_s3_scores_as_bench_from_the_local_pack(config: Path, packed: tuple[Path, str],
-                                                           tmp_path: Path) -> None:
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``mmfuse bench`` reads ``data.pack`` through the same door: a URL gives the local pack's scores."""
+    monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache-home"))  # empty: what the URL run downloads shows
     scores = {}
     for name, location in (("local", str(packed[0])), ("s3", packed[1])):
         out = tmp_path / name
@@ -207,3 +208,5 @@ def test_bench_from_s3_scores_as_bench_from_the_local_pack(config: Path, packed:
         scores[name] = [{k: v for k, v in row.items() if k not in ("train_seconds", "peak_memory_mb")} for row in rows]
         assert 0 <= float(scores[name][0]["accuracy"]) <= 1 and float(scores[name][0]["params"]) > 0
     assert scores["s3"] == scores["local"]
+    downloaded = PackCache(packed[1], read_state(packed[1])[1]).folder
+    assert (downloaded / "train-00000.tar").read_bytes() == (packed[0] / "train-00000.tar").read_bytes()
