@@ -18,6 +18,20 @@ SLOW_CLI = ("import sys, time\nfrom mmfuse.engine import pack\nreal, delay = pac
             "pack.write_shard = slow\nfrom mmfuse.cli import main\nsys.argv = sys.argv[2:]\nmain()\n")
 
 
+SHARD_SIZE = 20
+"""Shards of these tests: the synthetic set's splits in several shards each."""
+
+
+def whole_pack(manifest: Path, root: Path) -> Path:
+    """The reference the other ways of packing must equal: ``manifest`` packed in one local run."""
+    from test_pack import pack_config
+
+    from mmfuse.engine.pack import pack_data
+
+    pack_data(pack_config(manifest, root / "run"), root / "pack", workers=1, shard_size=SHARD_SIZE)
+    return root / "pack"
+
+
 def config_file(config: ExperimentConfig, path: Path) -> Path:
     """``config`` written where the CLI can read it."""
     path.write_text(json.dumps(config.model_dump(mode="json", exclude={"trainer": {"overwrite"}})))

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pack_helpers import cli, config_file, digests
+from pack_helpers import cli, config_file, digests, whole_pack
 from test_pack import pack_config
 
 from mmfuse.core.atomic import host_tag, remove_stale_temporaries
@@ -28,9 +28,7 @@ SHARDS = 9  # 128 train, 16 val, 16 test in shards of 20: 7 + 1 + 1
 
 @pytest.fixture(scope="module")
 def local_pack(synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("local")
-    pack_data(pack_config(synth_manifest, root / "run"), root / "pack", workers=1, shard_size=20)
-    return root / "pack"
+    return whole_pack(synth_manifest, tmp_path_factory.mktemp("local"))
 
 
 def _part_args(config: Path, out: Path, index: int) -> list[str]:

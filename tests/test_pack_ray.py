@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pack_helpers import config_file, digests
+from pack_helpers import config_file, digests, whole_pack
 from ray_cluster import local_ray_cluster
 from s3_helpers import moto_s3, objects
 from test_pack import pack_config
 from typer.testing import CliRunner
 
 from mmfuse.cli import app
-from mmfuse.engine.pack import pack_data
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,7 @@ def cluster(s3: Any) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def local_pack(synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("local")
-    pack_data(pack_config(synth_manifest, root / "run"), root / "pack", workers=1, shard_size=20)
-    return root / "pack"
+    return whole_pack(synth_manifest, tmp_path_factory.mktemp("local"))
 
 
 def test_ray_on_two_nodes_packs_the_local_bytes_into_a_folder_and_to_s3(

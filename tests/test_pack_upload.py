@@ -13,14 +13,13 @@ from typing import Any
 
 import pytest
 import torch
-from pack_helpers import cli, config_file, digests
+from pack_helpers import cli, config_file, digests, whole_pack
 from s3_helpers import moto_s3, objects
 from test_pack import pack_config
 from typer.testing import CliRunner
 
 from mmfuse.cli import app
 from mmfuse.engine import pack_upload
-from mmfuse.engine.pack import pack_data
 from mmfuse.engine.pack_open import open_pack
 
 BUCKET = "out-packs"
@@ -35,9 +34,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def local_pack(synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("local")
-    pack_data(pack_config(synth_manifest, root / "run"), root / "pack", workers=1, shard_size=20)
-    return root / "pack"
+    return whole_pack(synth_manifest, tmp_path_factory.mktemp("local"))
 
 
 def _sha(files: dict[str, bytes]) -> dict[str, str]:
