@@ -78,10 +78,12 @@ def synth_missing_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models: a second intra-op thread only adds overhead (4x slower on a busy 2-core box)."""
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tiny models: a second intra-op thread only adds overhead (4x slower on a busy 2-core box).
+    MMFUSE_THREADS too, so the thread policy of a command run inside the test keeps it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    monkeypatch.setenv("MMFUSE_THREADS", "1")
     try:
         yield
     finally:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import multiprocessing
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from mmfuse.analysis.tune_report import write_outputs
 from mmfuse.analysis.tune_space import SearchSpace
 from mmfuse.config import ExperimentConfig, validate_config
 from mmfuse.core.errors import ConfigError
+from mmfuse.core.threads import usable_cores, whole_cores
 from mmfuse.engine.data import prepare_data
 from mmfuse.engine.interrupts import SignalInterrupt, raise_on_signals
 from mmfuse.engine.nonfinite import NonFiniteError
@@ -159,7 +159,7 @@ def _worker(base_raw: dict[str, Any], space: SearchSpace, options: TuneOptions, 
 def _run_workers(base: ExperimentConfig, space: SearchSpace, options: TuneOptions, direction: Direction, monitor: str,
                  remaining: int) -> None:
     if base.trainer.threads is None:
-        threads = max(1, (os.cpu_count() or 1) // options.jobs)
+        threads = max(1, whole_cores(usable_cores()) // options.jobs)
         base = base.model_copy(update={"trainer": base.trainer.model_copy(update={"threads": threads})})
     context = multiprocessing.get_context("spawn")
     raw = base.model_dump(mode="json")

@@ -27,6 +27,8 @@ app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
 _state = {"debug": False}
+THREADS_HELP = ("CPU threads for torch (default: the whole cores other processes leave free, within the CPU "
+                "affinity and cgroup quota: mmfuse.core.threads).")
 F = TypeVar("F", bound=Callable[..., Any])
 
 

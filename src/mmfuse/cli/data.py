@@ -128,7 +128,8 @@ def data_avmnist_arith(
 def data_pack(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML whose data to pack.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Pack folder, or a URL (s3://bucket/prefix...).")],
-    workers: Annotated[int | None, typer.Option(help="Preprocessing processes (default: the cores).", min=1)] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Preprocessing processes (default: the usable cores: CPU affinity and cgroup quota).", min=1)] = None,
     shard_size: Annotated[int, typer.Option(help="Samples per shard.", min=1)] = 1000,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Replace a finished pack (or one of other data).")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set data.on_error=skip")] = None,

@@ -34,7 +34,8 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait to be decoded, and as many for the "
                                            "model; one more gets 503 with Retry-After.")] = 64,
     threads: Annotated[int | None, typer.Option(
-        min=1, help="CPU threads for torch, or onnxruntime with --onnx (default: one per core).")]
+        min=1, help="CPU threads for torch, or onnxruntime with --onnx (default: the whole cores other "
+        "processes leave free, within the CPU affinity and cgroup quota).")]
     = None,
     api_key_file: Annotated[Path | None, typer.Option(
         help="File of API keys, one per line (# comments); with $MMFUSE_API_KEYS (comma-separated), "
@@ -70,7 +71,7 @@ def serve(
     except ImportError as exc:
         raise MMFuseError(f"mmfuse serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'mmfuse[serve]'") from None
-    from mmfuse.engine.fit import torch_threads
+    from mmfuse.core.threads import thread_policy
     from mmfuse.model import check_model_folder
 
     keys, key_note = read_api_keys(api_key_file)
@@ -112,7 +113,7 @@ def serve(
     if keys and not ssl_certfile and not is_loopback(host):
         err_console.print("[bold yellow]warning:[/] the API keys travel in clear text without --ssl-certfile/"
                           "--ssl-keyfile (or a TLS proxy in front)", highlight=False, soft_wrap=True)
-    with torch_threads(threads):
+    with thread_policy(threads):  # the model thread follows it between batches (serve.batcher)
         server.run()
     if failure:
         err_console.print(f"[bold red]error:[/] {failure[0]}", highlight=False, soft_wrap=True)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from mmfuse.cli.app import app, console, err_console, friendly_errors, metrics_table
+from mmfuse.cli.app import THREADS_HELP, app, console, err_console, friendly_errors, metrics_table
 from mmfuse.cli.train_run import report_interrupt, train_on_ray
 from mmfuse.core.errors import MMFuseError
 
@@ -195,15 +195,15 @@ def evaluate(
         help="Comma-separated corruptions (default: all that fit the model's modalities): gaussian_noise, "
         "gaussian_blur, occlusion, white_noise, time_mask, typos, word_dropout.")] = None,
     threads: Annotated[int | None, typer.Option(
-        min=1, help="CPU threads for torch (default: torch's, one per core); set on a shared machine.")] = None,
+        min=1, help=THREADS_HELP)] = None,
     by: Annotated[str | None, typer.Option(
         "--by", help="Also metrics per value of this manifest column (e.g. speaker, source); rows without it "
         "form the group '(missing)'. In the table, the JSON and the robustness files.")] = None,
 ) -> None:
     """Evaluate a saved model on a manifest; --robustness adds missing-modality and noise studies."""
-    from mmfuse.engine.fit import torch_threads
+    from mmfuse.core.threads import thread_policy
 
-    with torch_threads(threads):
+    with thread_policy(threads, watch=False):
         if pack is not None:
             _evaluate_pack(model, pack, data, split, json_out, robustness, label_column, by)
             return
@@ -309,12 +309,12 @@ def predict(
         help="Autoencoder models: the modality to impute from the others (hidden from the model).")] = None,
     beam: Annotated[int | None, typer.Option(help="Captioning models: beam size (1 = greedy).")] = None,
     threads: Annotated[int | None, typer.Option(
-        min=1, help="CPU threads for torch (default: torch's, one per core); set on a shared machine.")] = None,
+        min=1, help=THREADS_HELP)] = None,
 ) -> None:
     """Predict from any subset of the trained modalities; prints JSON."""
-    from mmfuse.engine.fit import torch_threads
+    from mmfuse.core.threads import thread_policy
 
-    with torch_threads(threads):
+    with thread_policy(threads, watch=False):
         _predict(model, text, image, audio, input_, data, out, impute, beam, on_error)
 
 

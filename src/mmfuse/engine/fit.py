@@ -25,7 +25,7 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.distributed import is_rank_zero
 from mmfuse.core.errors import ConfigError
 from mmfuse.core.folder_lock import folder_lock
+from mmfuse.core.threads import thread_policy
 from mmfuse.data.dataset import Collator
 from mmfuse.data.memory import ArrayDataset
 from mmfuse.engine.balance import build_balance
@@ -55,6 +56,7 @@ from mmfuse.engine.nonfinite import NonFiniteGuard
 from mmfuse.engine.resume import BestCheckpoint, config_json, keep_earlier_logs, last_checkpoint, resume_point
 from mmfuse.engine.rng import RandomState
 from mmfuse.engine.stall import StallDetector, near_chance_note, remedies_for
+from mmfuse.engine.thread_watch import ThreadWatchCallback
 from mmfuse.engine.tracking import build_logger
 from mmfuse.engine.warm_start import warm_start_encoders
 from mmfuse.model import MultimodalModel
@@ -87,6 +89,9 @@ class TrainResult:
     stall_warning: str | None = None
     """The stall warning (engine/stall.py) if validation looked stalled for several epochs."""
     chance_note: str | None = None
+    threads: dict[str, object] = field(default_factory=dict)
+    """Torch's intra-op threads: at the start, and each change the thread policy made while training
+    (seconds, from, to, cores busy elsewhere; ``mmfuse.core.threads``)."""
     contribution_note: str | None = None
     """Said when a modality adds next to nothing to validation accuracy (``mmfuse.engine.contribution``)."""
     """Set when the final accuracy ends within a few points of the majority-class rate."""
@@ -136,34 +141,15 @@ def _clear_run_files(out: Path, keep_training_state: bool = False) -> None:
             path.unlink()
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Runs the block with ``threads`` intra-op CPU threads (None: leave torch's setting alone).
-
-    torch starts one thread per core, which on a shared machine fights every other process for the
-    same cores (and slows all of them); a fixed count keeps a run to its share. The inter-op pool
-    can be sized only once per process, before its first use: it is set when still possible and
-    otherwise left as it is. The intra-op count is restored afterwards.
-    """
-    if threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    with contextlib.suppress(RuntimeError):  # "cannot set number of interop threads after parallel work"
-        torch.set_num_interop_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def fit(config: ExperimentConfig, data: PreparedData, save: bool = True, resume: bool = False,
         callbacks: Sequence[L.Callback] = ()) -> TrainResult:
     """Trains one model on already-prepared data (the demo and benchmarks reuse one PreparedData);
     ``resume`` continues the run in ``trainer.output_dir`` from its ``last.ckpt``. ``callbacks`` are
     added to the Trainer's own (``mmfuse tune`` reports each validation epoch to its trial)."""
-    with run_folder_lock(config), torch_threads(config.trainer.threads), raise_on_signals():
+    with run_folder_lock(config), thread_policy(config.trainer.threads, config.data.num_workers) as watch, \
+            raise_on_signals():
+        if watch is not None:
+            callbacks = [*callbacks, ThreadWatchCallback(watch)]
         return _fit(config, data, save, resume, callbacks)
 
 
@@ -179,6 +165,7 @@ def run_folder_lock(config: ExperimentConfig) -> contextlib.AbstractContextManag
 def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool,
          extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
     out = check_output_dir(config, resume)
+    threads_at_start = torch.get_num_threads()
     resume_from = last_checkpoint(out) if resume else None
     L.seed_everything(config.seed, workers=True, verbose=False)
     # Its own copy of the task: calibration fits per-model state into it, and the demo and bench
@@ -232,9 +219,11 @@ def _fit(config: ExperimentConfig, data: PreparedData, save: bool, resume: bool,
         model=model, output_dir=out, model_dir=model_dir, val_metrics=val_metrics, test_metrics=test_metrics,
         train_seconds=train_seconds, params=count_parameters(model), epochs=trainer.current_epoch,
         skipped={name: report.count for name, report in data.skipped.items()}, resumed_from=resume_from,
-        contribution_note=note,
+        contribution_note=note, threads={"start": threads_at_start, "changes": []},
     )
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, ThreadWatchCallback):
+            result.threads["changes"] = [list(change) for change in callback.watch.changes]
         if isinstance(callback, NonFiniteGuard):
             result.nonfinite_skipped, result.nonfinite_summary = callback.skipped, callback.summary()
         if isinstance(callback, StallDetector):
@@ -340,7 +329,7 @@ def write_run_files(config: ExperimentConfig, result: TrainResult) -> None:
     summary = {
         "val": result.val_metrics, "test": result.test_metrics, "train_seconds": round(result.train_seconds, 2),
         "params": result.params, "epochs": result.epochs, "skipped": result.skipped,
-        "nonfinite_skipped": result.nonfinite_skipped,
+        "nonfinite_skipped": result.nonfinite_skipped, "threads": result.threads,
     }
     write_text_atomic(result.output_dir / "metrics.json", json.dumps(summary, indent=2))
 
@@ -349,6 +338,7 @@ def train(config: ExperimentConfig, resume: bool = False) -> TrainResult:
     """The whole training job for one config (a finished run in the way, or nothing to resume, stops it
     before the data work)."""
     check_output_dir(config, resume)
-    with run_folder_lock(config), torch_threads(config.trainer.threads), raise_on_signals():
+    with run_folder_lock(config), thread_policy(config.trainer.threads, config.data.num_workers), \
+            raise_on_signals():
         check_output_dir(config, resume)  # again under the lock: a run that finished meanwhile is not overwritten
         return fit(config, prepare_data(config), resume=resume)

@@ -45,6 +45,7 @@ from mmfuse.core.atomic import atomic_file, write_text_atomic
 from mmfuse.core.errors import ConfigError, DataError
 from mmfuse.core.folder_lock import folder_lock, held_parts
 from mmfuse.core.locations import is_url
+from mmfuse.core.threads import usable_cores, whole_cores
 from mmfuse.data.dataset import Sample, SkipReport, build_sample
 from mmfuse.data.manifest import Record
 from mmfuse.data.pack_compact import compactor_for
@@ -210,7 +211,7 @@ def _pack_locked(config: ExperimentConfig, folder: Path, workers: int | None, re
     saved = read_json(folder / PACK_FILE)
     saved_files = load_files(folder)
     current, files = fingerprint(config, splits, new_preprocessor(config), saved_files)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or whole_cores(usable_cores())  # affinity and cgroup quota, not the host's cores
     if saved is not None and not rebuild:
         diff = differences(saved["fingerprint"], current, changed_files(saved_files, files))
         if diff:

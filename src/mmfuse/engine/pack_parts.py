@@ -26,13 +26,13 @@ Why these rules:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from mmfuse.config import ExperimentConfig
 from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.errors import DataError
 from mmfuse.core.folder_lock import LOCK_FILE, folder_lock, lock_holder, part_lock_name
+from mmfuse.core.threads import usable_cores, whole_cores
 from mmfuse.engine.interrupts import raise_on_signals
 from mmfuse.engine.pack import (
     DEFAULT_SHARD_SIZE,
@@ -94,7 +94,7 @@ def pack_part(config: ExperimentConfig, folder: Path, index: int, count: int, wo
         done = total - sum(len(s.records) for s in todo)
         if progress:
             progress(done, total)
-        _run(todo, (preprocessor, task, config.data.on_error, folder), workers or os.cpu_count() or 1,
+        _run(todo, (preprocessor, task, config.data.on_error, folder), workers or whole_cores(usable_cores()),
              lambda n: progress(n, total) if progress else None, done)
         counts: dict[str, int] = {}
         for shard in mine:

@@ -28,6 +28,7 @@ from typing import Any
 
 from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.errors import ConfigError, DataError, MMFuseError
+from mmfuse.core.threads import usable_cores, whole_cores
 from mmfuse.data.pack_format import INDEX_SUFFIX
 from mmfuse.engine.pack import Context, Runner, _run, _Shard
 
@@ -65,7 +66,7 @@ def _started(ray: Any, address: str | None, workers: int | None) -> Iterator[Non
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         else:
-            ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+            ray.init(num_cpus=workers or whole_cores(usable_cores()), include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot connect to Ray{f' at {address}' if address else ''}: {exc}") from None

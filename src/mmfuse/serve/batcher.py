@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmfuse.core.threads import follow_policy
 from mmfuse.data.dataset import Sample
 from mmfuse.serve.stages import Deadline, DeadlineExceeded, QueueFull
 
@@ -135,9 +136,15 @@ class MicroBatcher:
             _settle(job, results[start: start + len(job.samples)])
             start += len(job.samples)
 
+    def _run_following(self, samples: list[Sample]) -> list[dict[str, Any]]:
+        """The model's batch, after the thread policy's pending change (``core.threads``): in the
+        model's thread, between batches, as a change must be made."""
+        follow_policy()
+        return self._run(samples)
+
     async def _call(self, samples: list[Sample]) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, samples)
+        results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_following, samples)
         if self._observe is not None:
             self._observe(len(samples), time.perf_counter() - started)
         return results
