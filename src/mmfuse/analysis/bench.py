@@ -29,11 +29,13 @@ import yaml
 
 from mmfuse.analysis.bench_methods import MethodOptions, method_fusion, unused_methods
 from mmfuse.analysis.bench_results import UNIMODAL_SUFFIX, BenchRun, plot_bench, write_runs, write_summary
+from mmfuse.analysis.run_pool import one_thread_runs, pool_jobs, run_pool
 from mmfuse.config import ExperimentConfig, FusionConfig
 from mmfuse.config.balance import BalanceName
 from mmfuse.core.atomic import write_text_atomic
 from mmfuse.core.distributed import is_rank_zero
 from mmfuse.core.errors import ConfigError
+from mmfuse.core.threads import thread_policy
 from mmfuse.data.dataset import MultimodalDataset
 from mmfuse.engine.balance import build_balance
 from mmfuse.engine.data import PreparedData, prepare_data
@@ -274,12 +276,18 @@ def run_one(label: str, rate: float, config: ExperimentConfig, seed: int, data: 
                     fusion_options={"out_dim": config.fusion.out_dim, **config.fusion.options})
 
 
+def _bench_task(data: PreparedData, task: tuple[str, float, ExperimentConfig, int, Path]) -> BenchRun | None:
+    label, rate, run_config, seed, out_dir = task
+    return run_one(label, rate, run_config, seed, data, out_dir)
+
+
 def run_bench(config: ExperimentConfig, methods: list[str], seeds: int, out_dir: Path,
               dropouts: list[float] | None = None, unimodal: bool = True,
               on_run: Callable[[BenchRun, int, int], None] | None = None, skip_incompatible: bool = False,
               on_note: Callable[[str], None] | None = None, balances: list[str] | None = None,
-              method_options: MethodOptions | None = None) -> list[BenchRun]:
-    """Trains every planned run for ``seeds`` seeds and writes the result files into ``out_dir``.
+              method_options: MethodOptions | None = None, jobs: int | None = None) -> list[BenchRun]:
+    """Trains every planned run for ``seeds`` seeds and writes the result files into ``out_dir``;
+    ``jobs`` runs at a time, each on one thread (default: one per usable core; ``analysis.run_pool``).
 
     ``skip_incompatible`` (``--methods all``) leaves out methods the task cannot use instead of
     failing; every run left out is told to ``on_note`` and listed in ``summary.md``.
@@ -287,7 +295,8 @@ def run_bench(config: ExperimentConfig, methods: list[str], seeds: int, out_dir:
     """
     if seeds < 1:
         raise ConfigError("--seeds must be at least 1")
-    data = prepare_data(config)
+    with thread_policy(1 if pool_jobs(config, 2, jobs) > 1 else None):  # workers fork with no thread pool
+        data = prepare_data(config)
     plan, notes = check_plan(planned_runs(config, methods, dropouts or [config.trainer.modality_dropout], unimodal,
                                           balances=balances, method_options=method_options), data,
                              skip_incompatible)
@@ -301,17 +310,19 @@ def run_bench(config: ExperimentConfig, methods: list[str], seeds: int, out_dir:
     writer = is_rank_zero()  # under DDP every rank runs the bench; rank 0 writes its files
     if writer:
         write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    total = len(plan) * seeds
-    runs: list[BenchRun] = []
-    for seed in range(config.seed, config.seed + seeds):
-        for label, rate, run_config in plan:
-            run = run_one(label, rate, run_config, seed, data, out_dir)
-            if run is None:
-                continue
-            runs.append(run)
-            write_runs(runs, out_dir / "runs.csv")
-            if on_run:
-                on_run(run, len(runs), total)
+    tasks = [(label, rate, one_thread_runs(run_config), seed, out_dir)
+             for seed in range(config.seed, config.seed + seeds) for label, rate, run_config in plan]
+    done: dict[int, BenchRun] = {}
+    names = [f"{label} seed {seed}" for label, _, _, seed, _ in tasks]
+    for index, run in run_pool(data, tasks, _bench_task, pool_jobs(config, len(tasks), jobs), names):
+        if run is None:
+            continue
+        done[index] = run
+        runs = [done[i] for i in sorted(done)]  # in plan order, whichever finished first
+        write_runs(runs, out_dir / "runs.csv")
+        if on_run:
+            on_run(run, len(runs), len(tasks))
+    runs = [done[i] for i in sorted(done)]
     if writer:
         write_summary(runs, out_dir, notes)
         plot_bench(runs, out_dir, data.task.monitor[0])

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from mmfuse.analysis.bench import planned_runs
 from mmfuse.analysis.bench_results import UNIMODAL_SUFFIX, save_png
+from mmfuse.analysis.run_pool import one_thread_runs, pool_jobs, run_pool
 from mmfuse.config import ExperimentConfig, load_config
 from mmfuse.config.presets import preset_path
 from mmfuse.core.atomic import atomic_file
+from mmfuse.core.threads import thread_policy
 from mmfuse.engine.data import PreparedData, prepare_data
 from mmfuse.engine.fit import fit
 
@@ -35,22 +37,39 @@ def demo_runs(config: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
     return [(label, run_config) for label, _, run_config in plan]
 
 
-def run_demo(out_dir: Path, overrides: list[str] | None = None, progress: bool = False) -> list[DemoRow]:
-    config = load_config(preset_path("demo"), [f"trainer.output_dir={out_dir}", *(overrides or [])])
-    data: PreparedData = prepare_data(config)
-    rows = []
-    for method, run_config in demo_runs(config):
-        run_config.trainer = run_config.trainer.model_copy(update={
-            "output_dir": out_dir / "runs" / method.replace(" ", "_"), "progress_bar": progress})
-        result = fit(run_config, data, save=True)
-        if not result.is_global_zero:  # a DDP rank other than 0: rank 0 reports
-            continue
-        metrics = result.test_metrics or result.val_metrics
-        rows.append(DemoRow(method, "+".join(run_config.modalities), metrics["accuracy"], metrics["macro_f1"],
-                            result.params, result.train_seconds))
+def run_demo(out_dir: Path, overrides: list[str] | None = None, progress: bool = False,
+             jobs: int | None = None) -> list[DemoRow]:
+    """Trains the demo's runs, ``jobs`` at a time (default: one process per usable core, one thread
+    each: ``mmfuse.analysis.run_pool``), and writes the result files."""
+    config = one_thread_runs(load_config(preset_path("demo"), [f"trainer.output_dir={out_dir}", *(overrides or [])]))
+    runs = demo_runs(config)
+    workers = pool_jobs(config, len(runs), jobs)
+    with thread_policy(config.trainer.threads if workers > 1 else None):  # one thread before the fork
+        data: PreparedData = prepare_data(config)
+    tasks = [(method, _run_config(run_config, out_dir, method, progress and workers == 1))
+             for method, run_config in runs]
+    done = dict(run_pool(data, tasks, _train_one, workers, names=[m for m, _ in runs]))
+    rows = [row for _, row in sorted(done.items()) if row is not None]
     if rows:
         write_results(rows, out_dir)
     return rows
+
+
+def _run_config(config: ExperimentConfig, out_dir: Path, method: str, progress: bool) -> ExperimentConfig:
+    trainer = config.trainer.model_copy(update={"output_dir": out_dir / "runs" / method.replace(" ", "_"),
+                                                "progress_bar": progress})
+    return config.model_copy(update={"trainer": trainer})
+
+
+def _train_one(data: PreparedData, task: tuple[str, ExperimentConfig]) -> DemoRow | None:
+    """One demo run; None in the other ranks of a DDP run (rank 0 reports)."""
+    method, run_config = task
+    result = fit(run_config, data, save=True)
+    if not result.is_global_zero:
+        return None
+    metrics = result.test_metrics or result.val_metrics
+    return DemoRow(method, "+".join(run_config.modalities), metrics["accuracy"], metrics["macro_f1"], result.params,
+                   result.train_seconds)
 
 
 def write_results(rows: list[DemoRow], out_dir: Path) -> None:

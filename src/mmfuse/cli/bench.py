@@ -18,7 +18,10 @@ from mmfuse.core.errors import MMFuseError
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("mmfuse-demo"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override the demo config.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show per-run progress bars.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show per-run progress bars (with --jobs 1).")] = False,
+    jobs: Annotated[int | None, typer.Option(
+        min=1, help="Runs trained at once, each in its own process on one thread (default: one per usable core).")]
+    = None,
 ) -> None:
     """Train each modality alone and fused (concat, late) on the embedded data; print a table."""
     from mmfuse.analysis.demo import run_demo
@@ -27,7 +30,7 @@ def demo(
     console.print("[bold]mmfuse demo[/]: synthetic tri-modal data, 8 classes (chance 0.125); "
                   "each modality carries one factor of the label")
     with console.status("training 5 models on the CPU..."):
-        rows = run_demo(out, overrides=set_, progress=progress)
+        rows = run_demo(out, overrides=set_, progress=progress, jobs=jobs)
     if not rows:  # a DDP rank other than 0
         return
     table = Table(title="test set")
@@ -82,6 +85,9 @@ def bench(
     methods_config: Annotated[Path | None, typer.Option(
         "--methods-config", help="YAML of per-method fusion options, e.g. 'lmf: {rank: 8}' (tuned methods are "
         "not compared with defaults); the options of each run go to runs.csv.")] = None,
+    jobs: Annotated[int | None, typer.Option(
+        min=1, help="Runs trained at once, each in its own process on one thread (default: one per usable core).")]
+    = None,
 ) -> None:
     """Train every fusion method (and each modality alone) on the same data and budget; tabulate."""
     from mmfuse.analysis.bench import resolve_balances, resolve_methods, run_bench
@@ -112,7 +118,7 @@ def bench(
 
     runs = run_bench(cfg, names, seeds, out, dropouts=rates, unimodal=unimodal, on_run=report,
                      skip_incompatible=methods.strip() == "all", on_note=note, balances=balances,
-                     method_options=method_options)
+                     method_options=method_options, jobs=jobs)
     if not runs:  # a DDP rank other than 0
         return
     console.print(_bench_table(runs))
