@@ -3,6 +3,9 @@ reads from cgroup files and /proc, and that a running command follows a competit
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -87,9 +90,18 @@ def test_cgroup_v1_quota(tmp_path: Path) -> None:
     assert cgroup_quota(tmp_path, tmp_path / "absent") is None
 
 
-def _spinner() -> subprocess.Popen[bytes]:
-    """A CPU-bound competitor in a session of its own, as another job is."""
-    return subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+class _Spinner:
+    """A CPU-bound competitor in a session of its own, as another job is, and not a child of this
+    process (the policy counts its own children as its own work): started by a shell that exits."""
+
+    def __init__(self) -> None:
+        started = subprocess.run(["sh", "-c", f"'{sys.executable}' -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+                                 capture_output=True, text=True, check=True, start_new_session=True)
+        self.pid = int(started.stdout.strip())
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
 
 
 def _spin_here(stop: threading.Event) -> None:
@@ -99,13 +111,12 @@ def _spin_here(stop: threading.Event) -> None:
 
 @pytest.mark.skipif(not TWO_CORES, reason="needs two usable cores")
 def test_busy_elsewhere_sees_other_processes_not_this_one() -> None:
-    competitor = _spinner()
+    competitor = _Spinner()
     try:
         time.sleep(0.3)
         assert busy_elsewhere(0.5) >= 0.6
     finally:
-        competitor.kill()
-        competitor.wait()
+        competitor.stop()
     stop = threading.Event()
     spinning = threading.Thread(target=_spin_here, args=(stop,))
     spinning.start()
@@ -122,7 +133,7 @@ def test_watch_drops_to_one_thread_when_a_competitor_arrives_and_returns_after()
     watch = ThreadWatch(usable=2.0, threads=2, interval=0.3).start()
     torch.set_num_threads(2)
     try:
-        competitor = _spinner()
+        competitor = _Spinner()
         try:
             deadline = time.monotonic() + 8
             while watch.threads != 1 and time.monotonic() < deadline:
@@ -130,8 +141,7 @@ def test_watch_drops_to_one_thread_when_a_competitor_arrives_and_returns_after()
                 watch.apply()  # as the training loop does between steps
             assert watch.threads == 1 and torch.get_num_threads() == 1
         finally:
-            competitor.kill()
-            competitor.wait()
+            competitor.stop()
         deadline = time.monotonic() + 8
         while watch.threads != 2 and time.monotonic() < deadline:
             time.sleep(0.1)
